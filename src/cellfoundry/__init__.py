@@ -1,0 +1,3 @@
+"""cellfoundry: single-cell foundation-model workflow library."""
+
+__version__ = "0.1.0"
