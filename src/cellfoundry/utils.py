@@ -45,7 +45,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Keep the suffix so writers that infer the format from it (matplotlib, anndata) still work.
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     _remove(tmp)
     try:
         yield tmp

@@ -1,0 +1,38 @@
+"""Rule qc: read a dataset's raw counts, filter cells and genes, split, and write plots."""
+
+import json
+import logging
+
+from cellfoundry.io import load_counts
+from cellfoundry.qc import run_qc
+from cellfoundry.qc_plots import plot_counts_vs_genes, plot_distributions
+from cellfoundry.utils import atomic_output, setup_logging
+
+setup_logging(snakemake.log[0])
+log = logging.getLogger("cellfoundry")
+ds = snakemake.params.dataset
+out = snakemake.output
+
+adata = load_counts(ds["path"], ds["format"], ds["counts"], ds["gene_symbols"])
+log.info("read %d cells x %d genes from %s", adata.n_obs, adata.n_vars, ds["path"])
+result = run_qc(
+    adata,
+    snakemake.params.qc,
+    cell_type=ds["cell_type"],
+    batch=ds["batch"],
+    seed=snakemake.params.seed,
+)
+result.summary["dataset"] = snakemake.wildcards.dataset
+title = f"{snakemake.wildcards.dataset}: {result.summary['cells_before']} -> {result.summary['cells_after']} cells"
+
+with atomic_output(out.metrics) as tmp:
+    result.metrics.to_csv(tmp, sep="\t", index_label="cell")
+with atomic_output(out.distributions) as tmp:
+    plot_distributions(result.metrics, result.thresholds, tmp, title)
+with atomic_output(out.scatter) as tmp:
+    plot_counts_vs_genes(result.metrics, tmp, title)
+with atomic_output(out.h5ad) as tmp:
+    result.filtered.write_h5ad(tmp)
+with atomic_output(out.summary) as tmp:
+    tmp.write_text(json.dumps(result.summary, indent=2))
+log.info("kept %d cells x %d genes", result.filtered.n_obs, result.filtered.n_vars)

@@ -1,0 +1,11 @@
+rule demo_data:
+    output:
+        "results/demo/pbmc68k_reduced.h5ad",
+    log:
+        "logs/demo/demo_data.log",
+    resources:
+        **cpu_resources(),
+    conda:
+        "../../envs/qc.yaml"
+    script:
+        "../../scripts/demo_data.py"
