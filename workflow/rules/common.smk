@@ -1,13 +1,27 @@
 """Shared helpers: config validation and defaults, dataset lookups, resources, targets."""
 
 import copy
-import sys
+import os
 from pathlib import Path
 
 from snakemake.utils import validate
 
-# Rule scripts import the package from src/ even when it is not installed (cluster conda envs).
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Rule scripts import cellfoundry from src/ even inside conda envs where it is not installed;
+# job processes (local or SLURM) inherit this.
+# (We set the variable rather than require it, so the envvars directive does not apply.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p for p in (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH")) if p
+    )
+)
+
+# Per-dataset QC overrides as the user wrote them: validation fills schema defaults into them,
+# which would otherwise silently replace the global qc values.
+QC_OVERRIDES = {
+    name: copy.deepcopy(entry.get("qc", {}))
+    for name, entry in (config.get("datasets") or {}).items()
+    if isinstance(entry, dict)
+}
 
 validate(config, schema="../../config/schema.yaml")
 
@@ -27,7 +41,7 @@ def dataset_cfg(dataset):
 def qc_cfg(dataset):
     """Global qc settings with the dataset's overrides applied (nested keys merged)."""
     merged = copy.deepcopy(config["qc"])
-    for key, value in dataset_cfg(dataset).get("qc", {}).items():
+    for key, value in QC_OVERRIDES[dataset].items():
         if isinstance(value, dict):
             merged[key] = {**merged.get(key, {}), **value}
         else:
