@@ -1,0 +1,128 @@
+"""Interrupted training resumes: a run of the real SE pretraining module is stopped mid-way by
+SIGTERM / SIGUSR1 (SLURM time limit, preemption, `sbatch --signal`) or killed outright after a
+periodic checkpoint, and the re-run continues from the saved step instead of step 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellfoundry.train import AtomicCheckpointIO, resume_path
+
+TESTS = Path(__file__).resolve().parent
+MAX_STEPS = 20
+CHECKPOINT_EVERY = 5
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _command(out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TESTS / "train_tiny_se.py"), str(out_dir), "--max-steps", str(MAX_STEPS),
+            "--checkpoint-every", str(CHECKPOINT_EVERY), *extra]
+
+
+def interrupt_training(out_dir: Path, signum: int, after_step: int, timeout: float = 180) -> tuple[int, str]:
+    """Start a slowed-down run, send `signum` once it printed `step {after_step}` (and a periodic
+    checkpoint exists), and return (exit status, output)."""
+    log_path = out_dir.parent / f"{out_dir.name}.{signum}.out"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_command(out_dir, "--step-delay", "0.25"), env=_env(), stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log_path.read_text()
+            if f"step {after_step}\n" in text and (out_dir / "checkpoints" / "last.ckpt").exists():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before it could be interrupted:\n{text[-3000:]}")
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"training did not reach step {after_step} in {timeout}s:\n{log_path.read_text()[-3000:]}")
+        proc.send_signal(signum)
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, log_path.read_text()
+
+
+def saved_step(out_dir: Path) -> int:
+    ckpt = torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return int(ckpt["global_step"])
+
+
+def rerun(out_dir: Path) -> dict:
+    proc = subprocess.run(_command(out_dir), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"re-run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads((out_dir / "rank0.json").read_text())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_and_the_rerun_continues(tmp_path, signum):
+    out = tmp_path / "train"
+    status, output = interrupt_training(out, signum, after_step=7)
+    # the job must fail (so Snakemake does not take it for finished) with 128 + signal
+    assert status == 128 + signum, f"exit status {status}:\n{output[-3000:]}"
+    step = saved_step(out)
+    # saved at the signal, after the last periodic checkpoint (step 5), before the end
+    assert CHECKPOINT_EVERY < step < MAX_STEPS, output[-2000:]
+    assert not (out / "rank0.json").exists(), "the interrupted run must not report a finished training"
+    if signum != signal.SIGTERM:
+        return  # the re-run path is the same for both signals; run it once to keep the suite quick
+    record = rerun(out)
+    assert record["start_step"] == step != 0
+    assert record["final_step"] == MAX_STEPS
+
+
+def test_kill_after_a_checkpoint_resumes_from_it(tmp_path):
+    out = tmp_path / "train"
+    status, output = interrupt_training(out, signal.SIGKILL, after_step=7)
+    assert status == -signal.SIGKILL
+    step = saved_step(out)
+    assert step >= CHECKPOINT_EVERY and step % CHECKPOINT_EVERY == 0, f"periodic checkpoint at step {step}"
+    record = rerun(out)
+    assert record["start_step"] == step
+    assert record["final_step"] == MAX_STEPS
+
+
+def test_resume_path_prefers_the_newest_checkpoint(tmp_path):
+    assert resume_path(tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resume_path(tmp_path) == str(last)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # Lightning's SLURM-requeue checkpoint
+    hpc.write_bytes(b"x")
+    os.utime(last, (time.time() - 60, time.time() - 60))
+    assert resume_path(tmp_path) == str(hpc)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(2)}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 3
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"global_step": 4}, target)
+    # the previous checkpoint is intact and no temporary file is left
+    assert torch.load(target, weights_only=True)["global_step"] == 3
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]

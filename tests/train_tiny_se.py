@@ -1,0 +1,114 @@
+"""Train a tiny SE model with the real SE pretraining LightningModule (cellfoundry.pretrain) through
+cellfoundry.train.build_trainer/fit, on synthetic cells. Run as a script by tests/test_ddp.py and
+tests/test_preemption.py: DDP's launcher re-runs this file for the other ranks, and a killed run
+must be a separate process.
+
+    python tests/train_tiny_se.py OUT_DIR --max-steps 40 [--devices 2] [--step-delay 0.2]
+        [--checkpoint-every 5]
+
+Writes OUT_DIR/rank{R}.json per rank: world size, the global step at which training started
+(0 for a fresh run, the checkpoint's step for a resumed one), the final step and a checksum of
+the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from cellfoundry.models.se import SEConfig
+from cellfoundry.pretrain import PretrainCells, PretrainConfig, SEPretrainModule, train_loader
+from cellfoundry.tokenize import CLS_ID
+from cellfoundry.train import build_trainer, fit
+
+N_CELLS, N_GENES, LENGTH, TOKEN_DIM = 64, 40, 12, 16
+
+
+def tiny_cells(seed: int = 0) -> tuple[PretrainCells, torch.Tensor]:
+    """Synthetic cells with counts, top-gene tokens and a random gene-embedding table."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(1.0, size=(N_CELLS, N_GENES)).astype(np.float32)
+    order = np.argsort(-counts, axis=1, kind="stable")[:, : LENGTH - 1]
+    gene_ids = np.concatenate([np.full((N_CELLS, 1), CLS_ID), order], axis=1).astype(np.int32)
+    values = np.concatenate([np.zeros((N_CELLS, 1)), np.take_along_axis(counts, order, 1)], axis=1).astype(np.float32)
+    part = dict(gene_ids=gene_ids, values=values, counts=sp.csr_matrix(counts),
+                gene_vocab_ids=np.arange(N_GENES), rows=np.arange(N_CELLS))
+    table = torch.from_numpy(rng.normal(size=(N_GENES, TOKEN_DIM)).astype(np.float32))
+    return PretrainCells([part]), table
+
+
+def tiny_module(max_steps: int, seed: int = 0) -> tuple[SEPretrainModule, PretrainCells, PretrainConfig]:
+    torch.manual_seed(seed)
+    cells, table = tiny_cells(seed)
+    cfg = SEConfig(token_dim=TOKEN_DIM, d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8,
+                   pad_length=LENGTH, encoding="se")
+    train_cfg = PretrainConfig(max_steps=max_steps, batch_size=8, warmup_steps=2, P=4, N=4, S=4)
+    return SEPretrainModule(cfg, train_cfg, table, torch.from_numpy(cells.gene_cols)), cells, train_cfg
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Report(Callback):
+    """Records where training started and ended; optionally slows steps down so a test can
+    signal the run mid-way."""
+
+    def __init__(self, out_dir: Path, step_delay: float):
+        self.out_dir, self.step_delay, self.start_step = out_dir, step_delay, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+        print(f"rank {trainer.global_rank}: training starts at step {trainer.global_step}", flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        print(f"step {trainer.global_step}", flush=True)
+
+    def on_train_end(self, trainer, pl_module):
+        record = dict(world_size=trainer.world_size, rank=trainer.global_rank, start_step=self.start_step,
+                      final_step=trainer.global_step, checksum=weights_checksum(pl_module))
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--checkpoint-every", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    module, cells, train_cfg = tiny_module(args.max_steps)
+    trainer = build_trainer(
+        args.out_dir,
+        max_steps=args.max_steps,
+        devices=args.devices,
+        device="cpu",
+        checkpoint_every_n_steps=args.checkpoint_every,
+        log_every_n_steps=1,
+        callbacks=[Report(args.out_dir, args.step_delay)],
+        enable_progress_bar=False,
+    )
+    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed=0), out_dir=args.out_dir)
+    print(f"rank {trainer.global_rank} pid {os.getpid()}: done at step {trainer.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
