@@ -1,0 +1,483 @@
+"""Xpressor: compress a frozen base model's gene tokens into a few latent tokens and reconstruct
+the cell's expression from those latents alone (spec: shared/spec/xpressor.md).
+
+Shapes: B = cells, T = base tokens (gene tokens of one cell), d = base width, M = latent tokens
+(general latents + one per label), D = Xpressor width (d_x), G = genes decoded, E = gene-vector
+width (the vocabulary's table).
+
+Public API (kept stable; the diffusion stage depends on it):
+
+- `XpressorConfig`, `Xpressor` (nn.Module):
+  `encode(tokens [B, T, d], key_padding_mask [B, T] | None) -> latents [B, M, D]`,
+  `decode(latents [B, M, D], gene_vectors [G, E]) -> DecoderOutput` (per-gene expression
+  parameters), `classify(latents) -> {label: logits [B, classes]}`, `embedding(latents) -> [B, k]`.
+- `decode_expression(model, latents, gene_ids, gene_table, library_size=None)`: latents ->
+  log1p-normalised mean expression, or expected counts when a library size is given.
+- `sample_counts(output, library_size, generator)`: draw counts from the decoded NB/ZINB.
+- `save_xpressor(path, model, base_sha256, meta)` / `load_xpressor(path, base_checkpoint=...)`:
+  the small checkpoint (Xpressor weights + the base checkpoint's SHA-256) and its loader, which
+  refuses another base.
+
+Attention: `standard` (the reference: latents cross-attend to the fixed base tokens, then attend
+among themselves) or `criss-cross` (additionally the tokens attend back to the latents in every
+block, so the tokens adapt too; cost O(T·M), never O(T²)). `count_attention_scores()` counts the
+attention score elements computed, which is how tests check the cost without timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cellfoundry.utils import UserError, atomic_output, file_sha256
+
+LOSSES = ("nb", "zinb", "mse")
+ATTENTIONS = ("standard", "criss-cross")
+POOLINGS = (None, "cls", "mean")
+CHECKPOINT_FORMAT = "cellfoundry-xpressor/1"
+_EPS = 1e-8
+
+
+@dataclass
+class XpressorConfig:
+    """Architecture and loss of an Xpressor (or of a pooled baseline when `pooling` is set)."""
+
+    d_base: int  # width d of the base model's tokens
+    gene_dim: int  # width E of the vocabulary's gene vectors (decoder gene queries)
+    n_latent: int = 8  # general latent tokens (label tokens come on top)
+    d_model: int = 64  # Xpressor width d_x
+    n_blocks: int = 2  # encoder blocks
+    n_decoder_blocks: int = 1  # decoder cross-attention blocks
+    n_heads: int = 4
+    mlp_ratio: int = 4  # MLP width of the encoder blocks, times d_model
+    decoder_mlp_ratio: int = 1  # MLP width of the decoder blocks (runs per cell x gene: keep small)
+    dropout: float = 0.0
+    attention: str = "standard"  # standard | criss-cross
+    loss: str = "nb"  # nb | zinb | mse
+    mse_weight: float = 1.0  # weight of the MSE-on-log1p term added to NB/ZINB
+    labels: dict[str, list[str]] = field(default_factory=dict)  # obs column -> class names
+    label_dim: int = 16  # bottleneck width of each label token
+    label_weight: float = 1.0  # weight of each label's cross-entropy
+    gene_adapter: bool = False  # Linear-ReLU-Linear adapter on the frozen gene vectors
+    adapter_hidden: int = 128
+    pooling: str | None = None  # baseline: None = Xpressor; "cls"/"mean" = one pooled vector
+    target_sum: float = 1e4  # library size of the log1p normalisation
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise UserError(f"xpressor.loss must be one of {LOSSES}, got {self.loss!r}.")
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"xpressor.attention must be one of {ATTENTIONS}, got {self.attention!r}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.d_model % self.n_heads:
+            raise UserError(
+                f"xpressor.d_model ({self.d_model}) must be divisible by xpressor.n_heads ({self.n_heads})."
+            )
+        for name, classes in self.labels.items():
+            if len(classes) < 2:
+                raise UserError(f"xpressor label column {name!r} has {len(classes)} class(es); it needs at least 2.")
+
+    @property
+    def n_tokens(self) -> int:
+        """Latent tokens per cell M (general + one per label)."""
+        return self.n_latent + len(self.labels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "XpressorConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# -- attention with an optional score counter -------------------------------------------------
+_score_counter: list[int] | None = None
+
+
+@contextlib.contextmanager
+def count_attention_scores() -> Iterator[list[int]]:
+    """Count attention score elements (B·heads·queries·keys summed over calls) inside the block;
+    yields a one-element list holding the running total."""
+    global _score_counter
+    previous, _score_counter = _score_counter, [0]
+    try:
+        yield _score_counter
+    finally:
+        _score_counter = previous
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries [B, Q, D] over keys/values [B, K, D_kv] through SDPA
+    (flash kernels on CUDA). key_padding_mask [B, K] bool, True = ignore. Queries shared by all
+    cells may be given as [Q, D]: they are projected once, then broadcast."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        b, nk, _ = context.shape
+        nq, dim = x.shape[-2:]
+        h = self.heads
+        q = self.q(x).view(-1, nq, h, dim // h).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = self.kv(context).view(b, nk, 2, h, dim // h).permute(2, 0, 3, 1, 4)
+        mask = None
+        if key_padding_mask is not None and key_padding_mask.any():
+            mask = (~key_padding_mask)[:, None, None, :]  # True = may attend
+        if _score_counter is not None:
+            _score_counter[0] += b * h * nq * nk
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(out.transpose(1, 2).reshape(b, nq, dim))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim: int, ratio: int, dropout: float = 0.0):
+        super().__init__(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ratio * dim, dim))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm residual block: latents cross-attend to tokens, self-attend, MLP. In criss-cross
+    mode the tokens then attend to the updated latents (token stream [B, T, D] is returned too)."""
+
+    def __init__(self, cfg: XpressorConfig):
+        super().__init__()
+        d, h, p = cfg.d_model, cfg.n_heads, cfg.dropout
+        self.norm_latent = nn.LayerNorm(d)
+        self.norm_tokens = nn.LayerNorm(d)
+        self.cross = Attention(d, h, dropout=p)
+        self.norm_self = nn.LayerNorm(d)
+        self.self_attn = Attention(d, h, dropout=p)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.mlp = MLP(d, cfg.mlp_ratio, p)
+        self.criss_cross = cfg.attention == "criss-cross"
+        if self.criss_cross:
+            self.norm_back_tokens = nn.LayerNorm(d)
+            self.norm_back_latent = nn.LayerNorm(d)
+            self.back = Attention(d, h, dropout=p)
+
+    def forward(self, latents: Tensor, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        latents = latents + self.cross(self.norm_latent(latents), self.norm_tokens(tokens), mask)
+        z = self.norm_self(latents)
+        latents = latents + self.self_attn(z, z)
+        latents = latents + self.mlp(self.norm_mlp(latents))
+        if self.criss_cross:
+            tokens = tokens + self.back(self.norm_back_tokens(tokens), self.norm_back_latent(latents))
+        return latents, tokens
+
+
+class DecoderBlock(nn.Module):
+    """Gene queries [B, G, D] (or [G, D] before the first block: the same for every cell)
+    cross-attend to the latents [B, M, D], then MLP (pre-norm). Genes do not attend to each
+    other, so a gene's prediction does not depend on the requested set."""
+
+    def __init__(self, cfg: XpressorConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm_q = nn.LayerNorm(d)
+        self.norm_kv = nn.LayerNorm(d)
+        self.cross = Attention(d, cfg.n_heads, dropout=cfg.dropout)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.mlp = MLP(d, cfg.decoder_mlp_ratio, cfg.dropout)
+
+    def forward(self, queries: Tensor, latents: Tensor) -> Tensor:
+        queries = queries + self.cross(self.norm_q(queries), self.norm_kv(latents))
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class DecoderOutput(NamedTuple):
+    """Per-gene expression parameters, each [B, G].
+
+    scale: fraction of the cell's library per gene (softmax over the requested genes);
+    theta: NB inverse dispersion; pi_logit: zero-inflation logit (ZINB; ignored otherwise);
+    log1p: predicted log1p-normalised mean expression, log1p(scale * target_sum).
+    """
+
+    scale: Tensor
+    theta: Tensor
+    pi_logit: Tensor
+    log1p: Tensor
+
+
+class Xpressor(nn.Module):
+    """Latent-token encoder + gene-query decoder (+ optional label heads). See module docstring."""
+
+    def __init__(self, cfg: XpressorConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        if cfg.pooling is None:
+            self.token_proj = nn.Linear(cfg.d_base, d)  # base tokens d -> d_x
+            self.latents = nn.Parameter(torch.randn(cfg.n_tokens, d) * 0.02)
+            self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_blocks))
+        else:
+            # Baseline: one pooled vector [B, d] spread into the same number of latent tokens.
+            self.pooled_proj = nn.Linear(cfg.d_base, cfg.n_tokens * d)
+        self.final_norm = nn.LayerNorm(d)
+        if cfg.gene_adapter:
+            self.gene_proj = nn.Sequential(
+                nn.Linear(cfg.gene_dim, cfg.adapter_hidden), nn.ReLU(), nn.Linear(cfg.adapter_hidden, d)
+            )
+        else:
+            self.gene_proj = nn.Linear(cfg.gene_dim, d)
+        self.decoder_blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_blocks))
+        self.head_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)  # scale logit, theta, zero-inflation logit
+        self.bottlenecks = nn.ModuleDict({name: nn.Linear(d, cfg.label_dim) for name in cfg.labels})
+        self.classifiers = nn.ModuleDict({name: nn.Linear(cfg.label_dim, len(c)) for name, c in cfg.labels.items()})
+
+    # -- encoder ---------------------------------------------------------------------------------
+    def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Base gene tokens [B, T, d] (mask [B, T], True = padding) -> latents [B, M, D].
+
+        For a pooled baseline `tokens` is the pooled vector [B, d] (mask ignored)."""
+        if self.cfg.pooling is not None:
+            b = tokens.shape[0]
+            return self.final_norm(self.pooled_proj(tokens).view(b, self.cfg.n_tokens, self.cfg.d_model))
+        x = self.token_proj(tokens)
+        latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        for block in self.blocks:
+            latents, x = block(latents, x, key_padding_mask)
+        return self.final_norm(latents)
+
+    # -- decoder ---------------------------------------------------------------------------------
+    def gene_queries(self, gene_vectors: Tensor) -> Tensor:
+        """Frozen gene vectors [G, E] -> decoder queries [G, D] (gene identity only)."""
+        return self.gene_proj(F.normalize(gene_vectors, dim=-1))
+
+    def decode(self, latents: Tensor, gene_vectors: Tensor) -> DecoderOutput:
+        """Latents [B, M, D] + gene vectors [G, E] -> DecoderOutput with [B, G] fields."""
+        q = self.gene_queries(gene_vectors.to(latents.dtype))  # [G, D], broadcast in block 1
+        if not self.decoder_blocks:
+            q = q.unsqueeze(0).expand(latents.shape[0], -1, -1)
+        for block in self.decoder_blocks:
+            q = block(q, latents)
+        raw = self.head(self.head_norm(q)).float()  # [B, G, 3]; losses in fp32
+        scale = torch.softmax(raw[..., 0], dim=-1)
+        theta = F.softplus(raw[..., 1]) + 1e-4
+        return DecoderOutput(scale, theta, raw[..., 2], torch.log1p(scale * self.cfg.target_sum))
+
+    # -- labels and embedding --------------------------------------------------------------------
+    def label_vectors(self, latents: Tensor) -> dict[str, Tensor]:
+        """Bottleneck vector [B, label_dim] of each label's token (the last len(labels) latents)."""
+        return {
+            name: self.bottlenecks[name](latents[:, self.cfg.n_latent + i]) for i, name in enumerate(self.cfg.labels)
+        }
+
+    def classify(self, latents: Tensor) -> dict[str, Tensor]:
+        """Label logits {column: [B, classes]}."""
+        return {name: self.classifiers[name](v) for name, v in self.label_vectors(latents).items()}
+
+    def embedding(self, latents: Tensor) -> Tensor:
+        """Cell embedding: the first label's bottleneck vector [B, label_dim] when labels are
+        configured, else the mean of the latent tokens [B, D]."""
+        if self.cfg.labels:
+            return next(iter(self.label_vectors(latents).values()))
+        return latents.mean(dim=1)
+
+    # -- loss ------------------------------------------------------------------------------------
+    def reconstruction_loss(self, out: DecoderOutput, counts: Tensor, library_size: Tensor) -> dict[str, Tensor]:
+        """Per-term losses (means over cells and genes). counts [B, G] raw counts of the decoded
+        genes; library_size [B] their total."""
+        target = log1p_normalize(counts, library_size, self.cfg.target_sum)
+        terms = {"mse": F.mse_loss(out.log1p, target)}
+        if self.cfg.loss in ("nb", "zinb"):
+            mu = out.scale * library_size[:, None]
+            if self.cfg.loss == "nb":
+                nll = -nb_log_prob(counts, mu, out.theta)
+            else:
+                nll = -zinb_log_prob(counts, mu, out.theta, out.pi_logit)
+            terms["nll"] = nll.mean()
+            terms["loss"] = terms["nll"] + self.cfg.mse_weight * terms["mse"]
+        else:
+            terms["loss"] = terms["mse"]
+        return terms
+
+
+# -- distributions --------------------------------------------------------------------------------
+def log1p_normalize(counts: Tensor, library_size: Tensor, target_sum: float = 1e4) -> Tensor:
+    """log1p(counts / library_size * target_sum); counts [B, G], library_size [B]."""
+    return torch.log1p(counts / library_size.clamp(min=1.0)[:, None] * target_sum)
+
+
+def nb_log_prob(x: Tensor, mu: Tensor, theta: Tensor) -> Tensor:
+    """Negative-binomial log-likelihood with mean mu and inverse dispersion theta (elementwise)."""
+    log_theta_mu = torch.log(theta + mu + _EPS)
+    return (
+        theta * (torch.log(theta + _EPS) - log_theta_mu)
+        + x * (torch.log(mu + _EPS) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+
+
+def zinb_log_prob(x: Tensor, mu: Tensor, theta: Tensor, pi_logit: Tensor) -> Tensor:
+    """Zero-inflated NB log-likelihood (pi = sigmoid(pi_logit) is the extra-zero probability);
+    written with softplus for stability."""
+    softplus_pi = F.softplus(-pi_logit)
+    log_theta_mu = torch.log(theta + mu + _EPS)
+    pi_theta_log = -pi_logit + theta * (torch.log(theta + _EPS) - log_theta_mu)
+    case_zero = F.softplus(pi_theta_log) - softplus_pi
+    case_nonzero = (
+        -softplus_pi
+        + pi_theta_log
+        + x * (torch.log(mu + _EPS) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1)
+    )
+    return torch.where(x < 0.5, case_zero, case_nonzero)
+
+
+# -- public decoding -----------------------------------------------------------------------------
+def decode_expression(
+    model: Xpressor,
+    latents: Tensor,
+    gene_ids: Tensor,
+    gene_table: Tensor,
+    library_size: Tensor | None = None,
+) -> Tensor:
+    """Latent tokens [B, M, D] -> mean expression [B, G] of the genes `gene_ids` [G] (vocabulary
+    indices into gene_table [V, E]).
+
+    Without `library_size`: log1p-normalised mean (the scale of the training targets). With a
+    library size [B]: expected counts (times 1 - pi for ZINB). Fractions are normalised over
+    the requested genes, so request the gene set the model was trained on to match training.
+    """
+    out = model.decode(latents, gene_table[gene_ids])
+    if library_size is None:
+        return out.log1p
+    return expected_counts(out, library_size, model.cfg.loss)
+
+
+def expected_counts(out: DecoderOutput, library_size: Tensor, loss: str) -> Tensor:
+    """Mean counts [B, G] of the decoded distribution for library sizes [B]."""
+    mu = out.scale * library_size.to(out.scale)[:, None]
+    if loss == "zinb":
+        mu = mu * torch.sigmoid(-out.pi_logit)
+    return mu
+
+
+def sample_counts(out: DecoderOutput, library_size: Tensor, loss: str, generator: torch.Generator | None = None) -> Tensor:
+    """Counts [B, G] drawn from the decoded NB (gamma-Poisson) or ZINB; for loss "mse" a Poisson
+    around the mean. Seeded through `generator`."""
+    mu = out.scale * library_size.to(out.scale)[:, None]
+    if loss == "mse":
+        rate = mu
+    else:
+        # Gamma(theta, mu/theta) then Poisson = NB(mu, theta); torch's Gamma sampler takes no
+        # generator, hence the seeded sampler below.
+        rate = _standard_gamma(out.theta, generator) * mu / out.theta
+    counts = torch.poisson(rate, generator=generator)
+    if loss == "zinb":
+        dropout = torch.rand(counts.shape, generator=generator, device=counts.device) < torch.sigmoid(out.pi_logit)
+        counts = counts.masked_fill(dropout, 0.0)
+    return counts
+
+
+def _standard_gamma(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Seeded Gamma(alpha, 1) draws (Marsaglia-Tsang with boosting for alpha < 1)."""
+    boost = alpha < 1
+    a = torch.where(boost, alpha + 1, alpha)
+    d = a - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = torch.empty_like(a)
+    todo = torch.ones_like(a, dtype=torch.bool)
+    while todo.any():
+        z = torch.randn(a.shape, generator=generator, device=a.device)
+        u = torch.rand(a.shape, generator=generator, device=a.device)
+        v = (1 + c * z) ** 3
+        ok = (v > 0) & (torch.log(u.clamp(min=1e-12)) < 0.5 * z**2 + d - d * v + d * torch.log(v.clamp(min=1e-12)))
+        accept = ok & todo
+        out = torch.where(accept, d * v, out)
+        todo = todo & ~accept
+    u = torch.rand(a.shape, generator=generator, device=a.device)
+    return torch.where(boost, out * u.clamp(min=1e-12) ** (1.0 / alpha), out)
+
+
+# -- parameter accounting -------------------------------------------------------------------------
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+# -- checkpoint ----------------------------------------------------------------------------------
+def save_xpressor(
+    path: str | os.PathLike,
+    model: Xpressor,
+    base_sha256: str,
+    base_state_dict: dict[str, Tensor] | None = None,
+    meta: dict | None = None,
+) -> None:
+    """Write the small checkpoint atomically: Xpressor weights, config, the base checkpoint's
+    SHA-256, optionally the base weights that were fine-tuned (unfrozen last layer), and `meta`
+    (plain Python values: gene symbols, statistics)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "base_sha256": base_sha256,
+        "base_state_dict": {k: v.detach().cpu() for k, v in (base_state_dict or {}).items()},
+        "meta": meta or {},
+    }
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+@dataclass
+class XpressorCheckpoint:
+    model: Xpressor
+    config: XpressorConfig
+    base_sha256: str
+    base_state_dict: dict[str, Tensor]
+    meta: dict
+
+
+def load_xpressor(
+    path: str | os.PathLike,
+    base_checkpoint: str | os.PathLike | None = None,
+    base_sha256: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> XpressorCheckpoint:
+    """Load a checkpoint written by save_xpressor (weights_only, no pickled objects).
+
+    Pass the base model's checkpoint file (its SHA-256 is computed) or its `base_sha256`; a
+    mismatch raises UserError, because Xpressor weights only fit the base they were trained on.
+    `base_state_dict` holds the fine-tuned base weights to apply on top of the base (may be empty).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Xpressor checkpoint {path} does not exist; run the xpressor_train rule first.")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a cellfoundry Xpressor checkpoint (expected format {CHECKPOINT_FORMAT}).")
+    if base_checkpoint is not None:
+        base_sha256 = file_sha256(base_checkpoint)
+    if base_sha256 is not None and base_sha256 != payload["base_sha256"]:
+        where = f" ({base_checkpoint})" if base_checkpoint is not None else ""
+        raise UserError(
+            f"Xpressor checkpoint {path} was trained on a base model with SHA-256 {payload['base_sha256'][:12]}..., "
+            f"but the given base{where} has SHA-256 {base_sha256[:12]}...; use the base checkpoint it was "
+            "trained on, or retrain Xpressor on this base (snakemake --forcerun xpressor_train)."
+        )
+    cfg = XpressorConfig.from_dict(payload["config"])
+    model = Xpressor(cfg)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return XpressorCheckpoint(model, cfg, payload["base_sha256"], payload["base_state_dict"], payload["meta"])

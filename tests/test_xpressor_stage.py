@@ -1,0 +1,142 @@
+"""Stage-level test of Xpressor: tiny SE checkpoint + vocabulary + tokens + h5ad on disk, then the
+training and encoding drivers the rules call (CPU, a few epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellfoundry.models.se import SEConfig, StateEmbedding
+from cellfoundry.models.se_checkpoint import save_se
+from cellfoundry.models.xpressor import decode_expression, load_xpressor
+from cellfoundry.tokenize import tokenize_h5ad
+from cellfoundry.utils import UserError
+from cellfoundry.vocab import build_random_vocab
+from cellfoundry.xpressor import encode_stage, resolve_label_columns, train_stage
+
+N_CELLS, N_GENES, L, E = 60, 30, 17, 16
+
+
+def stage_cfg(**kw) -> dict:
+    cfg = dict(
+        n_latent=4, d_model=16, n_blocks=1, n_decoder_blocks=1, n_heads=2, mlp_ratio=2, decoder_mlp_ratio=1, dropout=0.0,
+        attention="standard", loss="nb", mse_weight=1.0, labels=["cell_type"], label_dim=4, label_weight=1.0,
+        gene_adapter=False, adapter_hidden=16, unfreeze_last_layer=False, lr=3e-3, weight_decay=0.01,
+        batch_size=16, max_epochs=3, genes_per_step=20, patience=2, gradient_clip=1.0, val_fraction=0.2, baselines=True,
+        cache_base_outputs=True, cache_max_gb=1.0, inference_batch_size=32, knn_k=5,
+        trainer={"devices": 1, "num_nodes": 1, "checkpoint_every_n_steps": 5},
+    )  # fmt: skip
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xpressor_stage")
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(N_GENES)]
+    types = np.repeat(["a", "b", "c"], N_CELLS // 3)
+    programs = rng.gamma(1.0, 2.0, size=(3, N_GENES))
+    means = programs[np.repeat(np.arange(3), N_CELLS // 3)]
+    counts = rng.poisson(means * 3).astype(np.float32)
+    counts[:, 0] += 1  # no empty cells
+    obs = pd.DataFrame(
+        {"ct": pd.Categorical(types), "split": np.where(np.arange(N_CELLS) % 5 == 0, "test", "train")},
+        index=[f"c{i}" for i in range(N_CELLS)],
+    )
+    adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
+    h5ad = root / "filtered.h5ad"
+    adata.write_h5ad(h5ad)
+    vocab = build_random_vocab(genes + ["EXTRA1", "EXTRA2"], E, seed=0)
+    vocab_path = root / "gene_embeddings.pt"
+    vocab.save(vocab_path)
+    tokens = root / "tokens"
+    tokenize_h5ad(h5ad, tokens, vocab, L, seed=0)
+    torch.manual_seed(0)
+    se_cfg = SEConfig(token_dim=E, d_model=32, nhead=4, d_hid=64, nlayers=2, output_dim=32, pad_length=L)
+    se_path = root / "pretrained.ckpt"
+    save_se(se_path, StateEmbedding(se_cfg), se_cfg)
+    other = root / "other.ckpt"
+    torch.manual_seed(1)
+    save_se(other, StateEmbedding(se_cfg), se_cfg)
+    return dict(root=root, h5ad=str(h5ad), vocab=str(vocab_path), tokens=str(tokens), se=str(se_path), other=str(other))
+
+
+def _train(inputs, out, **kw):
+    cfg = stage_cfg(**kw)
+    return train_stage(
+        se_checkpoint=inputs["se"], vocab_path=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
+        out_ckpt=str(out / "model.ckpt"), out_metrics=str(out / "reconstruction.tsv"), work_dir=str(out / "train"),
+        cfg=cfg, label_columns=resolve_label_columns(cfg["labels"], {"cell_type": "ct", "batch": None}),
+        seed=0, device="cpu",
+    )  # fmt: skip
+
+
+def test_train_and_encode_stage(inputs, tmp_path):
+    summary = _train(inputs, tmp_path)
+    assert set(summary["methods"]) == {"xpressor", "cls", "mean"}
+    assert 0 < summary["trainable_fraction"] < 1
+    assert summary["trainable_parameters"] == summary["methods"]["xpressor"]["trainable_parameters"]
+    metrics = pd.read_csv(tmp_path / "reconstruction.tsv", sep="\t")
+    assert set(metrics.method) == {"xpressor", "cls", "mean"}
+    assert {"pearson_mean", "spearman_mean", "mse"} <= set(metrics.metric)
+    assert (metrics.n_cells == N_CELLS // 5).all()
+    assert not (tmp_path / "train" / "xpressor" / "checkpoints").exists()  # resume state removed when done
+
+    ckpt = load_xpressor(tmp_path / "model.ckpt", base_checkpoint=inputs["se"])
+    assert ckpt.meta["genes"] == [f"G{i}" for i in range(N_GENES)]
+    assert ckpt.config.labels == {"ct": ["a", "b", "c"]}
+    assert ckpt.base_state_dict == {}
+    assert (tmp_path / "model.ckpt").stat().st_size < 200_000  # Xpressor weights only, no base
+    with pytest.raises(UserError, match="SHA-256"):
+        load_xpressor(tmp_path / "model.ckpt", base_checkpoint=inputs["other"])
+
+    out = dict(
+        out_latents=str(tmp_path / "latents.npy"), out_h5ad=str(tmp_path / "embedding.h5ad"),
+        out_summary=str(tmp_path / "summary.json"), out_plot=str(tmp_path / "summary.png"),
+    )  # fmt: skip
+    encode_stage(
+        se_checkpoint=inputs["se"], vocab_path=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
+        xpressor_ckpt=str(tmp_path / "model.ckpt"), metrics_tsv=str(tmp_path / "reconstruction.tsv"),
+        batch_size=16, knn_k=5, device="cpu", **out,
+    )  # fmt: skip
+    latents = np.load(tmp_path / "latents.npy")
+    assert latents.shape == (N_CELLS, 4 + 1, 16) and latents.dtype == np.float32
+    emb = ad.read_h5ad(tmp_path / "embedding.h5ad")
+    assert emb.n_obs == N_CELLS and emb.obsm["X_xpressor"].shape == (N_CELLS, 4)
+    assert list(emb.obs_names) == [f"c{i}" for i in range(N_CELLS)]
+    stage = json.loads((tmp_path / "summary.json").read_text())
+    assert set(stage["knn_accuracy"]["ct"]) == {"xpressor", "se_cls"}
+    assert stage["methods"]["xpressor"]["pearson_mean"] > 0
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+    # The public decoder reproduces the training-time prediction from the saved latents alone.
+    from cellfoundry.vocab import GeneVocab
+
+    vocab = GeneVocab.load(inputs["vocab"])
+    genes = torch.as_tensor(vocab.lookup(ckpt.meta["genes"]))
+    pred = decode_expression(ckpt.model, torch.from_numpy(latents[:3]), genes, vocab.table)
+    assert pred.shape == (3, N_GENES) and torch.isfinite(pred).all()
+
+    # Deterministic on the CPU: a second run gives identical weights.
+    again = tmp_path / "again"
+    _train(inputs, again, baselines=False)
+    first = load_xpressor(tmp_path / "model.ckpt").model.state_dict()
+    second = load_xpressor(again / "model.ckpt").model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_unknown_label_column_is_a_user_error(inputs, tmp_path):
+    with pytest.raises(UserError, match="not_a_column"):
+        _train(inputs, tmp_path, labels=["not_a_column"], baselines=False)
+
+
+def test_resolve_label_columns_maps_roles():
+    ds = {"cell_type": "bulk_labels", "batch": None}
+    assert resolve_label_columns(["cell_type", "batch", "donor"], ds) == ["bulk_labels", "donor"]
