@@ -1,0 +1,78 @@
+"""Xpressor reconstruction: the stage's held-out table plus per-gene agreement of decoded and
+observed expression, computed here from the saved latents through Xpressor's public decoder."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellfoundry.utils import UserError
+
+log = logging.getLogger(__name__)
+
+
+def observed_log1p(counts, target_sum: float = 1e4) -> np.ndarray:
+    """log1p(counts / library * target_sum) [n, G], library = the row sum over the G genes given
+    (as the Xpressor stage normalises its targets)."""
+    counts = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    lib = counts.sum(1, keepdims=True)
+    return np.log1p(counts / np.clip(lib, 1.0, None) * target_sum)
+
+
+def per_gene_pearson(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Pearson r over cells for each gene; predicted/observed [n, G] -> [G] (NaN for genes
+    constant in either)."""
+    a = predicted - predicted.mean(0)
+    b = observed - observed.mean(0)
+    denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (a * b).sum(0) / denom, np.nan)
+
+
+def decode_log1p(model, latents: np.ndarray, gene_vectors, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """Decoded log1p-normalised mean expression [n, G] of latent tokens [n, M, D] for the genes
+    whose embedding rows are `gene_vectors` [G, E] (Xpressor.decode, batched, no autograd)."""
+    import torch
+
+    model = model.to(device).eval()
+    gene_vectors = torch.as_tensor(gene_vectors, dtype=torch.float32, device=device)
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(latents), batch_size):
+            z = torch.as_tensor(np.asarray(latents[lo : lo + batch_size], dtype=np.float32), device=device)
+            out.append(model.decode(z, gene_vectors).log1p.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, gene_vectors.shape[0]), np.float32)
+
+
+def reconstruction_rows(stage_table: pd.DataFrame, summary: dict, gene_r: np.ndarray | None) -> pd.DataFrame:
+    """The long-format table of this stage: the Xpressor stage's held-out rows (method, metric,
+    value), its trainable-parameter figures, and per-gene Pearson (mean, median) of Xpressor."""
+    table = stage_table[["method", "metric", "value"]].copy()
+    extra = []
+    for method, info in summary.get("methods", {}).items():
+        if "trainable_parameters" in info:
+            extra.append(dict(method=method, metric="trainable_parameters", value=float(info["trainable_parameters"])))
+    if "trainable_fraction" in summary:
+        extra.append(dict(method="xpressor", metric="trainable_fraction", value=float(summary["trainable_fraction"])))
+    if gene_r is not None and np.isfinite(gene_r).any():
+        extra.append(dict(method="xpressor", metric="gene_pearson_mean", value=float(np.nanmean(gene_r))))
+        extra.append(dict(method="xpressor", metric="gene_pearson_median", value=float(np.nanmedian(gene_r))))
+    return pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+
+
+def check_latents(latents: np.ndarray, n_cells: int, path) -> None:
+    if latents.ndim != 3 or latents.shape[0] != n_cells:
+        raise UserError(
+            f"{path} has shape {latents.shape}, expected [{n_cells}, n_latent, d_x] for the cells of qc/filtered.h5ad; "
+            "re-run the xpressor stage (snakemake --forcerun xpressor_train)."
+        )
+
+
+def genes_to_show(observed: np.ndarray, gene_r: np.ndarray, n: int) -> np.ndarray:
+    """Indices of `n` genes for the scatter: the most variable observed genes (informative, not
+    cherry-picked by how well they are reconstructed)."""
+    var = observed.var(0)
+    return np.argsort(-var)[: min(n, observed.shape[1])]

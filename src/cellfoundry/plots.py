@@ -1,0 +1,148 @@
+"""Shared plotting helpers (matplotlib, headless). Each function writes one PNG atomically.
+
+Functions take plain arrays so any stage can use them; none reads the Snakemake object.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # rules run without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cellfoundry.utils import atomic_output  # noqa: E402
+
+# Categorical palettes: tab20 covers most label sets; larger sets cycle through it.
+_PALETTE = plt.get_cmap("tab20").colors
+
+
+def umap_coordinates(X: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-D UMAP of `X` [N, D] -> [N, 2] float32 (deterministic for a given seed on one thread)."""
+    import umap
+
+    X = np.asarray(X, dtype=np.float32)
+    n_neighbors = max(2, min(n_neighbors, len(X) - 1))
+    reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1, init="random" if len(X) < 10 else "spectral")
+    return reducer.fit_transform(X).astype(np.float32)
+
+
+def _category_colors(values: Sequence) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Return (codes [N], category names, colours [n_categories, 3 or 4])."""
+    values = np.asarray([str(v) for v in values])
+    names, codes = np.unique(values, return_inverse=True)
+    colors = np.array([_PALETTE[i % len(_PALETTE)] for i in range(len(names))])
+    return codes, list(names), colors
+
+
+def scatter_panel(ax, xy: np.ndarray, values: Sequence, title: str, legend: bool = True, point_size: float | None = None) -> None:
+    """Draw one categorical scatter `xy` [N, 2] coloured by `values` [N] on `ax`."""
+    codes, names, colors = _category_colors(values)
+    size = point_size or max(1.0, min(20.0, 12000.0 / max(len(xy), 1)))
+    order = np.random.default_rng(0).permutation(len(xy))  # no category hidden under another
+    ax.scatter(xy[order, 0], xy[order, 1], c=colors[codes[order]], s=size, linewidths=0, rasterized=True)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if legend and len(names) <= 30:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colors[i], label=n, markersize=4) for i, n in enumerate(names)]
+        ax.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def umap_grid(
+    path: str | os.PathLike,
+    coords: dict[str, np.ndarray],
+    colors: dict[str, Sequence],
+    title: str | None = None,
+) -> None:
+    """One row per embedding (keys of `coords`, each [N, 2]), one column per colouring (keys of
+    `colors`, each [N] labels shared by all embeddings); saves a PNG at `path`."""
+    rows, cols = list(coords), list(colors)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.6 * len(cols), 3.6 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            scatter_panel(axes[i, j], coords[row], colors[col], f"{row} — {col}")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def umap_scatter(path: str | os.PathLike, X: np.ndarray, labels: dict[str, Sequence], seed: int = 0, title: str | None = None) -> np.ndarray:
+    """UMAP of `X` [N, D] coloured by each entry of `labels` (name -> [N] values), one panel each.
+
+    Returns the UMAP coordinates [N, 2] so callers can reuse them.
+    """
+    xy = umap_coordinates(X, seed=seed)
+    umap_grid(path, {title or "UMAP": xy}, labels)
+    return xy
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save `fig` as PNG atomically and close it."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+def decoded_vs_observed(
+    path: str | os.PathLike,
+    predicted: np.ndarray,
+    observed: np.ndarray,
+    gene_names: Sequence[str],
+    genes: Sequence[int],
+    gene_r: np.ndarray | None = None,
+    title: str | None = None,
+) -> None:
+    """Per-cell scatter of decoded vs observed expression for each gene index in `genes`
+    (predicted/observed [n, G]), plus a last panel of per-gene means over all G genes."""
+    genes = list(genes)
+    n_panels = len(genes) + 1
+    cols = min(4, n_panels)
+    rows = int(np.ceil(n_panels / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.ravel()[n_panels:]:
+        ax.axis("off")
+    panels = [(g, observed[:, g], predicted[:, g], gene_names[g]) for g in genes]
+    panels.append((None, observed.mean(0), predicted.mean(0), "per-gene mean (all genes)"))
+    for ax, (g, x, y, name) in zip(axes.ravel(), panels):
+        ax.scatter(x, y, s=6, alpha=0.5, linewidths=0, rasterized=True)
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else float("nan")
+        ax.set_title(f"{name}  (r = {r:.2f})", fontsize=8)
+        ax.set_xlabel("observed log1p", fontsize=7)
+        ax.set_ylabel("decoded log1p", fontsize=7)
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def metric_bars(path: str | os.PathLike, table, metrics: Sequence[str], title: str | None = None, lower_is_better: Sequence[str] = ()) -> None:
+    """Grouped bars of a long-format table (columns method, metric, value): one panel per metric,
+    one bar per method, in the table's method order."""
+    methods = list(dict.fromkeys(table["method"]))
+    metrics = [m for m in metrics if m in set(table["metric"])]
+    cols = min(4, max(1, len(metrics)))
+    rows = int(np.ceil(len(metrics) / cols)) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    colors = [_PALETTE[2 * i % len(_PALETTE)] for i in range(len(methods))]
+    for ax, metric in zip(axes.ravel(), metrics):
+        sub = table[table["metric"] == metric].set_index("method")["value"]
+        values = [float(sub.get(m, np.nan)) for m in methods]
+        ax.bar(range(len(methods)), values, color=colors)
+        ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(metric + (" (lower better)" if metric in lower_is_better else ""), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
