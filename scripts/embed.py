@@ -1,0 +1,23 @@
+"""Rule embed: SE cell embeddings of a dataset's tokens, the whole dataset or one shard of it."""
+
+import torch
+
+from cellfoundry.embed import run_embedding
+from cellfoundry.utils import resolve_device, setup_logging
+
+setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+inp, params = snakemake.input, snakemake.params
+
+run_embedding(
+    ckpt=inp.ckpt,
+    vocab_path=inp.vocab,
+    tokens_dir=inp.tokens,
+    cells_h5ad=inp.cells,
+    out_path=snakemake.output[0],
+    batch_size=params.batch_size,
+    device=resolve_device(params.device),
+    shards=params.shards,
+    shard=params.shard,
+    allow_unsafe_pickle=params.allow_unsafe_pickle,
+)

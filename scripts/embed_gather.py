@@ -1,0 +1,7 @@
+"""Rule embed_gather: concatenate the embedding shards, in order, into one .h5ad."""
+
+from cellfoundry.embed import gather_shards, read_obs
+from cellfoundry.utils import setup_logging
+
+setup_logging(snakemake.log[0])
+gather_shards(list(snakemake.input.shards), read_obs(snakemake.input.cells), snakemake.output[0])

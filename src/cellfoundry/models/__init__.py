@@ -1,0 +1,1 @@
+"""Model definitions (plain nn.Modules, no framework glue): SE, Xpressor, DiT."""
