@@ -1,0 +1,297 @@
+"""Diffusion core: schedule identities, q(x_t|x_0) moments, DDIM determinism, guidance, EMA,
+overfitting one batch; and the stage end to end in both token spaces on synthetic cells."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellfoundry.diffusion import (
+    EMA,
+    ConditionalDenoiser,
+    NoiseSchedule,
+    diffusion_loss,
+    guided_denoise_fn,
+    sample,
+    sampling_timesteps,
+)
+from cellfoundry.models.conditions import ConditionCodec, ConditionModel, ConditionSpec, collate_conditions
+from cellfoundry.models.dit import DiTConfig, LatentDiT
+from cellfoundry.utils import UserError
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_alpha_bar_is_monotone_in_0_1(kind):
+    schedule = NoiseSchedule(kind, 1000)
+    ab = schedule.alphas_cumprod
+    assert (ab[1:] < ab[:-1]).all()
+    assert 0 < ab[-1] < 0.01 and 0.99 < ab[0] <= 1
+
+
+def test_linear_schedule_endpoints():
+    betas = NoiseSchedule("linear", 1000).betas
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_q_sample_moments(kind):
+    schedule = NoiseSchedule(kind, 1000)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000,), 1.5)
+    for t in (10, 500, 900):
+        tt = torch.full_like(x0, t, dtype=torch.long)
+        xt = schedule.q_sample(x0, tt, torch.randn(x0.shape, generator=gen))
+        ab = schedule.alphas_cumprod[t].item()
+        assert xt.mean().item() == pytest.approx(1.5 * ab**0.5, abs=0.01)
+        assert xt.var().item() == pytest.approx(1 - ab, abs=0.01)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_target_inverts_to_eps_and_x0(prediction):
+    schedule = NoiseSchedule("cosine", 1000)
+    x0, noise = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    t = torch.tensor([0, 100, 600, 999])
+    xt = schedule.q_sample(x0, t, noise)
+    eps, x0_hat = schedule.eps_and_x0(schedule.target(x0, noise, t, prediction), xt, t, prediction)
+    assert torch.allclose(eps, noise, atol=1e-4)
+    assert torch.allclose(x0_hat[:3], x0[:3], atol=1e-3)
+
+
+def test_sampling_timesteps_are_descending_and_cover_the_range():
+    steps = sampling_timesteps(1000, 50)
+    assert steps[0] == 999 and steps[-1] == 0 and len(steps) == 50
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+
+
+def tiny_conditional(n_labels=3, hidden=32, cross=False):
+    obs = pd.DataFrame({"label": [str(i) for i in range(n_labels)]})
+    codec = ConditionCodec.fit([ConditionSpec("label", "categorical", ["label"])], obs)
+    net = LatentDiT(DiTConfig(num_tokens=2, token_dim=4, hidden=hidden, depth=2, heads=4, cross_attention=cross))
+    return ConditionalDenoiser(net, ConditionModel(codec, hidden), cross), codec
+
+
+def test_ddim_eta0_is_deterministic_given_x_T():
+    torch.manual_seed(0)
+    model, codec = tiny_conditional()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    cond = collate_conditions(codec.encode([{"label": "1"}] * 3), np.arange(3))
+    fn = guided_denoise_fn(model, cond, [2.0])
+    x_T = torch.randn(3, 2, 4)
+    schedule = NoiseSchedule("linear", 1000)
+    a = sample(fn, (3, 2, 4), schedule, steps=20, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = sample(fn, (3, 2, 4), schedule, steps=20, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c = sample(fn, (3, 2, 4), schedule, steps=20, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(a, c)
+    d = sample(fn, (3, 2, 4), schedule, method="ddpm", steps=20, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(c, d)  # DDPM is the eta = 1 ancestral sampler
+
+
+def test_sampler_recovers_a_point_mass_with_the_exact_denoiser():
+    # With the exact eps of a point mass at x0, every sampler must land on x0.
+    schedule = NoiseSchedule("linear", 1000)
+    x0 = torch.tensor([[0.5, -1.0, 2.0]])
+    ab = schedule.alphas_cumprod.float()
+
+    def exact_eps(x, t):
+        a = ab[t].view(-1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    for method, eta in (("ddim", 0.0), ("ddim", 0.5), ("ddpm", 1.0)):
+        out = sample(exact_eps, (4, 3), schedule, method=method, steps=25, eta=eta, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out, x0.expand(4, 3), atol=1e-3), method
+
+
+def test_guidance_combines_conditional_and_unconditional_outputs():
+    torch.manual_seed(0)
+    model, codec = tiny_conditional()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    cond = collate_conditions(codec.encode([{"label": "0"}, {"label": "2"}]), np.arange(2))
+    x, t = torch.randn(2, 2, 4), torch.tensor([10, 700])
+    c = guided_denoise_fn(model, cond, [1.0])(x, t)
+    u = guided_denoise_fn(model, cond, [0.0])(x, t)
+    g = guided_denoise_fn(model, cond, [3.0])(x, t)
+    assert torch.allclose(g, u + 3.0 * (c - u), atol=1e-5)
+    assert not torch.allclose(c, u)
+
+
+def test_per_attribute_guidance_scales():
+    torch.manual_seed(0)
+    obs = pd.DataFrame({"a": ["x", "y"], "b": ["p", "q"]})
+    codec = ConditionCodec.fit([ConditionSpec("a", "categorical", ["a"]), ConditionSpec("b", "categorical", ["b"])], obs)
+    net = LatentDiT(DiTConfig(num_tokens=2, token_dim=4, hidden=16, depth=1, heads=2))
+    model = ConditionalDenoiser(net, ConditionModel(codec, 16))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    cond = collate_conditions(codec.encode(obs), np.arange(2))
+    x, t = torch.randn(2, 2, 4), torch.tensor([3, 400])
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    only_a = torch.tensor([[True, False]] * 2)
+    only_b = torch.tensor([[False, True]] * 2)
+    u, ea, eb = (model(x, t, cond, k) for k in (none, only_a, only_b))
+    out = guided_denoise_fn(model, cond, [2.0, 0.5])(x, t)
+    assert torch.allclose(out, u + 2.0 * (ea - u) + 0.5 * (eb - u), atol=1e-5)
+
+
+def test_ema_tracks_weights_with_warmup():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9999)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=0)  # warm-up decay 1/10 -> moves 90% of the way
+    assert torch.allclose(ema.shadow.weight, model.weight - 0.1, atol=1e-6)
+    assert not ema.shadow.weight.requires_grad
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    torch.manual_seed(0)
+    model, codec = tiny_conditional(hidden=64)
+    schedule = NoiseSchedule("linear", 1000)
+    x0 = torch.randn(8, 2, 4)
+    cond = collate_conditions(codec.encode([{"label": str(i % 3)} for i in range(8)]), np.arange(8))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def eval_loss():
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return np.mean([diffusion_loss(lambda x, t: model(x, t, cond), x0, schedule, "eps", g).item() for _ in range(20)])
+
+    before = eval_loss()
+    for _ in range(300):
+        loss = diffusion_loss(lambda x, t: model(x, t, cond), x0, schedule, "eps", gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.5 * before, (before, after)
+
+
+# -- the stage on synthetic cells ------------------------------------------------------------------
+
+SETTINGS = dict(
+    gene_tokens=4, gene_token_dim=8, gene_encoder_hidden=32, hidden=32, depth=1, heads=4, mlp_ratio=2.0,
+    cross_attention=False, schedule="linear", timesteps=100, prediction="eps", cond_drop_prob=0.2,
+    ema_decay=0.99, lr=1e-3, weight_decay=0.0, batch_size=32, max_steps=6, grad_clip=1.0, log_every_n_steps=2,
+    trainer={"devices": 1, "num_nodes": 1, "checkpoint_every_n_steps": 3},
+)
+SAMPLE = dict(sampler="ddim", steps=5, eta=0.0, guidance_scale=2.0, batch_size=16, clip_x0=True, guidance_check=True, requests=[])
+CONDITIONS = [{"name": "cell_type", "kind": "categorical", "columns": ["ct"]}]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """80 cells x 30 genes in three types, a 64-d random vocabulary, fake latents [N, 3, 8] and a
+    tiny untrained Xpressor checkpoint (its decoder is what the latent space decodes with)."""
+    from cellfoundry.models.xpressor import Xpressor, XpressorConfig, save_xpressor
+    from cellfoundry.vocab import build_random_vocab
+
+    root = tmp_path_factory.mktemp("diffusion")
+    rng = np.random.default_rng(0)
+    n, g = 80, 30
+    types = np.array(["A", "B", "C"])[np.arange(n) % 3]
+    lam = np.full((n, g), 2.0)
+    for k, t in enumerate("ABC"):
+        lam[types == t, k * 10 : (k + 1) * 10] *= 6
+    obs = pd.DataFrame({"ct": pd.Categorical(types), "split": np.where(np.arange(n) % 5 == 0, "test", "train")},
+                       index=[f"cell{i}" for i in range(n)])
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(lam).astype(np.float32)), obs=obs,
+                       var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    adata.write_h5ad(root / "filtered.h5ad")
+    vocab = build_random_vocab([f"G{i}" for i in range(g + 5)], 16, seed=0)
+    vocab.save(root / "vocab.pt")
+    np.save(root / "latents.npy", rng.normal(size=(n, 3, 8)).astype(np.float32))
+    torch.manual_seed(0)
+    xp = Xpressor(XpressorConfig(d_base=8, gene_dim=16, n_latent=3, d_model=8, n_heads=2, n_blocks=1))
+    save_xpressor(root / "xpressor.ckpt", xp, base_sha256="0" * 64)
+    return root
+
+
+@pytest.mark.parametrize("space", ["latent", "gene"])
+def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, space):
+    from cellfoundry.diffusion_stage import load_diffusion, run_sample, run_train
+
+    settings = {**SETTINGS, "token_space": space}
+    latent = space == "latent"
+    run_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0,
+              device="cpu", latents_npy=synthetic / "latents.npy" if latent else None,
+              xpressor_ckpt=synthetic / "xpressor.ckpt" if latent else None)
+    ckpt = load_diffusion(tmp_path / "model.ckpt")
+    assert ckpt.payload["token_shape"] == ([3, 8] if latent else [30])
+    assert ckpt.codec.vocab["cell_type"] == [["A", "B", "C"]]
+    assert (tmp_path / "train" / "logs" / "version_0" / "metrics.csv").exists()
+    assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
+    paths = [tmp_path / "samples.h5ad", tmp_path / "summary.json"]
+    kwargs = dict(seed=0, device="cpu", xpressor_ckpt=synthetic / "xpressor.ckpt", vocab_path=synthetic / "vocab.pt",
+                  latents_npy=synthetic / "latents.npy")
+    summary = run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", *paths, SAMPLE, **kwargs)
+    samples = ad.read_h5ad(paths[0])
+    real = ad.read_h5ad(synthetic / "filtered.h5ad")
+    test = real.obs[real.obs.split == "test"]
+    assert samples.n_obs == len(test)  # one per test cell, with its label
+    assert sorted(samples.obs["ct"].astype(str)) == sorted(test["ct"].astype(str))
+    assert list(samples.var_names) == list(real.var_names)
+    assert np.isfinite(samples.layers["mean"]).all() and (samples.layers["mean"] >= 0).all()
+    assert samples.X.sum() > 0
+    assert samples.obs["condition"].str.startswith("cell_type=").all()
+    runs = {"guided (scale 2)", "conditional (scale 1)", "unconditional (scale 0)"}
+    check = summary["guidance_check"]
+    assert set(check["expression"]["accuracy"]) == runs
+    assert ("latent" in check) == latent and ("decoded_real_test_accuracy" in check["expression"]) == latent
+    if latent:
+        assert set(check["latent"]["accuracy"]) == runs
+    assert json.loads(paths[1].read_text()) == summary
+    # same seed, same samples (CPU determinism)
+    again = tmp_path / "again.h5ad"
+    run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", again, tmp_path / "s2.json", {**SAMPLE, "guidance_check": False}, **kwargs)
+    assert np.array_equal(ad.read_h5ad(again).layers["mean"], samples.layers["mean"])
+
+
+def test_sampling_requests_and_unknown_labels(synthetic, tmp_path):
+    from cellfoundry.diffusion_stage import run_sample, run_train
+
+    settings = {**SETTINGS, "token_space": "gene", "max_steps": 2}
+    run_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0, device="cpu")
+    requests = [{"n": 5, "obs": {"ct": "B"}}, {"n": 3, "obs": {}}]
+    cfg = {**SAMPLE, "requests": requests, "guidance_check": False}
+    run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
+    samples = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert samples.obs["ct"].astype(str).tolist() == ["B"] * 5 + ["nan"] * 3
+    assert samples.obs["condition"].tolist()[-1] == "cell_type=none"
+    bad = {**cfg, "requests": [{"n": 2, "obs": {"ct": "Z"}}]}
+    with pytest.raises(UserError, match=r"unknown label 'Z'.*'A', 'B', 'C'"):
+        run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json", bad, seed=0, device="cpu")
+    assert not (tmp_path / "x.h5ad").exists()
+    with pytest.raises(UserError, match="no condition uses"):
+        run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json",
+                   {**cfg, "requests": [{"n": 1, "obs": {"batch": "1"}}]}, seed=0, device="cpu")
+
+
+def test_unconditional_model_samples_requests(synthetic, tmp_path):
+    from cellfoundry.diffusion_stage import run_sample, run_train
+
+    settings = {**SETTINGS, "token_space": "gene", "max_steps": 2, "cross_attention": True}
+    run_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, [], seed=0, device="cpu")
+    cfg = {**SAMPLE, "requests": [{"n": 4, "obs": {}}], "sampler": "ddpm"}
+    summary = run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
+    samples = ad.read_h5ad(tmp_path / "s.h5ad")
+    assert samples.n_obs == 4 and (samples.obs["condition"] == "unconditional").all()
+    assert "guidance_check" not in summary and summary["conditions"] == []
+
+
+def test_changed_settings_do_not_resume_a_stale_checkpoint(synthetic, tmp_path):
+    from cellfoundry.diffusion_stage import load_diffusion, run_train
+
+    gene = {**SETTINGS, "token_space": "gene", "max_steps": 3}
+    run_train(synthetic / "filtered.h5ad", tmp_path / "a.ckpt", tmp_path / "train", gene, CONDITIONS, seed=0, device="cpu")
+    assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
+    latent = {**SETTINGS, "token_space": "latent", "max_steps": 3}
+    run_train(synthetic / "filtered.h5ad", tmp_path / "b.ckpt", tmp_path / "train", latent, CONDITIONS, seed=0, device="cpu",
+              latents_npy=synthetic / "latents.npy")
+    assert load_diffusion(tmp_path / "b.ckpt").payload["token_shape"] == [3, 8]

@@ -1,0 +1,64 @@
+# Diffusion stage: a conditional DiT trained on the train split, over the Xpressor latent tokens
+# (token_space: latent) or over all genes through a learned encoder/decoder (token_space: gene),
+# then samples decoded to expression with their condition labels, and a guidance check.
+
+
+# filtered.h5ad always; the Xpressor latents, checkpoint and gene vocabulary in the latent space.
+DIFFUSION_INPUTS = {"h5ad": "results/{dataset}/qc/filtered.h5ad"}
+if config["diffusion"]["token_space"] == "latent":
+    DIFFUSION_INPUTS.update(
+        latents="results/{dataset}/xpressor/latents.npy",
+        xpressor="results/{dataset}/xpressor/model.ckpt",
+        vocab=f"{SHARED}/vocab/gene_embeddings.pt",
+    )
+
+
+rule diffusion_train:
+    input:
+        **DIFFUSION_INPUTS,
+    output:
+        ckpt="results/{dataset}/diffusion/model.ckpt",
+    log:
+        "logs/{dataset}/diffusion_train.log",
+    params:
+        # training depends on everything but the sampling settings
+        settings={k: v for k, v in config["diffusion"].items() if k not in ("sample", "enabled")},
+        conditions=lambda wc: dataset_cfg(wc.dataset)["conditions"],
+        train_dir=lambda wc: f"results/{wc.dataset}/diffusion/train",
+        seed=config["seed"],
+        device=config["device"],
+    resources:
+        **gpu_resources("diffusion"),
+    threads: 2
+    conda:
+        "../../envs/gpu.yaml"
+    script:
+        "../../scripts/diffusion_train.py"
+
+
+rule diffusion_sample:
+    input:
+        **DIFFUSION_INPUTS,
+        ckpt="results/{dataset}/diffusion/model.ckpt",
+    output:
+        samples="results/{dataset}/diffusion/samples.h5ad",
+        summary=report(
+            "results/{dataset}/diffusion/summary.json",
+            caption="../report/diffusion_summary.rst",
+            category="5. Diffusion",
+            subcategory="{dataset}",
+            labels={"dataset": "{dataset}", "figure": "guidance check"},
+        ),
+    log:
+        "logs/{dataset}/diffusion_sample.log",
+    params:
+        sample=config["diffusion"]["sample"],
+        seed=config["seed"],
+        device=config["device"],
+    resources:
+        **gpu_resources("diffusion"),
+    threads: 2
+    conda:
+        "../../envs/gpu.yaml"
+    script:
+        "../../scripts/diffusion_sample.py"
