@@ -8,9 +8,17 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/qc.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/xpressor.smk"
+include: "workflow/rules/diffusion.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

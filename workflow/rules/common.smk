@@ -79,6 +79,21 @@ def gpu_resources(family):
     return out
 
 
+def vocab_path():
+    """The gene vocabulary: the SE model folder's protein_embeddings.pt when se.model_folder is
+    set, else the one rule build_vocab builds from the datasets."""
+    folder = config.get("se", {}).get("model_folder")
+    if folder:
+        return str(Path(folder) / "protein_embeddings.pt")
+    return f"{SHARED}/vocab/gene_embeddings.pt"
+
+
+# Outputs of the evaluate_* rules under results/{dataset}/eval/.
+EVAL_EMBEDDING_OUTPUTS = ["embeddings.tsv", "embeddings.json", "embeddings_metrics.png", "embeddings_umap.png"]
+EVAL_RECONSTRUCTION_OUTPUTS = ["reconstruction.tsv", "reconstruction.json", "reconstruction_metrics.png", "reconstruction_scatter.png"]
+EVAL_GENERATION_OUTPUTS = ["generation.tsv", "generation.json", "generation_metrics.png", "generation_umap.png"]
+
+
 def all_input():
     """Every enabled stage's final outputs, for `rule all`."""
     targets = []
@@ -89,5 +104,22 @@ def all_input():
             f"results/{ds}/qc/metrics.tsv",
             f"results/{ds}/qc/qc_distributions.png",
             f"results/{ds}/qc/counts_vs_genes.png",
+            f"results/{ds}/tokens",
+            f"results/{ds}/embed/se.h5ad",
+            f"results/{ds}/embed/random.h5ad",
+            f"results/{ds}/embed/knn_accuracy.json",
+            f"results/{ds}/embed/se_umap.png",
+            f"results/{ds}/embed/random_umap.png",
+            f"results/{ds}/xpressor/summary.json",
+            f"results/{ds}/xpressor/embedding.h5ad",
+            f"results/{ds}/xpressor/latents.npy",
         ]
+        # evaluation (evaluate.smk): embeddings and Xpressor reconstruction beside their baselines
+        targets += [f"results/{ds}/eval/{name}" for name in EVAL_EMBEDDING_OUTPUTS + EVAL_RECONSTRUCTION_OUTPUTS]
+        if config["diffusion"]["enabled"]:
+            targets += [
+                f"results/{ds}/diffusion/samples.h5ad",
+                f"results/{ds}/diffusion/summary.json",
+            ]
+            targets += [f"results/{ds}/eval/{name}" for name in EVAL_GENERATION_OUTPUTS]
     return targets
