@@ -26,7 +26,8 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        # Append: a retried job (e.g. after preemption) keeps the earlier attempt's lines.
+        handlers.append(logging.FileHandler(log_path, mode="a"))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
