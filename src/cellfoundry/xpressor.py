@@ -197,6 +197,13 @@ def autocast(device: str):
     return torch.autocast("cpu", enabled=False)
 
 
+def token_rows(data: CellData, lo: int, hi: int, device: str) -> tuple[Tensor, Tensor]:
+    """Token rows [lo:hi] of the memmapped tokens as (gene ids int64 [B, L], values [B, L])."""
+    ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
+    vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
+    return ids, vals
+
+
 @torch.inference_mode()
 def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str) -> BaseCache:
     """Run the frozen base once over all cells (inference mode), logging a rate line."""
@@ -208,8 +215,7 @@ def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batc
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
-        ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
-        vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
+        ids, vals = token_rows(data, lo, hi, device)
         with autocast(device):
             outputs, padding = base.encode(ids, vals, table)
         t, m, c = split_outputs(outputs, padding)
@@ -669,8 +675,7 @@ def encode_cells(
         out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, m, dx))
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
-            vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
+            ids, vals = token_rows(data, lo, hi, device)
             with autocast(device):
                 outputs, padding = base.encode(ids, vals, table)
                 tokens, mask, _ = split_outputs(outputs, padding)
