@@ -306,3 +306,58 @@ def test_se_fixture_sentence_multiset():
         assert [a for a, _ in got] == [a for a, _ in expected]
         np.testing.assert_allclose([b for _, b in got], [b for _, b in expected], rtol=1e-6)
         assert tok.values[i, 0] == pytest.approx(100 * x[3] / x.sum(), rel=1e-6)
+
+
+def test_tokenize_csr_writes_every_element_of_out():
+    X = synthetic()
+    vocab = vocab_for(X.shape[1])
+    l2g = vocab.lookup([f"G{i}" for i in range(X.shape[1])])
+    for method, L in (("se", 30), ("topk", 30), ("se", 80)):
+        ref = tokenize_csr(X, l2g, L, method, seed=1, row_offset=9)
+        gene_ids = np.full((X.shape[0], L), 12345, dtype=np.int32)  # garbage that must not survive
+        values = np.full((X.shape[0], L), np.nan, dtype=np.float32)
+        got = tokenize_csr(X, l2g, L, method, seed=1, row_offset=9, out=(gene_ids, values))
+        assert got.gene_ids is gene_ids and got.values is values
+        np.testing.assert_array_equal(gene_ids, ref.gene_ids)
+        np.testing.assert_array_equal(values.view(np.uint32), ref.values.view(np.uint32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        tokenize_csr(X, l2g, 8, out=(np.empty((X.shape[0], 9), np.int32)[:, :8], np.empty((X.shape[0], 8), np.float32)))
+
+
+@pytest.mark.parametrize("L", [16, 1030])
+def test_direct_and_plain_writes_give_the_same_files(tmp_path, monkeypatch, L):
+    """O_DIRECT for the aligned middle of each chunk (forced on small files here), plain writes
+    for the rest, out-of-order chunks from two workers: the same bytes as plain writes only."""
+    import cellfoundry.tokenize as tok
+
+    X = synthetic(n_cells=300, n_genes=60, seed=3)
+    adata = make_adata(X)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    vocab = vocab_for(X.shape[1])
+    monkeypatch.setattr(tok, "_DIRECT_MIN", 4096)
+    folders = []
+    for direct, chunk_size, workers in ((False, 300, 1), (True, 7, 1), (True, 64, 2), (True, 300, 1)):
+        monkeypatch.setattr(tok, "DIRECT_IO", direct)
+        out = tmp_path / f"t_{direct}_{chunk_size}_{workers}"
+        tokenize_h5ad(tmp_path / "cells.h5ad", out, vocab, L, "se", seed=4, chunk_size=chunk_size, workers=workers,
+                      min_coverage=0.5, dataset="toy")
+        folders.append(out)
+    for other in folders[1:]:
+        for name in ("gene_ids.npy", "values.npy", "n_expressed.npy"):
+            assert (other / name).read_bytes() == (folders[0] / name).read_bytes(), (other.name, name)
+    mem = tokenize_anndata(adata, vocab, L, "se", seed=4)
+    t = read_tokens(folders[1], vocab_hash=vocab.hash)
+    np.testing.assert_array_equal(t.gene_ids, mem.gene_ids)
+    np.testing.assert_array_equal(t.values.view(np.uint32), mem.values.view(np.uint32))
+
+
+def test_h5ad_coverage_error_names_a_better_var_column(tmp_path):
+    human = ["ACTB", "GAPDH", "CD3E", "CD19", "MS4A1", "LYZ", "NKG7", "PTPRC"]
+    ensembl = [f"ENSG{i:011d}" for i in range(8)]
+    X = np.random.default_rng(0).integers(0, 5, (10, 8)).astype(np.float32)
+    a = ad.AnnData(sp.csr_matrix(X), var=pd.DataFrame({"symbol": human}, index=ensembl))
+    a.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(UserError) as err:
+        tokenize_h5ad(tmp_path / "cells.h5ad", tmp_path / "tok", build_random_vocab(human, 4, 0), 8, dataset="mine")
+    assert "Ensembl" in str(err.value) and "'symbol'" in str(err.value)
+    assert not (tmp_path / "tok").exists()

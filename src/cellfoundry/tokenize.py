@@ -27,13 +27,14 @@ int32 [N] (plain .npy, memory-mappable), attrs.json, coverage.tsv.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,7 +57,6 @@ CLS_WEIGHT_LOCAL_INDEX = 3
 _U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TIE_MULT = np.uint32(0x9E3779B1)
-_U32_MAX = np.uint32(0xFFFFFFFF)
 _STREAM_TIES, _STREAM_FILL = 1, 2
 
 
@@ -129,10 +129,8 @@ class TokenChunk:
 
 
 def _as_csr(X) -> sp.csr_matrix:
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-    else:
-        X = sp.csr_matrix(np.asarray(X))
+    if not isinstance(X, sp.csr_matrix):  # a csr_matrix is used as it is (never written to)
+        X = sp.csr_matrix(X) if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
     if not X.has_sorted_indices:
         X = X.copy()
         X.sort_indices()
@@ -147,11 +145,14 @@ def tokenize_csr(
     seed: int = 0,
     row_offset: int = 0,
     target_sum: float = 1e4,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TokenChunk:
     """Tokenize cells `row_offset .. row_offset + n` of a dataset.
 
     X: [n, G] CSR (or dense) expression over the dataset's genes (raw counts or log1p values).
     local_to_global: int64 [G], vocabulary id of each dataset gene, -1 where absent.
+    out: optional (gene_ids int32 [n, length], values float32 [n, length]) to write the tokens
+    into (every element is overwritten); fresh arrays otherwise.
     """
     if method not in METHODS:
         raise UserError(f"tokenize.method '{method}' is unknown; use one of {', '.join(METHODS)}")
@@ -170,8 +171,17 @@ def tokenize_csr(
 
     indptr = X.indptr.astype(np.int64)
     nnz_row = np.diff(indptr)
-    rows = np.repeat(np.arange(n, dtype=np.int32), nnz_row)
-    data = np.maximum(X.data.astype(np.float32, copy=False), np.float32(0))
+    rows = None  # row of each stored entry, built only where a rare path needs it
+
+    def entry_rows() -> np.ndarray:
+        nonlocal rows
+        if rows is None:
+            rows = np.repeat(np.arange(n, dtype=np.int32), nnz_row)
+        return rows
+
+    data = X.data.astype(np.float32, copy=False)  # never written to: it may be the caller's array
+    if data.size and not data.min() >= 0:  # clip negatives (NaN kept as np.maximum keeps it)
+        data = np.maximum(data, np.float32(0))
 
     # Raw-count detection per cell over all its genes (before restricting to the vocabulary):
     # max > 35 or sum(expm1) > 5e6. expm1(max) <= sum <= nnz * expm1(max) settles most cells
@@ -185,32 +195,36 @@ def tokenize_csr(
     is_raw = (row_max > RAW_MAX) | (max_term > RAW_EXPM1_SUM)
     undecided = ~is_raw & (nnz_row * max_term > RAW_EXPM1_SUM)
     if undecided.any():
-        sel = undecided[rows]
+        sel = undecided[entry_rows()]
         with np.errstate(over="ignore"):
             expm1_sum = np.bincount(rows[sel], weights=np.expm1(data[sel].astype(np.float64)), minlength=n)
         is_raw |= expm1_sum > RAW_EXPM1_SUM
     if is_raw.all():
         x = np.log1p(data)
     elif is_raw.any():
-        x = np.where(is_raw[rows], np.log1p(data), data)
+        x = np.where(is_raw[entry_rows()], np.log1p(data), data)
     else:
         x = data
 
     total = float(data.sum(dtype=np.float64))
     if all_in_vocab:
         in_vocab = total
-        expressed = x > 0
-        if expressed.all():  # the usual CSR: only non-zeros stored, every gene in the vocabulary
+        if not x.size or x.min() > 0:  # the usual CSR: only non-zeros stored, every gene in the vocabulary
             expressed = slice(None)
-        erow, eloc, ex = rows[expressed], X.indices[expressed], x[expressed]
+            eloc, ex, n_pos = X.indices, x, nnz_row
+        else:
+            expressed = x > 0
+            eloc, ex = X.indices[expressed], x[expressed]
     else:
         keep = in_vocab_gene[X.indices]
         in_vocab = float(data[keep].sum(dtype=np.float64))
         expressed = keep & (x > 0)
         vocab_local = (np.cumsum(in_vocab_gene) - 1).astype(np.int32)  # dataset gene -> vocabulary-local
-        erow, eloc, ex = rows[expressed], vocab_local[X.indices[expressed]], x[expressed]
-    n_pos = nnz_row if isinstance(expressed, slice) else np.bincount(erow, minlength=n).astype(np.int64)
-    estart = np.concatenate([[0], np.cumsum(n_pos)])
+        eloc, ex = vocab_local[X.indices[expressed]], x[expressed]
+    if not isinstance(expressed, slice):
+        n_pos = np.bincount(entry_rows()[expressed], minlength=n).astype(np.int64)
+    estart = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_pos, out=estart[1:])
     cells = np.arange(row_offset, row_offset + n, dtype=np.int64)
 
     if method == "se":
@@ -224,51 +238,92 @@ def tokenize_csr(
     else:
         # topk: log1p of library-size-normalised counts (log input is mapped back to counts).
         data64 = data.astype(np.float64)
-        counts = np.where(is_raw[rows], data64, np.expm1(data64))
+        counts = np.where(is_raw[entry_rows()], data64, np.expm1(data64))
         library = np.bincount(rows, weights=counts, minlength=n)
         scale = np.divide(target_sum, library, out=np.zeros(n), where=library > 0)
-        rank_value = np.log1p(counts[expressed] * scale[erow]).astype(np.float32)
+        rank_value = np.log1p(counts[expressed] * np.repeat(scale, n_pos)).astype(np.float32)
+        del data64, counts
 
-    gene_ids = np.full((n, length), PAD_ID, dtype=np.int32)
-    values = np.zeros((n, length), dtype=np.float32)
-    gene_ids[:, 0] = CLS_ID
+    if out is None:
+        gene_ids = np.empty((n, length), dtype=np.int32)
+        values = np.empty((n, length), dtype=np.float32)
+    else:
+        gene_ids, values = out
+        if gene_ids.shape != (n, length) or values.shape != (n, length) or gene_ids.dtype != np.int32 \
+                or values.dtype != np.float32 or not (gene_ids.flags.c_contiguous and values.flags.c_contiguous):
+            raise ValueError(f"out must be C-contiguous int32 and float32 arrays of shape ({n}, {length})")
     width = int(n_pos.max()) if n else 0
-    if width:
-        # Rank each row: sort packed keys of a padded [n, width] array (padding = all ones sorts last).
-        gene_bits, tie_bits = key_layout(n_vocab)
-        eloc32 = eloc.view(np.uint32) if eloc.dtype == np.int32 else eloc.astype(np.uint32)
-        # low word = tie_keys(...) << gene_bits | local gene, computed in place on one array
-        low = gene_keys(seed, n_vocab).astype(np.uint32)[eloc32]
-        low ^= cell_keys(seed, cells, _STREAM_TIES).astype(np.uint32)[erow]
-        low *= _TIE_MULT
-        low &= np.uint32((0xFFFFFFFF << gene_bits) & 0xFFFFFFFF)
-        low |= eloc32
-        ranked = np.full((n, width), _U64_MAX, dtype=np.uint64)
-        words = ranked.view(np.uint32).reshape(n, width, 2)  # little-endian: [..., 0] low, [..., 1] high
-        filled = np.arange(width) < n_pos[:, None]
-        words[..., 1][filled] = np.invert(rank_value.view(np.uint32))  # 0xFFFFFFFF - value bits
-        words[..., 0][filled] = low
-        del low, filled
-        ranked.sort(axis=1)
-        W = min(width, L1)
-        top = ranked[:, :W].view(np.uint32).reshape(n, W, 2)
-        local_to_id = np.full(1 << gene_bits, PAD_ID, dtype=np.int32)
-        local_to_id[:n_vocab] = vocab_ids
-        gene_ids[:, 1 : 1 + W] = local_to_id[top[..., 0] & np.uint32((1 << gene_bits) - 1)]
-        top_val = (_U32_MAX - top[..., 1]).view(np.float32)  # padding decodes to 0.0
-        if method == "se":
-            denom = np.where(row_sum32 > 0, row_sum32, np.float32(1))[:, None]
-            values[:, 1 : 1 + W] = (top_val / denom) * np.float32(100)
-        else:
-            values[:, 1 : 1 + W] = top_val
+    W = min(width, L1)
+    gene_ids[:, 1 + W :] = PAD_ID
+    values[:, 1 + W :] = 0
+    if W:
+        _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, W, n_vocab, vocab_ids, seed, cells,
+                   row_sum32 if method == "se" else None)
+    gene_ids[:, 0] = CLS_ID
+    values[:, 0] = 0
 
     if method == "se":
-        _se_fill(gene_ids, values, seed, cells, n_pos, estart, erow, eloc, ex, row_sum32, vocab_ids, L1)
+        _se_fill(gene_ids, values, seed, cells, n_pos, estart, eloc, ex, row_sum32, vocab_ids, L1)
 
     return TokenChunk(gene_ids, values, n_pos.astype(np.int32), total, in_vocab)
 
 
-def _se_fill(gene_ids, values, seed, cells, n_pos, estart, erow, eloc, ex, row_sum32, vocab_ids, L1) -> None:
+def _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, W, n_vocab, vocab_ids, seed, cells,
+               row_sum32) -> None:
+    """Slots 1..W of every row: the expressed genes ranked by value, tie key, local gene index.
+
+    One uint64 key per entry (high word: inverted float32 bits of the value; low word: tie key |
+    local gene index, see key_layout) is scattered into a padded [n, width] array (padding = all
+    ones, sorts last) whose rows NumPy sorts with its SIMD sort. Slots whose row has fewer genes
+    decode to PAD_ID / 0.0."""
+    n = len(n_pos)
+    gene_bits, _ = key_layout(n_vocab)
+    eloc32 = eloc.view(np.uint32) if eloc.dtype == np.int32 else eloc.astype(np.uint32)
+    # low word = tie_keys(cell key, gene key) << gene_bits | local gene, computed in place on one array
+    low = _gene_keys32(seed, n_vocab)[eloc32.astype(np.intp)]
+    low ^= np.repeat(cell_keys(seed, cells, _STREAM_TIES).astype(np.uint32), n_pos)
+    low *= _TIE_MULT
+    low &= np.uint32((0xFFFFFFFF << gene_bits) & 0xFFFFFFFF)
+    low |= eloc32
+    key = np.empty(len(low), dtype=np.uint64)
+    words = key.view(np.uint32).reshape(-1, 2)  # little-endian: [:, 0] low word, [:, 1] high word
+    words[:, 0] = low
+    del low
+    np.invert(rank_value.view(np.uint32), out=words[:, 1])  # 0xFFFFFFFF - value bits: descending
+    del words
+    # Column 0 is a spare slot in front of each row, so that the decoded block [:, :1 + W] lines
+    # up with the output rows (contiguous when W = L - 1, the usual case).
+    ranked = np.full((n, 1 + width), _U64_MAX, dtype=np.uint64)
+    ranked[:, 1:][np.arange(width) < n_pos[:, None]] = key
+    del key
+    ranked[:, 1:].sort(axis=1)
+    words = ranked.view(np.uint32).reshape(n, 1 + width, 2)[:, : 1 + W]  # [..., 0] low, [..., 1] high word
+    local_to_id = np.full(1 << gene_bits, PAD_ID, dtype=np.int32)
+    local_to_id[:n_vocab] = vocab_ids
+    if gene_bits == 16:  # the low 16 bits are the local gene index
+        gene_idx = ranked.view(np.uint16).reshape(n, 1 + width, 4)[:, : 1 + W, 0].astype(np.intp)
+    else:
+        gene_idx = (words[..., 0] & np.uint32((1 << gene_bits) - 1)).astype(np.intp)
+    np.take(local_to_id, gene_idx, out=gene_ids[:, : 1 + W], mode="clip")
+    del gene_idx
+    # The value's float32 bits are the inverted high word (padding decodes to 0.0).
+    np.invert(words[..., 1], out=values[:, : 1 + W].view(np.uint32))
+    if row_sum32 is not None:  # se: 100 * w, w = x / sum(x) in float32
+        denom = np.where(row_sum32 > 0, row_sum32, np.float32(1))[:, None]
+        block = values[:, : 1 + W]
+        np.divide(block, denom, out=block)
+        np.multiply(block, np.float32(100), out=block)
+
+
+@functools.lru_cache(maxsize=8)
+def _gene_keys32(seed: int, n_genes: int) -> np.ndarray:
+    """Low 32 bits of gene_keys (the part the tie key uses); cached per (seed, genes)."""
+    keys = gene_keys(seed, n_genes).astype(np.uint32)
+    keys.flags.writeable = False
+    return keys
+
+
+def _se_fill(gene_ids, values, seed, cells, n_pos, estart, eloc, ex, row_sum32, vocab_ids, L1) -> None:
     """SE's filler genes and CLS-slot value, in place (weights float32: x / sum, as SE computes)."""
     n = len(cells)
     n_vocab = len(vocab_ids)
@@ -277,11 +332,15 @@ def _se_fill(gene_ids, values, seed, cells, n_pos, estart, erow, eloc, ex, row_s
     empty = row_sum32 <= 0  # SE uses softmax of all-zero x: uniform weights
     uniform = np.float32(1) / np.float32(n_vocab)
 
-    # CLS value: 100 * w[vocabulary-local gene 3].
+    # CLS value: 100 * w[vocabulary-local gene 3]. A row's local indices ascend, so gene 3 is one
+    # of its first four entries when it is expressed.
     if n_vocab > CLS_WEIGHT_LOCAL_INDEX:
-        hit = eloc == CLS_WEIGHT_LOCAL_INDEX
         cls_w = np.zeros(n, dtype=np.float32)
-        cls_w[erow[hit]] = ex[hit] / row_sum32[erow[hit]]
+        for k in range(CLS_WEIGHT_LOCAL_INDEX + 1):
+            pos = estart[:-1] + k
+            ok = np.flatnonzero(k < n_pos)
+            hit = ok[eloc[pos[ok]] == CLS_WEIGHT_LOCAL_INDEX]
+            cls_w[hit] = ex[pos[hit]] / row_sum32[hit]
         cls_w[empty] = uniform
         values[:, 0] = cls_w * np.float32(100)
 
@@ -294,22 +353,36 @@ def _se_fill(gene_ids, values, seed, cells, n_pos, estart, erow, eloc, ex, row_s
     frow = np.repeat(np.arange(n), need)
     fslot = np.arange(total_need) - np.repeat(np.cumsum(need) - need, need)
     r = filler_draws(cell_keys(seed, cells, _STREAM_FILL)[frow], fslot, n_unexpressed[frow])
-    # r-th unexpressed local gene = r + #{expressed e_j (ascending, j-th in its row) with e_j - j <= r}.
+    # The r-th unexpressed local gene is r + c, c = #{expressed e_j of the row: e_j - j <= r}
+    # (j: e_j's position in its row; e_j - j, the number of unexpressed genes below e_j, does not
+    # decrease along a row). One searchsorted over the chunk answers every draw: shifted_j =
+    # row * span + e_j - j is non-decreasing over the whole chunk, the query is row * span + r.
+    # Queries are searched in ascending order (much faster), so each row's draws are sorted first,
+    # with their slot packed in the low bits (a row-wise SIMD sort of a small padded array).
+    slot_bits = int(L1).bit_length()
+    kdtype = np.int32 if int(n_vocab).bit_length() + slot_bits <= 31 else np.int64
+    in_row = np.arange(int(need.max())) < need[:, None]
+    packed = np.full(in_row.shape, np.iinfo(kdtype).max, dtype=kdtype)
+    packed[in_row] = (r << slot_bits) | fslot
+    packed.sort(axis=1)
+    packed = packed[in_row]  # row by row, as frow
+    r = (packed >> slot_bits).astype(np.int64)
+    fslot = (packed & ((1 << slot_bits) - 1)).astype(np.int64)
+    del packed, in_row
     span = n_vocab + 1
-    # shifted_j = row * span + e_j - j_in_row: non-decreasing over the whole chunk.
     itype = np.int32 if (n + 1) * span + len(eloc) < 2**31 else np.int64
-    row_base = (np.arange(n, dtype=np.int64) * span + estart[:-1]).astype(itype)
-    shifted = eloc.astype(itype, copy=True)
-    shifted -= np.arange(len(eloc), dtype=itype)
-    shifted += row_base[erow]
-    queries = (frow * span + r).astype(itype)
-    order = np.argsort(queries, kind="stable")  # sorted queries keep the binary searches cache-local
-    count = np.empty(total_need, dtype=np.int64)
-    count[order] = np.searchsorted(shifted, queries[order], side="right")
+    shifted = np.arange(len(eloc), dtype=itype)
+    np.subtract(eloc, shifted, out=shifted)
+    shifted += np.repeat((np.arange(n, dtype=np.int64) * span + estart[:-1]).astype(itype), n_pos)
+    count = np.searchsorted(shifted, (frow * span + r).astype(itype), side="right")
+    del shifted
     count -= estart[frow]
     filler_loc = r + count
-    gene_ids[frow, 1 + n_pos[frow] + fslot] = vocab_ids[filler_loc]
-    values[frow, 1 + n_pos[frow] + fslot] = np.where(empty[frow], uniform * np.float32(100), np.float32(0))
+    flat = frow * gene_ids.shape[1] + 1 + n_pos[frow] + fslot
+    gene_ids.reshape(-1)[flat] = vocab_ids[filler_loc]
+    fill_empty = empty[frow]
+    if fill_empty.any():  # other filler slots keep the 0.0 their padding decoded to
+        values.reshape(-1)[flat[fill_empty]] = uniform * np.float32(100)
 
 
 # ---------------------------------------------------------------------------- whole datasets
@@ -346,10 +419,13 @@ def coverage_row(name: str, match: GeneMatch, vocab: GeneVocab, total: float, in
 
 
 def check_coverage(row: dict[str, Any], min_coverage: float, match: GeneMatch, vocab: GeneVocab,
-                   var_columns: dict[str, Sequence] | None = None) -> None:
-    """Raise UserError when too few counts fall on vocabulary genes, saying why."""
+                   var_columns: dict[str, Sequence] | Callable[[], dict[str, Sequence]] | None = None) -> None:
+    """Raise UserError when too few counts fall on vocabulary genes, saying why (var_columns, or a
+    function returning them, feed the explanation)."""
     covered = row["fraction_counts_covered"]
     if match.n_matched == 0 or covered < min_coverage:
+        if callable(var_columns):
+            var_columns = var_columns()
         raise UserError(
             f"dataset '{row['dataset']}': only {match.n_matched} of {match.n_genes} genes are in the vocabulary "
             f"({covered:.1%} of counts, below tokenize.min_coverage = {min_coverage:.0%}). "
@@ -369,8 +445,9 @@ def tokenize_anndata(adata, vocab: GeneVocab, length: int, method: str = "se", s
     total = in_vocab = 0.0
     for start in range(0, N, chunk_size):
         stop = min(start + chunk_size, N)
-        chunk = tokenize_csr(adata.X[start:stop], match.local_to_global, length, method, seed, start, target_sum)
-        gene_ids[start:stop], values[start:stop], n_expressed[start:stop] = chunk.gene_ids, chunk.values, chunk.n_expressed
+        chunk = tokenize_csr(adata.X[start:stop], match.local_to_global, length, method, seed, start, target_sum,
+                             out=(gene_ids[start:stop], values[start:stop]))
+        n_expressed[start:stop] = chunk.n_expressed
         total += chunk.total
         in_vocab += chunk.in_vocab
     row = coverage_row(name, match, vocab, total, in_vocab)
@@ -406,69 +483,203 @@ def _string_columns(var) -> dict[str, Sequence]:
 _ARRAYS = ("gene_ids", "values", "n_expressed")
 
 
+def _var_names(path: str | os.PathLike) -> list[str] | None:
+    """The var index (gene symbols) of an h5ad in anndata's dataframe encoding, read with h5py
+    alone (importing anndata costs more than reading); None for any other layout."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        var = f.get("var")
+        if not isinstance(var, h5py.Group) or var.attrs.get("encoding-type") != "dataframe":
+            return None
+        index = var.get(str(var.attrs.get("_index", "_index")))
+        if not isinstance(index, h5py.Dataset) or index.attrs.get("encoding-type") != "string-array":
+            return None
+        return index.asstr()[()].tolist()
+
+
+# Token rows are written with O_DIRECT where the file system takes it: the page-aligned part of
+# each chunk goes from the chunk's buffer straight to the file, without a copy into fresh page-cache
+# pages (on the VMs measured, first touches of fresh memory cost more than tokenizing). Set to False
+# to write everything through the page cache; the files are the same.
+DIRECT_IO = True
+_ALIGN = 4096  # O_DIRECT alignment of file offsets, lengths and memory (every Linux file system takes 4 KiB)
+_DIRECT_MIN = 1 << 16  # smaller writes go through the page cache
+
+
 class _CountsReader:
-    """Rows [a:b] of an h5ad's X without loading obs/var (h5py + anndata's backed sparse
-    dataset), so memory stays flat whatever the number of cells."""
+    """Rows [a:b] of an h5ad's X without loading obs/var, so memory stays flat whatever the number
+    of cells. A CSR X is read with h5py as two contiguous slices (data, indices) of the rows."""
 
     def __init__(self, path: str | os.PathLike):
-        import anndata as ad
         import h5py
 
         self.file = h5py.File(path, "r")
         X = self.file["X"]
-        self.X = ad.io.sparse_dataset(X) if isinstance(X, h5py.Group) else X
-        self.n_obs = int(self.X.shape[0])
+        self.csr = isinstance(X, h5py.Group) and X.attrs.get("encoding-type") == "csr_matrix"
+        if self.csr:
+            self.data, self.indices = X["data"], X["indices"]
+            self.indptr = X["indptr"]
+            self.shape = tuple(int(s) for s in X.attrs["shape"])
+            self.X = None
+        else:  # csc or dense: anndata's backed access
+            import anndata as ad
+
+            self.X = ad.io.sparse_dataset(X) if isinstance(X, h5py.Group) else X
+            self.shape = tuple(int(s) for s in self.X.shape)
+        self.n_obs = self.shape[0]
 
     def rows(self, start: int, stop: int):
-        return self.X[start:stop]
+        if not self.csr:
+            return self.X[start:stop]
+        indptr = self.indptr[start : stop + 1].astype(np.int64)
+        a, b = int(indptr[0]), int(indptr[-1])
+        indptr -= a
+        data = self.data[a:b] if b > a else np.zeros(0, dtype=self.data.dtype)
+        indices = self.indices[a:b] if b > a else np.zeros(0, dtype=self.indices.dtype)
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.shape[1]))
 
     def close(self) -> None:
         self.file.close()
+
+
+class _RowWriter:
+    """Writes chunks of token rows at their place in the pre-sized .npy files of a tokens folder
+    (plain positional writes: nothing mapped, nothing held after a call). With DIRECT_IO, the
+    4 KiB-aligned middle of each chunk is written with O_DIRECT from the chunk's own buffer
+    (`buffers` places the rows so that their file-aligned bytes are memory-aligned), the few
+    bytes before and after it through the page cache; any O_DIRECT refusal falls back to plain
+    writes."""
+
+    def __init__(self, out_dir: str | os.PathLike, offsets: dict[str, int], length: int):
+        self.offsets, self.length = offsets, length
+        paths = {name: Path(out_dir) / f"{name}.npy" for name in _ARRAYS}
+        self.fd = {name: os.open(p, os.O_WRONLY) for name, p in paths.items()}
+        self.direct: dict[str, int] = {}
+        if DIRECT_IO and hasattr(os, "O_DIRECT"):
+            for name in ("gene_ids", "values"):
+                try:
+                    self.direct[name] = os.open(paths[name], os.O_WRONLY | os.O_DIRECT)
+                except OSError:
+                    break
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def buffers(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gene_ids, values) arrays [n, length] for rows start.. (reused from call to call)."""
+        out = []
+        for name, dtype in (("gene_ids", np.int32), ("values", np.float32)):
+            nbytes = n * self.length * 4
+            buf = self._buffers.get(name)
+            if buf is None or buf.nbytes < nbytes + 2 * _ALIGN:
+                buf = self._buffers[name] = np.empty(nbytes + 2 * _ALIGN, dtype=np.uint8)
+            at = (-buf.ctypes.data) % _ALIGN + (self.offsets[name] + start * self.length * 4) % _ALIGN
+            out.append(buf[at : at + nbytes].view(dtype).reshape(n, self.length))
+        return out[0], out[1]
+
+    def write(self, start: int, chunk: TokenChunk) -> None:
+        for name in _ARRAYS:
+            arr = np.ascontiguousarray(getattr(chunk, name))
+            row_bytes = arr.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
+            self._write(name, arr, self.offsets[name] + start * row_bytes)
+
+    def _write(self, name: str, arr: np.ndarray, pos: int) -> None:
+        view = memoryview(arr).cast("B")
+        fd = self.direct.get(name)
+        a0 = -(-pos // _ALIGN) * _ALIGN  # the aligned middle [a0, a1) of [pos, pos + len)
+        a1 = (pos + len(view)) // _ALIGN * _ALIGN
+        if fd is not None and a1 - a0 >= _DIRECT_MIN and (arr.ctypes.data + a0 - pos) % _ALIGN == 0:
+            try:
+                _pwrite_all(fd, view[a0 - pos : a1 - pos], a0)
+            except OSError:  # this file system wants something else: plain writes from now on
+                os.close(self.direct.pop(name))
+            else:
+                _pwrite_all(self.fd[name], view[: a0 - pos], pos)
+                _pwrite_all(self.fd[name], view[a1 - pos :], a1)
+                return
+        _pwrite_all(self.fd[name], view, pos)
+
+    def close(self) -> None:
+        for fd in (*self.fd.values(), *self.direct.values()):
+            os.close(fd)
+        self.fd, self.direct, self._buffers = {}, {}, {}
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, pos)
+        view, pos = view[written:], pos + written
 
 
 _WORKER: dict[str, Any] = {}
 
 
 def _keep_freed_memory() -> None:
-    """Ask glibc to reuse freed chunk buffers instead of returning them to the OS after every
-    chunk: the page faults of fresh mappings otherwise cost about a third of the CPU time."""
+    """Ask glibc to keep freed chunk buffers for the next chunk instead of returning them to the
+    OS: fresh pages (page faults, zeroing) otherwise cost about a third of the CPU time."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc maximum): chunk arrays from the heap
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc maximum)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: arrays above the threshold from the heap too
     except (OSError, AttributeError):  # not glibc: the defaults only cost speed
         pass
 
 
-def _worker_init(path: str) -> None:
+def _worker_init(path: str, out_dir: str, offsets: dict[str, int], length: int) -> None:
     _keep_freed_memory()
     _WORKER["reader"] = _CountsReader(path)
+    _WORKER["writer"] = _RowWriter(out_dir, offsets, length)
+
+
+def _worker_close() -> None:
+    _WORKER.pop("reader").close()
+    _WORKER.pop("writer").close()
 
 
 def _worker_chunk(args) -> tuple[int, int, float, float]:
     """Tokenize rows [start, stop) of the worker's open h5ad and write them in place."""
-    out_dir, offsets, start, stop, local_to_global, length, method, seed, target_sum = args
-    chunk = tokenize_csr(_WORKER["reader"].rows(start, stop), local_to_global, length, method, seed, start, target_sum)
-    _write_rows(out_dir, offsets, start, chunk)
+    start, stop, local_to_global, length, method, seed, target_sum = args
+    reader, writer = _WORKER["reader"], _WORKER["writer"]
+    chunk = _tokenize_rows(reader.rows(start, stop), start, local_to_global, length, method, seed, target_sum,
+                           out=writer.buffers(start, stop - start))
+    writer.write(start, chunk)
     return start, stop, chunk.total, chunk.in_vocab
 
 
-def _write_rows(out_dir: str | Path, offsets: dict[str, int], start: int, chunk: TokenChunk) -> None:
-    """Write a chunk's rows at their place in each .npy (plain positional writes: no page
-    faults of a writable mapping, nothing held in memory after the call)."""
-    for name in _ARRAYS:
-        arr = np.ascontiguousarray(getattr(chunk, name))
-        row_bytes = arr.itemsize * (arr.shape[1] if arr.ndim == 2 else 1)
-        fd = os.open(Path(out_dir) / f"{name}.npy", os.O_WRONLY)
-        try:
-            view, pos = memoryview(arr).cast("B"), offsets[name] + start * row_bytes
-            while view:
-                written = os.pwrite(fd, view, pos)
-                view, pos = view[written:], pos + written
-        finally:
-            os.close(fd)
+def _tokenize_rows(X, start, local_to_global, length, method, seed, target_sum, out=None) -> TokenChunk:
+    """tokenize_csr of a chunk read whole, _BLOCK_CELLS rows at a time (the temporaries of a block
+    stay small and warm in cache; the tokens do not depend on it), into `out` if given."""
+    X = _as_csr(X)
+    n = X.shape[0]
+    if out is None:
+        out = np.empty((n, length), dtype=np.int32), np.empty((n, length), dtype=np.float32)
+    gene_ids, values = out
+    n_expressed = np.empty(n, dtype=np.int32)
+    total = in_vocab = 0.0
+    for a in range(0, n, _BLOCK_CELLS):
+        b = min(a + _BLOCK_CELLS, n)
+        block = tokenize_csr(_csr_rows(X, a, b), local_to_global, length, method, seed, start + a, target_sum,
+                             out=(gene_ids[a:b], values[a:b]))
+        n_expressed[a:b] = block.n_expressed
+        total, in_vocab = total + block.total, in_vocab + block.in_vocab
+    return TokenChunk(gene_ids, values, n_expressed, total, in_vocab)
+
+
+_BLOCK_CELLS = 512
+
+
+def _csr_rows(X: sp.csr_matrix, a: int, b: int) -> sp.csr_matrix:
+    """Rows [a, b) of a CSR matrix as views of its data and indices (scipy's slicing copies)."""
+    if a == 0 and b == X.shape[0]:
+        return X
+    p, q = int(X.indptr[a]), int(X.indptr[b])
+    rows = sp.csr_matrix((b - a, X.shape[1]), dtype=X.dtype)
+    # Set directly: the constructor would copy views that are much smaller than their base.
+    rows.data, rows.indices, rows.indptr = X.data[p:q], X.indices[p:q], X.indptr[a : b + 1] - p
+    rows.has_sorted_indices = X.has_sorted_indices
+    return rows
 
 
 def tokenize_h5ad(
@@ -492,17 +703,25 @@ def tokenize_h5ad(
     """
     if method not in METHODS:
         raise UserError(f"tokenize.method '{method}' is unknown; use one of {', '.join(METHODS)}")
-    var = read_var(path)
-    match = match_genes(var.index, vocab)
-    var_columns = _string_columns(var)
-    del var
+    _keep_freed_memory()
+    var_names = _var_names(path)
+    if var_names is None:  # another layout of var: anndata reads it
+        var = read_var(path)
+        var_names, columns = var.index, _string_columns(var)
+        del var
+        var_columns = lambda: columns  # noqa: E731
+    else:  # the other var columns only matter to explain a poor match
+        var_columns = lambda: _string_columns(read_var(path))  # noqa: E731
+    match = match_genes(var_names, vocab)
+    del var_names
     reader = _CountsReader(path)
     try:
         N = reader.n_obs
         if N == 0:
             raise UserError(f"{path} holds no cells; check the QC thresholds of dataset '{dataset}'")
         # Fail fast on a vocabulary mismatch, judged on the first chunk (kept and written below).
-        first = tokenize_csr(reader.rows(0, min(chunk_size, N)), match.local_to_global, length, method, seed, 0, target_sum)
+        first = _tokenize_rows(reader.rows(0, min(chunk_size, N)), 0, match.local_to_global, length, method, seed,
+                               target_sum)
     finally:
         reader.close()
     check_coverage(coverage_row(dataset, match, vocab, first.total, first.in_vocab),
@@ -519,31 +738,36 @@ def tokenize_h5ad(
             mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
             offsets[name] = mm.offset
             del mm
-        _write_rows(tmp, offsets, 0, first)
         done = len(first.n_expressed)
         total, in_vocab = first.total, first.in_vocab
-        del first
-        jobs = [(str(tmp), offsets, s, min(s + chunk_size, N), match.local_to_global, length, method, seed, target_sum)
+        jobs = [(s, min(s + chunk_size, N), match.local_to_global, length, method, seed, target_sum)
                 for s in range(done, N, chunk_size)]
+        init_args = (str(path), str(tmp), offsets, length)
         t0 = last = time.perf_counter()
         if workers > 1:
             import multiprocessing as mp
 
+            writer = _RowWriter(tmp, offsets, length)
+            writer.write(0, first)
+            writer.close()
+            del first
             # fork: a rule script has no __main__ guard, so spawned children would re-run it.
             method_name = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method_name).Pool(workers, initializer=_worker_init, initargs=(str(path),)) as pool:
+            with mp.get_context(method_name).Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
                 for start, stop, t, v in pool.imap_unordered(_worker_chunk, jobs):
                     total, in_vocab, done = total + t, in_vocab + v, done + stop - start
                     last = _progress(done, N, t0, last)
         else:
-            _worker_init(str(path))
+            _worker_init(*init_args)
             try:
+                _WORKER["writer"].write(0, first)
+                del first
                 for job in jobs:
                     start, stop, t, v = _worker_chunk(job)
                     total, in_vocab, done = total + t, in_vocab + v, done + stop - start
                     last = _progress(done, N, t0, last)
             finally:
-                _WORKER.pop("reader").close()
+                _worker_close()
         row = coverage_row(dataset, match, vocab, total, in_vocab)
         check_coverage(row, min_coverage, match, vocab, var_columns)
         _write_tsv(tmp / "coverage.tsv", [row])
