@@ -253,12 +253,12 @@ def tokenize_csr(
                 or values.dtype != np.float32 or not (gene_ids.flags.c_contiguous and values.flags.c_contiguous):
             raise ValueError(f"out must be C-contiguous int32 and float32 arrays of shape ({n}, {length})")
     width = int(n_pos.max()) if n else 0
-    W = min(width, L1)
-    gene_ids[:, 1 + W :] = PAD_ID
-    values[:, 1 + W :] = 0
-    if W:
-        _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, W, n_vocab, vocab_ids, seed, cells,
+    if width:
+        _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, n_vocab, vocab_ids, seed, cells,
                    row_sum32 if method == "se" else None)
+    else:
+        gene_ids.fill(PAD_ID)
+        values.fill(0)
     gene_ids[:, 0] = CLS_ID
     values[:, 0] = 0
 
@@ -268,15 +268,15 @@ def tokenize_csr(
     return TokenChunk(gene_ids, values, n_pos.astype(np.int32), total, in_vocab)
 
 
-def _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, W, n_vocab, vocab_ids, seed, cells,
+def _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, n_vocab, vocab_ids, seed, cells,
                row_sum32) -> None:
-    """Slots 1..W of every row: the expressed genes ranked by value, tie key, local gene index.
+    """Slots 1.. of every row: the expressed genes ranked by value, tie key, local gene index;
+    PAD_ID / 0.0 after them (slot 0 is left to the caller).
 
     One uint64 key per entry (high word: inverted float32 bits of the value; low word: tie key |
     local gene index, see key_layout) is scattered into a padded [n, width] array (padding = all
-    ones, sorts last) whose rows NumPy sorts with its SIMD sort. Slots whose row has fewer genes
-    decode to PAD_ID / 0.0."""
-    n = len(n_pos)
+    ones, sorts last and decodes to PAD_ID / 0.0) whose rows NumPy sorts with its SIMD sort."""
+    n, length = gene_ids.shape
     gene_bits, _ = key_layout(n_vocab)
     eloc32 = eloc.view(np.uint32) if eloc.dtype == np.int32 else eloc.astype(np.uint32)
     # low word = tie_keys(cell key, gene key) << gene_bits | local gene, computed in place on one array
@@ -291,28 +291,28 @@ def _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, W, n_vocab, voc
     del low
     np.invert(rank_value.view(np.uint32), out=words[:, 1])  # 0xFFFFFFFF - value bits: descending
     del words
-    # Column 0 is a spare slot in front of each row, so that the decoded block [:, :1 + W] lines
-    # up with the output rows (contiguous when W = L - 1, the usual case).
-    ranked = np.full((n, 1 + width), _U64_MAX, dtype=np.uint64)
-    ranked[:, 1:][np.arange(width) < n_pos[:, None]] = key
+    # Row i of `ranked` lines up with output row i: column 0 stands for the CLS slot, the keys sort
+    # in columns 1..width, and padding columns reach at least the sentence length, so the first
+    # `length` columns decode straight into the (contiguous) output rows.
+    ranked = np.full((n, 1 + max(width, length - 1)), _U64_MAX, dtype=np.uint64)
+    ranked[:, 1 : 1 + width][np.arange(width) < n_pos[:, None]] = key
     del key
-    ranked[:, 1:].sort(axis=1)
-    words = ranked.view(np.uint32).reshape(n, 1 + width, 2)[:, : 1 + W]  # [..., 0] low, [..., 1] high word
+    ranked[:, 1 : 1 + width].sort(axis=1)
+    top = ranked[:, :length]
     local_to_id = np.full(1 << gene_bits, PAD_ID, dtype=np.int32)
     local_to_id[:n_vocab] = vocab_ids
     if gene_bits == 16:  # the low 16 bits are the local gene index
-        gene_idx = ranked.view(np.uint16).reshape(n, 1 + width, 4)[:, : 1 + W, 0].astype(np.intp)
+        gene_idx = top.view(np.uint16)[..., ::4].astype(np.intp)
     else:
-        gene_idx = (words[..., 0] & np.uint32((1 << gene_bits) - 1)).astype(np.intp)
-    np.take(local_to_id, gene_idx, out=gene_ids[:, : 1 + W], mode="clip")
+        gene_idx = (top.view(np.uint32)[..., ::2] & np.uint32((1 << gene_bits) - 1)).astype(np.intp)
+    np.take(local_to_id, gene_idx, out=gene_ids, mode="clip")
     del gene_idx
     # The value's float32 bits are the inverted high word (padding decodes to 0.0).
-    np.invert(words[..., 1], out=values[:, : 1 + W].view(np.uint32))
+    np.invert(top.view(np.uint32)[..., 1::2], out=values.view(np.uint32))
     if row_sum32 is not None:  # se: 100 * w, w = x / sum(x) in float32
         denom = np.where(row_sum32 > 0, row_sum32, np.float32(1))[:, None]
-        block = values[:, : 1 + W]
-        np.divide(block, denom, out=block)
-        np.multiply(block, np.float32(100), out=block)
+        np.divide(values, denom, out=values)
+        np.multiply(values, np.float32(100), out=values)
 
 
 @functools.lru_cache(maxsize=8)
