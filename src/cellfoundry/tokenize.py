@@ -19,7 +19,10 @@ gene or slot), so the tokens of a cell do not depend on chunk size or worker cou
 
 Everything is vectorised over chunks of a CSR matrix: no per-cell Python loop. Ranking packs
 (expression bits, tie key, local gene index) into one uint64 per entry and sorts the rows of a
-padded 2-D array, which NumPy does with SIMD sorts.
+padded 2-D array, which NumPy does with SIMD sorts (about half of the CPU time); fillers are
+found with one searchsorted per block of cells. tokenize_h5ad reads a chunk of X with h5py,
+tokenizes it in blocks of _BLOCK_CELLS cells into reused buffers, and writes the rows in place
+(O_DIRECT where possible, see DIRECT_IO); benchmarks/bench_tokenize.py measures it.
 
 On disk (``tokens/``): gene_ids.npy int32 [N, L], values.npy float32 [N, L], n_expressed.npy
 int32 [N] (plain .npy, memory-mappable), attrs.json, coverage.tsv.
@@ -613,16 +616,23 @@ def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
 _WORKER: dict[str, Any] = {}
 
 
-def _keep_freed_memory() -> None:
+def _keep_freed_memory(keep: bool = True) -> None:
     """Ask glibc to keep freed chunk buffers for the next chunk instead of returning them to the
-    OS: fresh pages (page faults, zeroing) otherwise cost about a third of the CPU time."""
+    OS: fresh pages (page faults, zeroing) otherwise cost about a third of the CPU time.
+    keep=False restores glibc's defaults and hands the kept memory back."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc maximum)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
-        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: arrays above the threshold from the heap too
+        if keep:
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc maximum)
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+            libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: arrays above the threshold from the heap too
+        else:
+            libc.mallopt(-4, 65536)
+            libc.mallopt(-3, 128 << 10)
+            libc.mallopt(-1, 128 << 10)
+            libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the defaults only cost speed
         pass
 
@@ -698,12 +708,21 @@ def tokenize_h5ad(
 ) -> dict[str, Any]:
     """Tokenize an h5ad file out of core into `out_dir` (written atomically); returns the coverage row.
 
-    The h5ad is read in backed mode, `chunk_size` cells at a time, so memory does not grow with
+    The h5ad is read `chunk_size` cells at a time (X only, with h5py), so memory does not grow with
     the number of cells; `workers` > 1 tokenizes chunks in that many processes (same output).
     """
     if method not in METHODS:
         raise UserError(f"tokenize.method '{method}' is unknown; use one of {', '.join(METHODS)}")
-    _keep_freed_memory()
+    _keep_freed_memory()  # for the whole call (worker processes inherit it); restored after
+    try:
+        return _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, workers, min_coverage,
+                              target_sum, dataset, source_hash)
+    finally:
+        _keep_freed_memory(False)
+
+
+def _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, workers, min_coverage, target_sum,
+                   dataset, source_hash) -> dict[str, Any]:
     var_names = _var_names(path)
     if var_names is None:  # another layout of var: anndata reads it
         var = read_var(path)
