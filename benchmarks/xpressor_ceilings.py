@@ -1,0 +1,83 @@
+"""What a perfect linear read-out could reconstruct from each input of the Xpressor comparison.
+
+Issue 5 asks Xpressor to reconstruct held-out cells better than decoders trained on one pooled
+vector (CLS, mean of gene tokens). This prints, on a finished demo run, the held-out per-cell
+Pearson and MSE (log1p-normalised, all decoded genes) of ridge regressions fitted on the train
+split from:
+
+- the pooled vectors the baselines see (CLS, mean of the SE gene-token outputs);
+- smooth set features of the gene tokens (mean of random ReLU features), a proxy for what soft
+  attention pooling extracts without gene-sharp attention;
+- which genes the cell expresses (binary, all genes), the information the gene tokens carry;
+- and, for scale, the per-cell-type mean profile and PCA-k reconstructions.
+
+    python benchmarks/xpressor_ceilings.py --results results
+
+The trained models' own figures are in results/<dataset>/xpressor/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge
+
+from cellfoundry.xpressor import _load_base, compute_base_cache, load_cell_data, reconstruction_metrics
+
+
+def ridge_scores(features: np.ndarray, target: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:
+    """Best held-out metrics of a ridge read-out over a few penalties."""
+    best = None
+    for alpha in (1.0, 10.0, 100.0):
+        pred = Ridge(alpha=alpha).fit(features[train], target[train]).predict(features[test])
+        scores = reconstruction_metrics(pred, target[test])
+        if best is None or scores["pearson_mean"] > best["pearson_mean"]:
+            best = scores
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results", help="results folder of a finished demo run")
+    parser.add_argument("--dataset", default="pbmc68k")
+    parser.add_argument("--label", default="bulk_labels", help="obs column for the per-type mean profile")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    res = Path(args.results)
+    base, vocab = _load_base(str(res / "shared/se/pretrained.ckpt"), str(res / "shared/vocab/gene_embeddings.pt"))
+    data = load_cell_data(str(res / args.dataset / "qc/filtered.h5ad"), str(res / args.dataset / "tokens"), vocab, [])
+    cache = compute_base_cache(base, vocab.table, data, 64, "cpu")
+
+    counts = data.counts.toarray().astype(np.float64)
+    target = np.log1p(counts / counts.sum(1, keepdims=True).clip(min=1) * 1e4)
+    train, test = data.split == "train", data.split != "train"
+    tokens = cache.tokens.numpy()
+    tokens = (tokens - tokens.mean((0, 1))) / tokens.std((0, 1))
+    rng = np.random.default_rng(0)
+    projection, shift = rng.standard_normal((tokens.shape[-1], 1024)) / np.sqrt(tokens.shape[-1]), rng.standard_normal(1024)
+
+    import anndata as ad
+
+    labels = ad.read_h5ad(res / args.dataset / "qc/filtered.h5ad", backed="r").obs[args.label].astype(str).to_numpy()
+    type_mean = {t: target[train & (labels == t)].mean(0) for t in np.unique(labels[train])}
+    rows = {"per-cell-type mean profile": reconstruction_metrics(np.stack([type_mean[t] for t in labels[test]]), target[test])}
+    for k in (10, 50):
+        pca = PCA(k, random_state=0).fit(target[train])
+        rows[f"PCA-{k} of the target itself"] = reconstruction_metrics(pca.inverse_transform(pca.transform(target[test])), target[test])
+    rows["ridge on CLS (cls baseline input)"] = ridge_scores(cache.cls.numpy(), target, train, test)
+    rows["ridge on mean gene token (mean baseline input)"] = ridge_scores(tokens.mean(1), target, train, test)
+    rows["ridge on mean of 1024 random ReLU token features"] = ridge_scores(
+        np.maximum(tokens @ projection + shift, 0).mean(1), target, train, test
+    )
+    rows["ridge on which genes are expressed"] = ridge_scores((counts > 0).astype(np.float64), target, train, test)
+    print(f"{'input':52s} {'pearson':>8s} {'mse':>7s}   ({int(test.sum())} held-out cells)")
+    for name, m in rows.items():
+        print(f"{name:52s} {m['pearson_mean']:8.3f} {m['mse']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
