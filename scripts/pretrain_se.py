@@ -1,25 +1,34 @@
-"""Rule pretrain_se: train an SE-architecture model on the datasets' train splits."""
+"""Rule pretrain_se: train an SE-architecture model on the datasets' train splits.
 
-import logging
+With se.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process per GPU
+(srun) that each run run_pretraining; otherwise it runs here."""
 
 import torch
 
 from cellfoundry.pretrain import run_pretraining
+from cellfoundry.train import run_stage
 from cellfoundry.utils import resolve_device, setup_logging
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-log = logging.getLogger("cellfoundry")
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
 
-run_pretraining(
-    tokens_dirs=list(inp.tokens),
-    h5ads=list(inp.h5ads),
-    vocab_path=inp.vocab,
-    out_ckpt=out.ckpt,
-    out_losses=out.losses,
-    work_dir=params.work_dir,
-    se=params.se,
-    seed=params.seed,
-    device=resolve_device(params.device),
+run_stage(
+    run_pretraining,
+    dict(
+        tokens_dirs=[str(p) for p in inp.tokens],
+        h5ads=[str(p) for p in inp.h5ads],
+        vocab_path=str(inp.vocab),
+        out_ckpt=str(out.ckpt),
+        out_losses=str(out.losses),
+        work_dir=str(params.work_dir),
+        se=dict(params.se),
+        seed=params.seed,
+        device=resolve_device(params.device),
+    ),
+    trainer=params.se["trainer"],
+    log_path=snakemake.log[0],
+    threads=snakemake.threads,
+    trainer_key="se.trainer",
+    resources_key="resources.pretrain_se",
 )

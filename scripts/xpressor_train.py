@@ -1,20 +1,32 @@
-"""Rule xpressor_train: train Xpressor (and the pooled baselines) on a frozen SE base."""
+"""Rule xpressor_train: train Xpressor (and the pooled baselines) on a frozen SE base.
 
+With xpressor.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process
+per GPU (srun) that each run train_stage; otherwise it runs here."""
+
+from cellfoundry.train import run_stage
 from cellfoundry.utils import setup_logging
-from cellfoundry.xpressor import set_torch_threads, resolve_label_columns, train_stage
+from cellfoundry.xpressor import resolve_label_columns, set_torch_threads, train_stage
 
 setup_logging(snakemake.log[0])
 set_torch_threads(snakemake.threads)
-train_stage(
-    se_checkpoint=snakemake.input.se,
-    vocab_path=snakemake.input.vocab,
-    tokens=snakemake.input.tokens,
-    h5ad=snakemake.input.h5ad,
-    out_ckpt=snakemake.output.ckpt,
-    out_metrics=snakemake.output.metrics,
-    work_dir=snakemake.params.work_dir,
-    cfg=snakemake.params.xpressor,
-    label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
-    seed=snakemake.params.seed,
-    device=snakemake.params.device,
+run_stage(
+    train_stage,
+    dict(
+        se_checkpoint=str(snakemake.input.se),
+        vocab_path=str(snakemake.input.vocab),
+        tokens=str(snakemake.input.tokens),
+        h5ad=str(snakemake.input.h5ad),
+        out_ckpt=str(snakemake.output.ckpt),
+        out_metrics=str(snakemake.output.metrics),
+        work_dir=str(snakemake.params.work_dir),
+        cfg=dict(snakemake.params.xpressor),
+        label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
+        seed=snakemake.params.seed,
+        device=snakemake.params.device,
+    ),
+    trainer=snakemake.params.xpressor["trainer"],
+    log_path=snakemake.log[0],
+    threads=snakemake.threads,
+    trainer_key="xpressor.trainer",
+    resources_key="resources.xpressor",
 )

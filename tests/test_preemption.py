@@ -4,8 +4,11 @@ periodic checkpoint, and the re-run continues from the saved step instead of ste
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellfoundry.train import AtomicCheckpointIO, resume_path
+from cellfoundry.train import SETTINGS_FILE, AtomicCheckpointIO, resume_path, settings_fingerprint
 
 TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from train_tiny_se import train  # noqa: E402
 MAX_STEPS = 20
 CHECKPOINT_EVERY = 5
 
@@ -109,6 +114,41 @@ def test_resume_path_prefers_the_newest_checkpoint(tmp_path):
     hpc.write_bytes(b"x")
     os.utime(last, (time.time() - 60, time.time() - 60))
     assert resume_path(tmp_path) == str(hpc)
+
+
+def test_resume_only_a_run_of_the_same_settings(tmp_path, caplog):
+    """cellfoundry.train.fit keys the resume on the stage's settings: unchanged settings continue
+    from the checkpoint; changed settings (or a checkpoint without a recorded fingerprint, as
+    older runs left) start over from step 0 and the stale checkpoint is removed."""
+    out = tmp_path / "train"
+    caplog.set_level(logging.INFO, logger="cellfoundry")
+
+    def run(max_steps: int, settings: dict | None, every: int = 2) -> dict:
+        train(out, max_steps=max_steps, checkpoint_every=every, settings=settings)
+        return json.loads((out / "rank0.json").read_text())
+
+    # a checkpoint left by a run that recorded no settings (the stale case of pretrain_se)
+    assert run(4, None)["start_step"] == 0 and saved_step(out) == 4
+    caplog.clear()
+    assert run(6, {"lr": 1e-3})["start_step"] == 0
+    assert "training starts over from step 0" in caplog.text
+    assert json.loads((out / SETTINGS_FILE).read_text())["fingerprint"] == settings_fingerprint({"lr": 1e-3})
+    assert saved_step(out) == 6
+    # same settings, more steps: the re-run continues from the checkpoint
+    caplog.clear()
+    record = run(8, {"lr": 1e-3})
+    assert (record["start_step"], record["final_step"]) == (6, 8)
+    assert "resuming from" in caplog.text
+    # changed settings: step 0, the log names what changed, the step-8 checkpoints are gone
+    shutil.copy(out / "checkpoints" / "last.ckpt", out / "hpc_ckpt_1.ckpt")  # as a SLURM requeue leaves
+    caplog.clear()
+    record = run(3, {"lr": 2e-3}, every=100)
+    assert (record["start_step"], record["final_step"]) == (0, 3)
+    assert "settings changed" in caplog.text and "(lr)" in caplog.text
+    assert not (out / "hpc_ckpt_1.ckpt").exists() and saved_step(out) == 3
+    with open(out / "logs" / "version_0" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert steps and max(steps) < 3, f"the earlier runs' rows are still in the CSV log: steps {steps}"
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

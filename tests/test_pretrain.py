@@ -88,6 +88,7 @@ def test_pretraining_lowers_its_loss_and_writes_an_se_checkpoint(tiny_data, tmp_
     assert len(losses) >= 4
     assert losses["train_loss"].tail(3).mean() < 0.8 * losses["train_loss"].head(2).mean()
     assert not (out / "work" / "checkpoints").exists()  # a finished run leaves nothing to resume
+    assert (out / "work" / "settings_fingerprint.json").exists()  # an interrupted one resumes only with these settings
     model, cfg, vocab = load_se(out / "pretrained.ckpt", gene_embeddings=tiny_data["vocab"])
     assert (cfg.d_model, cfg.nlayers, cfg.pad_length, cfg.token_dim) == (16, 1, 24, 16)
     keys = read_checkpoint_file(out / "pretrained.ckpt")["state_dict"].keys()

@@ -9,8 +9,9 @@ override `--sdm env-modules`), and checks that
   CPU rules did not, and memory/runtime came from the config,
 - the results equal those of a local run of the same workflow,
 
-and that a training job cancelled by SLURM (SIGTERM, as at a time limit) saves a checkpoint and
-resumes from it when Snakemake runs again.
+that a training job cancelled by SLURM (SIGTERM, as at a time limit) saves a checkpoint and
+resumes from it when Snakemake runs again, and that a training rule with trainer devices=2 runs
+as 2 DDP processes that it starts itself with srun inside its one SLURM job.
 
 It stops the daemons it started, by pid. Without root or apt it is skipped with the reason.
 """
@@ -270,3 +271,73 @@ def test_cancelled_training_job_is_retried_with_more_memory_and_resumes(slurm, t
     assert retry.get("JobState") == "COMPLETED"
     record = json.loads((tmp_path / "train" / "rank0.json").read_text())
     assert 5 < saved < 40 and record["start_step"] == saved and record["final_step"] == 40
+
+
+DDP_SNAKEFILE = """
+import sys
+sys.path.insert(0, {src!r})
+from cellfoundry.slurm import training_resources
+
+rule train:
+    output:
+        "train/rank0.json",
+    log:
+        "logs/train.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        # 2 DDP processes on the CPU (gpu: 0): sbatch --ntasks=2 --nodes=1
+        **training_resources({{"gpu": 0, "tasks": 2}}, 2, 1, trainer_key="trainer", resources_key="resources.train"),
+    script:
+        "train_script.py"
+"""
+DDP_SCRIPT = """
+from cellfoundry.train import run_stage
+from cellfoundry.utils import setup_logging
+from train_tiny_se import train
+
+setup_logging(snakemake.log[0])
+run_stage(train, dict(out_dir="train", max_steps={steps}, devices=2, checkpoint_every=3),
+          trainer=dict(devices=2, num_nodes=1), log_path=snakemake.log[0], threads=1)
+"""
+
+
+def test_two_process_ddp_training_inside_one_slurm_job(slurm, tmp_path):
+    """A training rule with trainer devices=2 submitted by Snakemake's SLURM executor: one job
+    (--ntasks=2), whose one-task script starts its own srun step of 2 gloo processes; both ranks
+    train in lockstep and rank 0's checkpoint loads into a fresh module."""
+    import torch
+
+    from train_tiny_se import tiny_module, weights_checksum
+
+    steps = 6
+    tests = Path(__file__).resolve().parent
+    (tmp_path / "Snakefile").write_text(DDP_SNAKEFILE.format(src=str(tests.parent / "src")))
+    (tmp_path / "train_script.py").write_text(DDP_SCRIPT.format(steps=steps))
+    command = [str(Path(sys.executable).parent / "snakemake"), "--executor", "slurm", "--jobs", "1",
+               "--workflow-profile", "none", "--slurm-init-seconds-before-status-checks", "2",
+               "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", "--latency-wait", "5", "--verbose"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    log = tmp_path / "logs" / "train.log"
+    log_text = log.read_text() if log.exists() else ""
+    slurm_logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert proc.returncode == 0, f"{output[-5000:]}\n--- rule log\n{log_text[-4000:]}\n--- SLURM log\n{slurm_logs}\n{slurm.tail_logs()}"
+
+    (record,) = submissions(output)
+    assert "--ntasks=2" in record["call"].split("--wrap", 1)[0], record["call"]
+    assert slurm.show_job(record["slurm_id"]).get("JobState") == "COMPLETED"
+    assert "starting 2 DDP processes" in log_text and "srun --overlap" in log_text, log_text[-3000:]
+    assert "DDP rank 0/2 started" in log_text and "DDP rank 1/2 started" in log_text, log_text[-3000:]
+    ranks = [json.loads((tmp_path / "train" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world_size"], r["rank"], r["start_step"], r["final_step"]) for r in ranks] == [(2, 0, 0, steps), (2, 1, 0, steps)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced
+
+    ckpt = torch.load(tmp_path / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == steps
+    module, _, _ = tiny_module(steps)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    assert weights_checksum(module) == ranks[0]["checksum"]

@@ -26,6 +26,8 @@ def test_lint_is_clean(tmp_path):
         (lambda c: c["qc"].update(min_genes="many"), "many"),
         (lambda c: c["datasets"]["pbmc68k"].update(cell_typ="x"), "cell_typ"),
         (lambda c: c.update(device="tpu"), "tpu"),
+        # DDP over 2 GPUs, but the job would hold one GPU and one task
+        (lambda c: c["xpressor"]["trainer"].update(devices=2), "resources.xpressor.tasks must be 2"),
     ],
 )
 def test_bad_config_stops_before_any_job(tmp_path, edit, message):

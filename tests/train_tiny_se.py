@@ -4,7 +4,10 @@ tests/test_preemption.py: DDP's launcher re-runs this file for the other ranks, 
 must be a separate process.
 
     python tests/train_tiny_se.py OUT_DIR --max-steps 40 [--devices 2] [--step-delay 0.2]
-        [--checkpoint-every 5]
+        [--checkpoint-every 5] [--settings JSON]
+
+`train(...)` is the same run as a function: tests/test_slurm.py starts it once per rank through
+cellfoundry.train.run_stage (entry point `train_tiny_se:train`).
 
 Writes OUT_DIR/rank{R}.json per rank: world size, the global step at which training started
 (0 for a fresh run, the checkpoint's step for a resumed one), the final step and a checksum of
@@ -85,6 +88,37 @@ class Report(Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+def train(out_dir: str | os.PathLike, max_steps: int = 20, devices: int = 1, num_nodes: int = 1, step_delay: float = 0.0,
+          checkpoint_every: int = 5, settings: dict | None = None) -> None:
+    """One training run (also the entry point that cellfoundry.train.run_stage starts per rank)."""
+    out_dir = Path(out_dir)
+    torch.set_num_threads(1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module, cells, train_cfg = tiny_module(max_steps)
+    trainer = build_trainer(
+        out_dir,
+        max_steps=max_steps,
+        devices=devices,
+        num_nodes=num_nodes,
+        device="cpu",
+        checkpoint_every_n_steps=checkpoint_every,
+        log_every_n_steps=1,
+        callbacks=[Report(out_dir, step_delay)],
+        enable_progress_bar=False,
+    )
+    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed=0), out_dir=out_dir, settings=settings)
+    print(f"rank {trainer.global_rank} pid {os.getpid()}: done at step {trainer.global_step}", flush=True)
+
+
+def report_rank(out_dir: str, fail_on_rank: int | None = None) -> None:
+    """A trivial entry point for the launcher tests: records this process's SLURM rank variables."""
+    rank = int(os.environ["SLURM_PROCID"])
+    if rank == fail_on_rank:
+        raise RuntimeError(f"rank {rank} fails on purpose")
+    keys = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NTASKS_PER_GPU", "SLURM_JOB_ID")
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({k: os.environ.get(k) for k in keys}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
@@ -92,22 +126,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument("--settings", type=json.loads, default=None, help="JSON: resume only a run of these settings")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    module, cells, train_cfg = tiny_module(args.max_steps)
-    trainer = build_trainer(
-        args.out_dir,
-        max_steps=args.max_steps,
-        devices=args.devices,
-        device="cpu",
-        checkpoint_every_n_steps=args.checkpoint_every,
-        log_every_n_steps=1,
-        callbacks=[Report(args.out_dir, args.step_delay)],
-        enable_progress_bar=False,
-    )
-    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed=0), out_dir=args.out_dir)
-    print(f"rank {trainer.global_rank} pid {os.getpid()}: done at step {trainer.global_step}", flush=True)
+    train(args.out_dir, args.max_steps, args.devices, 1, args.step_delay, args.checkpoint_every, args.settings)
 
 
 if __name__ == "__main__":

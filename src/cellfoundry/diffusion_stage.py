@@ -482,32 +482,6 @@ def label_accuracy(predicted: np.ndarray, requested: pd.Series) -> float | None:
 # -- stage entry points (called by scripts/diffusion_*.py) ---------------------------------------
 
 
-def discard_stale_checkpoints(train_dir: str | os.PathLike, settings: Mapping[str, Any], data: dict) -> None:
-    """Resume only a run of the same model on the same data: when the settings (other than the
-    step count, logging and checkpoint cadence), conditions or data shape changed since the
-    checkpoints in `train_dir` were written, remove them so training starts afresh instead of
-    failing to load (or silently continuing) an incompatible state."""
-    import hashlib
-    import shutil
-
-    keep = {k: v for k, v in settings.items() if k not in ("max_steps", "log_every_n_steps", "trainer")}
-    identity = json.dumps(
-        {"settings": keep, "codec": data["codec"].to_dict(), "x0_shape": list(data["x0"].shape)}, sort_keys=True, default=str
-    )
-    digest = hashlib.sha256(identity.encode()).hexdigest()
-    train_dir = Path(train_dir)
-    stamp = train_dir / "run_identity.txt"
-    checkpoints = train_dir / "checkpoints"
-    stale = [checkpoints] if checkpoints.exists() else []
-    stale += list(train_dir.glob("hpc_ckpt_*.ckpt"))  # SLURM requeue checkpoints (cellfoundry.train)
-    if stale and (not stamp.exists() or stamp.read_text().strip() != digest):
-        log.warning("settings or data changed since the checkpoints in %s were written; starting training afresh", train_dir)
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    train_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest + "\n")
-
-
 def run_train(
     filtered_h5ad: str | os.PathLike,
     model_ckpt: str | os.PathLike,
@@ -523,8 +497,9 @@ def run_train(
 ) -> None:
     """Train the conditional denoiser on the train split and write model.ckpt (EMA weights).
 
-    Lightning writes `train_dir`/checkpoints/last.ckpt (a re-run resumes from it) and the loss
-    to `train_dir`/logs/version_0/metrics.csv."""
+    Lightning writes `train_dir`/checkpoints/last.ckpt (a re-run with the same settings resumes
+    from it) and the loss to `train_dir`/logs/version_0/metrics.csv. Under DDP every rank runs
+    this function; only global rank 0 writes model.ckpt."""
     from cellfoundry.train import build_trainer, fit
     from cellfoundry.utils import file_sha256, resolve_device
 
@@ -538,7 +513,13 @@ def run_train(
         settings["token_space"], len(data["x0"]), list(data["x0"].shape[1:]), data["codec"].names or "none",
     )
     module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
-    discard_stale_checkpoints(train_dir, settings, data)
+    # Resume only a run of the same model on the same data: everything but the step count and
+    # the logging/checkpoint cadence, plus the conditions and the data shape.
+    identity = {
+        "settings": {k: v for k, v in settings.items() if k not in ("max_steps", "log_every_n_steps", "trainer")},
+        "codec": data["codec"].to_dict(),
+        "x0_shape": list(data["x0"].shape),
+    }
     trainer_cfg = settings.get("trainer", {})
     trainer = build_trainer(
         train_dir,
@@ -550,7 +531,7 @@ def run_train(
         gradient_clip_val=settings["grad_clip"],
         log_every_n_steps=settings["log_every_n_steps"],
     )
-    fit(trainer, module, train_loader(data, settings["batch_size"], seed), out_dir=train_dir)
+    fit(trainer, module, train_loader(data, settings["batch_size"], seed), out_dir=train_dir, settings=identity)
     if trainer.is_global_zero:
         extra = {"xpressor_sha256": file_sha256(xpressor_ckpt) if xpressor_ckpt else None}
         save_diffusion(model_ckpt, module, data, extra)

@@ -332,7 +332,9 @@ def run_pretraining(tokens_dirs, h5ads, vocab_path, out_ckpt, out_losses, work_d
     SE-600M checkpoint layout to `out_ckpt`, with the loss curve in `out_losses` (TSV).
 
     Lightning keeps resumable checkpoints in `work_dir/checkpoints` while training; they are
-    removed after a finished run, so that a forced re-run starts afresh."""
+    removed after a finished run, so that a forced re-run starts afresh, and an interrupted run
+    is resumed only with unchanged settings (cellfoundry.train.fit). Under DDP every rank runs
+    this function; only global rank 0 writes the outputs."""
     import shutil
     from pathlib import Path
 
@@ -363,7 +365,10 @@ def run_pretraining(tokens_dirs, h5ads, vocab_path, out_ckpt, out_losses, work_d
         log_every_n_steps=max(1, min(10, train_cfg.max_steps // 20)),
         callbacks=[LogProgress(max(1, train_cfg.max_steps // 20), train_cfg.batch_size)],
     )
-    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed, train_cfg.num_workers), out_dir=work_dir)
+    # a checkpoint is resumed only by a run of the same model, objective, data and seed
+    settings = {"se": {k: v for k, v in se.items() if k != "trainer"}, "seed": seed, "datasets": [str(t) for t in tokens_dirs],
+                "cells": len(cells), "sentence_length": length, "vocab": vocab.hash}
+    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed, train_cfg.num_workers), out_dir=work_dir, settings=settings)
     if not trainer.is_global_zero:
         return
     save_se(out_ckpt, module.model, cfg, training_state=module.heads.state_dict(),

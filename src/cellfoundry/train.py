@@ -9,21 +9,34 @@ Interruption and resume (why this module holds more than a Trainer call):
   (`sbatch --signal=USR1@90`) make the run save `last.ckpt` after the current batch and exit
   with status 128 + signal. Lightning on its own stops on SIGTERM without saving.
 - `fit` resumes from the newest checkpoint an interrupted run left (`last.ckpt`, or Lightning's
-  `hpc_ckpt_*.ckpt` from a SLURM auto-requeue).
+  `hpc_ckpt_*.ckpt` from a SLURM auto-requeue), but only when the run that wrote it had the same
+  settings: the stage passes its settings, whose fingerprint is kept beside the checkpoints
+  (`settings_fingerprint.json`); after a config change training starts over from step 0.
 
-Distributed training: `devices * num_nodes > 1` selects DDP. Processes started by `srun` with
-one task per device (SLURM_NTASKS == devices * num_nodes) use Lightning's SLURM environment
-(multi-node, auto-requeue on SIGUSR1). A single process (a Snakemake job step, or a local run)
-with several devices on one node lets Lightning start the other processes itself.
+Distributed training: `devices * num_nodes > 1` selects DDP. Locally, Lightning starts the other
+processes itself. Inside a SLURM job the rule's script is a single task (the Snakemake executor's
+`srun -n1`), so `run_stage` starts a new job step with one task per GPU (`srun --overlap`, see
+`cellfoundry.slurm`) that runs the stage's entry point once per rank (`python -m
+cellfoundry.train`); each rank uses Lightning's SLURM environment (multi-node, auto-requeue on
+SIGUSR1), and only global rank 0 writes the stage's outputs.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib
+import json
 import logging
 import os
+import shlex
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +48,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cellfoundry import slurm
 from cellfoundry.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -58,12 +72,12 @@ def cluster_environment(devices: int, num_nodes: int) -> list:
         # srun started every rank (or a single device): Lightning's SLURM support, with requeue
         return [SLURMEnvironment(auto_requeue=True)]
     if num_nodes == 1 and slurm_tasks == 1:
-        # one task (Snakemake's job step) holding several GPUs: Lightning launches the ranks
+        # one task holding several GPUs, started without run_stage: Lightning launches the ranks
         return [LightningEnvironment()]
     raise UserError(
         f"training asks for devices={devices} x num_nodes={num_nodes} = {world} processes but this SLURM "
-        f"step has {slurm_tasks} task(s); multi-node DDP needs one srun task per GPU. Use a single node "
-        "(trainer.num_nodes: 1, trainer.devices = resources.<rule>.gpu) or start the training with "
+        f"step has {slurm_tasks} task(s); multi-node DDP needs one srun task per GPU. Start the training "
+        "through cellfoundry.train.run_stage (the workflow's training rules do), or with "
         f"`srun --ntasks-per-node={devices} --nodes={num_nodes}`."
     )
 
@@ -191,27 +205,270 @@ def build_trainer(
     )
 
 
-def resume_path(out_dir: str | os.PathLike) -> str | None:
+# -- resume only a run of the same settings ------------------------------------------------------
+SETTINGS_FILE = "settings_fingerprint.json"
+
+
+def settings_fingerprint(settings: Mapping[str, Any]) -> str:
+    """A short hex digest of a stage's training settings (JSON, keys sorted)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _plain(settings: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".") or "settings"]
+
+
+def _stored_settings(out_dir: Path) -> dict:
+    try:
+        return json.loads((out_dir / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    return [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+
+
+def resume_path(out_dir: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> str | None:
     """The newest checkpoint an earlier (interrupted) run left: `out_dir/checkpoints/last.ckpt`
-    or Lightning's SLURM-requeue `out_dir/hpc_ckpt_*.ckpt`; None when there is none."""
+    or Lightning's SLURM-requeue `out_dir/hpc_ckpt_*.ckpt`; None when there is none.
+
+    With `settings`, only a checkpoint of a run with the same settings fingerprint counts (a
+    checkpoint without a stored fingerprint counts as another run's)."""
     out_dir = Path(out_dir)
-    candidates = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    candidates = _checkpoints(out_dir)
     if not candidates:
         return None
+    if settings is not None:
+        stored = _stored_settings(out_dir)
+        fingerprint = settings_fingerprint(settings)
+        if stored.get("fingerprint") != fingerprint:
+            changed = _changed_keys(stored.get("settings"), _plain(settings)) if "settings" in stored else []
+            if is_global_zero():  # every DDP rank decides the same; one line in the log
+                log.warning(
+                    "not resuming from %s: the settings changed since it was written (%s); training starts over from step 0",
+                    out_dir, ", ".join(changed[:12]) if changed else f"no settings fingerprint in {out_dir / SETTINGS_FILE}",
+                )
+            return None
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
-    log.info("resuming from %s", newest)
+    if is_global_zero():
+        log.info("resuming from %s", newest)
     return str(newest)
 
 
-def fit(trainer: pl.Trainer, module: pl.LightningModule, *loaders: Any, out_dir: str | os.PathLike) -> None:
+class _SettingsStamp(Callback):
+    """On global rank 0, once every rank has chosen whether to resume (setup runs after the
+    process group started): for a fresh run, removes what an earlier run left (checkpoints,
+    its rows in the CSV log), then records the settings beside the checkpoints."""
+
+    def __init__(self, out_dir: Path, settings: Mapping[str, Any], fresh: bool):
+        self.out_dir, self.settings, self.fresh = out_dir, settings, fresh
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        root = self.out_dir.resolve()
+        if self.fresh:
+            stale = [*self.out_dir.glob("hpc_ckpt_*.ckpt")]
+            stale += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            log_dir = getattr(trainer.logger, "log_dir", None)
+            if log_dir:
+                stale.append(Path(log_dir) / "metrics.csv")
+            for path in stale:
+                if path.exists() and root in path.resolve().parents:  # never outside the stage's folder
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"fingerprint": settings_fingerprint(self.settings), "settings": _plain(self.settings)}
+        tmp = self.out_dir / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.out_dir / SETTINGS_FILE)
+
+
+def fit(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    *loaders: Any,
+    out_dir: str | os.PathLike,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
     """trainer.fit that continues from the last checkpoint of an interrupted run.
+
+    `settings` (JSON-able: the stage's config, seed, data identity) identify the run: a
+    checkpoint is resumed only when it was written with the same settings; otherwise training
+    starts over, and what the earlier run left (checkpoints, CSV metrics) is removed first.
+    None resumes any checkpoint and removes nothing.
 
     A run stopped by SIGTERM/SIGUSR1 exits with status 128 + signal after saving its checkpoint,
     so the job fails (Snakemake retries or a re-run resumes) instead of looking finished."""
+    out_dir = Path(out_dir)
+    ckpt_path = resume_path(out_dir, settings)
+    if settings is not None:
+        trainer.callbacks.insert(0, _SettingsStamp(out_dir, settings, fresh=ckpt_path is None))  # before ModelCheckpoint
     try:
-        trainer.fit(module, *loaders, ckpt_path=resume_path(out_dir))
+        trainer.fit(module, *loaders, ckpt_path=ckpt_path)
     except SIGTERMException:
         signum = next((cb.signum for cb in trainer.callbacks if isinstance(cb, CheckpointOnSignal) and cb.signum), None)
         signum = signum or signal.SIGTERM
         log.warning("training stopped by signal %d at step %d; re-run to resume", signum, trainer.global_step)
         raise SystemExit(128 + int(signum)) from None
+
+
+def is_global_zero() -> bool:
+    """True in the process that writes a stage's outputs: global rank 0 of the last DDP run, or
+    the only process (Lightning records the rank when its strategy starts)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+# -- one process per GPU inside a SLURM job -------------------------------------------------------
+def resolve_entry(entry: str) -> Callable[..., Any]:
+    """"package.module:function" -> the function."""
+    module, _, name = entry.partition(":")
+    if not module or not name:
+        raise ValueError(f"entry point {entry!r} is not 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch threads of one process: `threads`, never more than OMP_NUM_THREADS when set."""
+    if not threads:
+        return
+    limit = os.environ.get("OMP_NUM_THREADS")
+    if limit and limit.isdigit():
+        threads = min(threads, int(limit))
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def rank_command(entry: str, kwargs: Mapping[str, Any], *, log_path: str | None = None, threads: int | None = None) -> list[str]:
+    """The command each rank runs: this module's entry point with the stage's entry and kwargs."""
+    command = [sys.executable, "-m", "cellfoundry.train", "--entry", entry, "--kwargs", json.dumps(kwargs, default=str)]
+    if log_path:
+        command += ["--log", str(log_path)]
+    if threads:
+        command += ["--threads", str(int(threads))]
+    return command
+
+
+def entry_name(entry: str | Callable[..., Any]) -> str:
+    """"module:function" of a module-level function (ranks import it by that name)."""
+    if isinstance(entry, str):
+        return entry
+    module, name = getattr(entry, "__module__", None), getattr(entry, "__qualname__", "")
+    if not module or module == "__main__" or "." in name or "<" in name:
+        raise ValueError(f"{entry!r} is not a module-level function that other processes can import")
+    return f"{module}:{name}"
+
+
+def run_stage(
+    entry: str | Callable[..., Any],
+    kwargs: Mapping[str, Any],
+    *,
+    trainer: Mapping[str, Any],
+    log_path: str | os.PathLike | None = None,
+    threads: int | None = None,
+    trainer_key: str = "trainer",
+    resources_key: str = "resources.<rule>",
+) -> Any:
+    """Run a training stage `entry` (a module-level function, or "module:function") with
+    `kwargs` (JSON-able).
+
+    Here, in this process, unless it runs inside a SLURM job with `trainer` devices x num_nodes
+    > 1 and is not yet one of that many srun tasks: then a new job step starts one task per GPU
+    (`srun --overlap ...`, see cellfoundry.slurm.srun_command), each running `entry(**kwargs)`
+    as one DDP rank with its logging appended to `log_path`. This process waits for the step and
+    exits with its status when it fails (128 + signal after a preemption save).
+    `trainer_key`/`resources_key` name the config entries in error messages.
+    """
+    devices, num_nodes = int(trainer.get("devices", 1)), int(trainer.get("num_nodes", 1))
+    if not slurm.needs_own_step(devices, num_nodes):
+        return (resolve_entry(entry) if isinstance(entry, str) else entry)(**kwargs)
+    entry = entry_name(entry)
+    world = devices * num_nodes
+    srun = shutil.which("srun")
+    if srun is None:
+        raise UserError(f"{trainer_key} asks for {world} DDP processes inside SLURM job {os.environ.get('SLURM_JOB_ID')}, but srun is not on PATH.")
+    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID", "")
+    problems = slurm.allocation_problems(slurm.job_allocation(job_id), devices, num_nodes)
+    if problems:
+        raise UserError(
+            f"{trainer_key} asks for devices={devices} x num_nodes={num_nodes} = {world} processes, but "
+            + "; ".join(problems)
+            + f". Set {resources_key}: {{gpu: {world}, tasks: {world}, nodes: {num_nodes}}} in config/config.yaml "
+            "(gpu: 0 for CPU processes), and remove gpu/tasks/nodes overrides of this rule from the profile's set-resources."
+        )
+    command = slurm.srun_command(devices, num_nodes, rank_command(entry, kwargs, log_path=log_path, threads=threads), srun=srun)
+    shown = command[: command.index("--kwargs")] + ["--kwargs", "'{...}'"]
+    log.info("starting %d DDP processes (%d per node on %d node(s)) in a new step of SLURM job %s: %s",
+             world, devices, num_nodes, job_id, " ".join(shlex.quote(c) if c != "'{...}'" else c for c in shown))
+    proc = subprocess.Popen(command, env=slurm.step_environment())
+    status = _wait_forwarding_signals(proc)
+    if status != 0:
+        log.error("the %d DDP processes of %s ended with status %d (see the lines above and the SLURM log)", world, entry, status)
+        raise SystemExit(status if 0 < status < 256 else 1)
+    log.info("all %d DDP processes of %s finished", world, entry)
+    return None
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """Wait for srun; SIGTERM/SIGUSR1 sent to this process (scancel, Snakemake stopping) go on to
+    srun, which passes them to every rank (they save a checkpoint and end)."""
+    previous = {}
+
+    def forward(signum: int, frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[signum] = signal.signal(signum, forward)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - status if status < 0 else status
+
+
+def _rank_main(argv: list[str] | None = None) -> int:
+    """One DDP rank started by run_stage's srun: log to the rule's log (rank 0 at INFO, the
+    others at WARNING after one line saying they started), then run the entry point."""
+    from cellfoundry.utils import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m cellfoundry.train", description=_rank_main.__doc__)
+    parser.add_argument("--entry", required=True, help="module:function of the training stage")
+    parser.add_argument("--kwargs", required=True, help="its keyword arguments as JSON")
+    parser.add_argument("--log", default=None, help="the rule's log (appended)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    args = parser.parse_args(argv)
+    rank, world = os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1")
+    setup_logging(args.log)
+    log.info("DDP rank %s/%s started on %s (local rank %s, pid %d)", rank, world, socket.gethostname(),
+             os.environ.get("SLURM_LOCALID", "0"), os.getpid())
+    if rank != "0":
+        logging.getLogger().setLevel(logging.WARNING)
+    _set_threads(args.threads)
+    try:
+        resolve_entry(args.entry)(**json.loads(args.kwargs))
+    except UserError as err:
+        log.error("rank %s: %s", rank, err)
+        return 1
+    except Exception:
+        log.exception("rank %s failed", rank)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from cellfoundry.train import _rank_main as main  # the imported module, not this __main__ copy
+
+    sys.exit(main())

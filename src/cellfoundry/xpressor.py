@@ -9,7 +9,6 @@ found in the vocabulary), M = latent tokens, D = Xpressor width.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -406,10 +405,6 @@ def _loader(data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size
     )
 
 
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def train_one(
     method: str,
     base: nn.Module,
@@ -424,17 +419,13 @@ def train_one(
 ) -> XpressorModule:
     """Train one method ("xpressor", "cls" or "mean") and return the module with its best
     (lowest validation loss) weights. Resumes from work_dir when an interrupted run of the same
-    configuration left a checkpoint there; a different configuration starts afresh."""
+    configuration left a checkpoint there; a different configuration starts afresh
+    (cellfoundry.train.fit keys the resume on these settings)."""
     from cellfoundry.train import build_trainer, fit
 
     work_dir = Path(work_dir)
-    stamp = _fingerprint(method, xcfg.to_dict(), settings.__dict__, seed, data.n_cells, trainer_kwargs)
-    stamp_file = work_dir / "fingerprint"
-    if work_dir.exists() and (not stamp_file.exists() or stamp_file.read_text() != stamp):
-        shutil.rmtree(work_dir)  # left by another configuration: never resume from it
-    work_dir.mkdir(parents=True, exist_ok=True)
-    stamp_file.write_text(stamp)
-
+    run_settings = {"method": method, "model": xcfg.to_dict(), "train": settings.__dict__, "seed": seed,
+                    "n_cells": data.n_cells, "trainer": trainer_kwargs}
     seed_everything(seed)
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
@@ -452,7 +443,7 @@ def train_one(
         enable_progress_bar=False,
         **trainer_kwargs,
     )
-    fit(trainer, module, train_loader, val_loader, out_dir=work_dir)
+    fit(trainer, module, train_loader, val_loader, out_dir=work_dir, settings=run_settings)
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state, strict=False)
@@ -571,8 +562,11 @@ def run_training(
     trainer_kwargs: dict,
 ) -> dict:
     """Train Xpressor (and the pooled baselines), measure held-out reconstruction, write the
-    Xpressor checkpoint and the metrics table (long format). Returns the training summary."""
+    Xpressor checkpoint and the metrics table (long format). Returns the training summary.
+    Under DDP every rank trains; only global rank 0 evaluates, writes and returns the summary."""
     import pandas as pd
+
+    from cellfoundry.train import is_global_zero
 
     d_base = int(base.cfg.d_model) if hasattr(base, "cfg") else int(gene_table.shape[1])
     xcfg = XpressorConfig(d_base=d_base, gene_dim=int(gene_table.shape[1]), labels=data.label_classes, **stage.model)
@@ -598,6 +592,8 @@ def run_training(
             values["labels"] = {}  # baselines reconstruct only; no label tokens
         cfg_m = XpressorConfig.from_dict(values)
         module = train_one(method, base, gene_table, data, cfg_m, stage.train, Path(work_dir) / method, cache, seed, trainer_kwargs)
+        if not is_global_zero():
+            continue  # DDP: the other ranks only train; rank 0 measures and writes
         pred, obs = predict_log1p(module, data, test_idx, cache, stage.inference_batch_size, device)
         metrics = reconstruction_metrics(pred, obs)
         trainable, _ = count_parameters(module.xpressor)
@@ -626,6 +622,8 @@ def run_training(
             )
         else:
             del module
+    if not is_global_zero():
+        return {}
     summary.update(
         n_cells=data.n_cells,
         n_genes_decoded=len(data.decode_genes),

@@ -2,9 +2,15 @@
 
 import copy
 import os
+import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+# cellfoundry.slurm (standard library only) maps the trainer settings to SLURM resources.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from cellfoundry.slurm import ResourceMismatch, inference_resources, training_resources
 
 # Rule scripts import cellfoundry from src/ even inside conda envs where it is not installed;
 # job processes (local or SLURM) inherit this.
@@ -77,6 +83,31 @@ def gpu_resources(family):
         if res.get(key) is not None:
             out[key] = res[key]
     return out
+
+
+def training_gpu_resources(family, trainer_key):
+    """Resources of a training rule: its family's memory and runtime, and GPUs, tasks and nodes
+    for `trainer_key`'s devices x num_nodes DDP processes (one SLURM task per GPU, all in one
+    job; see cellfoundry.slurm). Stops with the keys to fix when the two disagree."""
+    res = config["resources"][family]
+    trainer = config
+    for part in trainer_key.split("."):
+        trainer = trainer.get(part) or {}
+    try:
+        extra = training_resources(
+            res, trainer.get("devices", 1), trainer.get("num_nodes", 1),
+            trainer_key=trainer_key, resources_key=f"resources.{family}",
+        )
+    except ResourceMismatch as err:
+        raise WorkflowError(f"config: {err}") from None
+    return dict(mem_mb=lambda wc, attempt: res["mem_mb"] * attempt, runtime=res["runtime"], **extra)
+
+
+def inference_gpu_resources(family):
+    """Resources of the one-process GPU rules of a training family (xpressor_encode,
+    diffusion_sample): the family's memory and runtime, one GPU, one node."""
+    res = config["resources"][family]
+    return dict(mem_mb=lambda wc, attempt: res["mem_mb"] * attempt, runtime=res["runtime"], **inference_resources(res))
 
 
 def vocab_path():

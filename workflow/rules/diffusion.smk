@@ -28,7 +28,7 @@ rule diffusion_train:
         seed=config["seed"],
         device=config["device"],
     resources:
-        **gpu_resources("diffusion"),
+        **training_gpu_resources("diffusion", "diffusion.trainer"),
     threads: 2
     conda:
         "../../envs/gpu.yaml"
@@ -56,7 +56,7 @@ rule diffusion_sample:
         seed=config["seed"],
         device=config["device"],
     resources:
-        **gpu_resources("diffusion"),
+        **inference_gpu_resources("diffusion"),
     threads: 2
     conda:
         "../../envs/gpu.yaml"

@@ -52,7 +52,7 @@ else:
             device=config["device"],
             work_dir=lambda wc, output: str(Path(output.ckpt).parent / "pretrain"),
         resources:
-            **gpu_resources("pretrain_se"),
+            **training_gpu_resources("pretrain_se", "se.trainer"),
         threads: 2
         conda:
             "../../envs/gpu.yaml"

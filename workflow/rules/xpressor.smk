@@ -29,7 +29,7 @@ rule xpressor_train:
         # resume state of an interrupted run (not an output: it must survive a failed job)
         work_dir=lambda wc: f"results/{wc.dataset}/xpressor/train",
     resources:
-        **gpu_resources("xpressor"),
+        **training_gpu_resources("xpressor", "xpressor.trainer"),
     threads: 2
     conda:
         "../../envs/gpu.yaml"
@@ -69,7 +69,7 @@ rule xpressor_encode:
         knn_k=config["xpressor"]["knn_k"],
         device=config["device"],
     resources:
-        **gpu_resources("xpressor"),
+        **inference_gpu_resources("xpressor"),
     threads: 2
     conda:
         "../../envs/gpu.yaml"
