@@ -3,7 +3,8 @@
 Writes a synthetic h5ad (cells x genes, about --nnz non-zeros per cell, raw integer counts) under
 --workdir (generated in a child process, so its memory does not count), then tokenizes it with
 cellfoundry.tokenize.tokenize_h5ad exactly as the workflow's rule does, and prints cells/s (wall
-and per CPU-second) and the peak resident memory of the tokenizing process(es).
+and per CPU-second: user + system time of the whole call, reading, tokenizing and writing, worker
+processes included) and the peak resident memory of the tokenizing process(es).
 
     .venv/bin/python benchmarks/bench_tokenize.py --cells 100000 --genes 20000 --nnz 2000 --length 2048
     .venv/bin/python benchmarks/bench_tokenize.py --cells 1000000 --workers 2
@@ -130,8 +131,9 @@ def main(argv=None) -> None:
     print(f"cells={args.cells} genes={args.genes} nnz/cell~{args.nnz} L={args.length} method={args.method} "
           f"chunk={args.chunk_size} workers={args.workers}")
     user = (cpu1.user - cpu0.user) + (cpu1.children_user - cpu0.children_user)
-    print(f"wall {wall:.1f} s -> {args.cells / wall:,.0f} cells/s; CPU {cpu:.1f} s (user {user:.1f} s) -> "
-          f"{args.cells / cpu:,.0f} cells/s per core; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"wall {wall:.1f} s -> {args.cells / wall:,.0f} cells/s; CPU {cpu:.1f} s (user {user:.1f} s, "
+          f"system {cpu - user:.1f} s) -> {args.cells / cpu:,.0f} cells/s per core (user + system); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"peak RSS: tokenizing process {peak_self:.2f} GiB (of which {rss_before:.2f} GiB before tokenizing: "
           f"imports)" + (f"; largest worker process {peak_child:.2f} GiB" if args.workers > 1 else ""))
     shutil.rmtree(out, ignore_errors=True)

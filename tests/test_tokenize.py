@@ -361,3 +361,19 @@ def test_h5ad_coverage_error_names_a_better_var_column(tmp_path):
         tokenize_h5ad(tmp_path / "cells.h5ad", tmp_path / "tok", build_random_vocab(human, 4, 0), 8, dataset="mine")
     assert "Ensembl" in str(err.value) and "'symbol'" in str(err.value)
     assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize("layout", ["dense", "csc"])
+def test_tokenize_h5ad_reads_other_layouts_of_x(tmp_path, layout):
+    """CSR X is read with h5py directly; dense and CSC X go through anndata: same tokens."""
+    X = synthetic(n_cells=30)
+    adata = make_adata(X)
+    adata.X = X if layout == "dense" else sp.csc_matrix(X)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    vocab = vocab_for(X.shape[1])
+    tokenize_h5ad(tmp_path / "cells.h5ad", tmp_path / "tok", vocab, 16, "se", seed=4, chunk_size=7, dataset="toy")
+    got = read_tokens(tmp_path / "tok", vocab_hash=vocab.hash)
+    mem = tokenize_anndata(make_adata(X), vocab, 16, "se", seed=4)
+    np.testing.assert_array_equal(got.gene_ids, mem.gene_ids)
+    np.testing.assert_array_equal(got.values.view(np.uint32), mem.values.view(np.uint32))
+    np.testing.assert_array_equal(got.n_expressed, mem.n_expressed)
