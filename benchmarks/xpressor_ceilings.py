@@ -26,7 +26,8 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 
-from cellfoundry.xpressor import _load_base, compute_base_cache, load_cell_data, reconstruction_metrics
+from cellfoundry.models.se_checkpoint import load_se
+from cellfoundry.xpressor import compute_base_cache, load_cell_data, reconstruction_metrics
 
 
 def ridge_scores(features: np.ndarray, target: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:
@@ -48,8 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     res = Path(args.results)
-    base, vocab = _load_base(str(res / "shared/se/pretrained.ckpt"), str(res / "shared/vocab/gene_embeddings.pt"))
-    data = load_cell_data(str(res / args.dataset / "qc/filtered.h5ad"), str(res / args.dataset / "tokens"), vocab, [])
+    base, _, vocab = load_se(res / "shared/se/pretrained.ckpt", gene_embeddings=res / "shared/vocab/gene_embeddings.pt")
+    data = load_cell_data(str(res / args.dataset / "qc/filtered.h5ad"), str(res / args.dataset / "tokens"), vocab, [args.label])
     cache = compute_base_cache(base, vocab.table, data, 64, "cpu")
 
     counts = data.counts.toarray().astype(np.float64)
@@ -60,9 +61,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     projection, shift = rng.standard_normal((tokens.shape[-1], 1024)) / np.sqrt(tokens.shape[-1]), rng.standard_normal(1024)
 
-    import anndata as ad
-
-    labels = ad.read_h5ad(res / args.dataset / "qc/filtered.h5ad", backed="r").obs[args.label].astype(str).to_numpy()
+    labels = data.labels[args.label]  # integer codes
     type_mean = {t: target[train & (labels == t)].mean(0) for t in np.unique(labels[train])}
     rows = {"per-cell-type mean profile": reconstruction_metrics(np.stack([type_mean[t] for t in labels[test]]), target[test])}
     for k in (10, 50):

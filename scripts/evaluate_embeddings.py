@@ -2,17 +2,14 @@
 
 import logging
 
-import numpy as np
-
 from cellfoundry.evaluate.baselines import pca_baseline
 from cellfoundry.evaluate.embedding import BATCH_METRICS, BIO_METRICS, compare_embeddings
-from cellfoundry.evaluate.inputs import log_uncaught, read_embedding, read_h5ad, write_json, write_table
+from cellfoundry.evaluate.inputs import read_embedding, read_h5ad, write_json, write_table
 from cellfoundry.plots import metric_bars, umap_coordinates, umap_grid
 from cellfoundry.utils import UserError, seed_everything, setup_logging
 
 setup_logging(snakemake.log[0])
 log = logging.getLogger("cellfoundry")
-log_uncaught(log)
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
 cfg, seed = params.evaluate, params.seed
 seed_everything(seed)

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 
 from cellfoundry.evaluate import reconstruction as rec
-from cellfoundry.evaluate.inputs import log_uncaught, read_h5ad, read_json, read_table, require, write_json, write_table
+from cellfoundry.evaluate.inputs import read_h5ad, read_json, read_table, require, write_json, write_table
 from cellfoundry.models.xpressor import load_xpressor
 from cellfoundry.plots import decoded_vs_observed, metric_bars
 from cellfoundry.utils import UserError, resolve_device, seed_everything, setup_logging
@@ -14,7 +14,6 @@ from cellfoundry.vocab import GeneVocab
 
 setup_logging(snakemake.log[0])
 log = logging.getLogger("cellfoundry")
-log_uncaught(log)
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
 cfg, seed = params.evaluate["reconstruction"], params.seed
 seed_everything(seed)

@@ -1,7 +1,7 @@
 """Rule xpressor_encode: latent tokens and X_xpressor of every cell, kNN accuracy, summary."""
 
-from cellfoundry.utils import setup_logging
-from cellfoundry.xpressor import set_torch_threads, encode_stage
+from cellfoundry.utils import set_torch_threads, setup_logging
+from cellfoundry.xpressor import encode_stage
 
 setup_logging(snakemake.log[0])
 set_torch_threads(snakemake.threads)

@@ -337,16 +337,6 @@ def resolve_entry(entry: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _set_threads(threads: int | None) -> None:
-    """torch threads of one process: `threads`, never more than OMP_NUM_THREADS when set."""
-    if not threads:
-        return
-    limit = os.environ.get("OMP_NUM_THREADS")
-    if limit and limit.isdigit():
-        threads = min(threads, int(limit))
-    torch.set_num_threads(max(1, int(threads)))
-
-
 def rank_command(entry: str, kwargs: Mapping[str, Any], *, log_path: str | None = None, threads: int | None = None) -> list[str]:
     """The command each rank runs: this module's entry point with the stage's entry and kwargs."""
     command = [sys.executable, "-m", "cellfoundry.train", "--entry", entry, "--kwargs", json.dumps(kwargs, default=str)]
@@ -442,7 +432,7 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
 def _rank_main(argv: list[str] | None = None) -> int:
     """One DDP rank started by run_stage's srun: log to the rule's log (rank 0 at INFO, the
     others at WARNING after one line saying they started), then run the entry point."""
-    from cellfoundry.utils import setup_logging
+    from cellfoundry.utils import set_torch_threads, setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m cellfoundry.train", description=_rank_main.__doc__)
     parser.add_argument("--entry", required=True, help="module:function of the training stage")
@@ -456,7 +446,7 @@ def _rank_main(argv: list[str] | None = None) -> int:
              os.environ.get("SLURM_LOCALID", "0"), os.getpid())
     if rank != "0":
         logging.getLogger().setLevel(logging.WARNING)
-    _set_threads(args.threads)
+    set_torch_threads(args.threads)
     try:
         resolve_entry(args.entry)(**json.loads(args.kwargs))
     except UserError as err:

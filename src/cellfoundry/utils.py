@@ -35,6 +35,17 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
         force=True,
     )
     logging.captureWarnings(True)
+    if log_path:
+        sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(exc_type, exc, tb) -> None:
+    """Send an uncaught exception to the log, so it lands in the rule's log file and not only on
+    the job's stderr: a UserError as its message, anything else with its traceback."""
+    if isinstance(exc, UserError):
+        log.error("%s", exc)
+    else:
+        log.critical("unexpected error", exc_info=(exc_type, exc, tb))
 
 
 @contextlib.contextmanager
@@ -73,6 +84,20 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # pragma: no cover - torch is a dependency
         return
     torch.manual_seed(seed)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Use `threads` for torch's CPU kernels (None/0: leave torch's default), never more than
+    OMP_NUM_THREADS when set: more threads than free cores makes small kernels wait on each other
+    (10x slower seen)."""
+    if not threads:
+        return
+    import torch
+
+    limit = os.environ.get("OMP_NUM_THREADS")
+    if limit and limit.isdigit():
+        threads = min(threads, int(limit))
+    torch.set_num_threads(max(1, int(threads)))
 
 
 def resolve_device(name: str = "auto") -> str:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -196,27 +195,29 @@ def autocast(device: str):
     return torch.autocast("cpu", enabled=False)
 
 
-def token_rows(data: CellData, lo: int, hi: int, device: str) -> tuple[Tensor, Tensor]:
-    """Token rows [lo:hi] of the memmapped tokens as (gene ids int64 [B, L], values [B, L])."""
-    ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
-    vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
-    return ids, vals
+@torch.inference_mode()
+def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """The frozen base over every cell's tokens (memmapped, read batch by batch), inference mode:
+    yields (lo, hi, outputs [hi - lo, L+1, d], padding [hi - lo, L+1])."""
+    base = base.to(device).eval()
+    table = gene_table.to(device)
+    for lo in range(0, data.n_cells, batch_size):
+        hi = min(data.n_cells, lo + batch_size)
+        ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
+        vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
+        with autocast(device):
+            outputs, padding = base.encode(ids, vals, table)
+        yield lo, hi, outputs, padding
 
 
 @torch.inference_mode()
 def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str) -> BaseCache:
     """Run the frozen base once over all cells (inference mode), logging a rate line."""
     n = data.n_cells
-    base = base.to(device).eval()
-    table = gene_table.to(device)
     tokens, masks, cls = [], [], []
     start = time.perf_counter()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    for lo in range(0, n, batch_size):
-        hi = min(n, lo + batch_size)
-        ids, vals = token_rows(data, lo, hi, device)
-        with autocast(device):
-            outputs, padding = base.encode(ids, vals, table)
+    for _, _, outputs, padding in base_batches(base, gene_table, data, batch_size, device):
         t, m, c = split_outputs(outputs, padding)
         tokens.append(t.to(dtype).cpu())
         masks.append(m.cpu())
@@ -662,20 +663,15 @@ def encode_cells(
     [N, M, D], atomically). Returns (X_xpressor [N, k], SE CLS embeddings [N, output_dim + 10])."""
     from cellfoundry.utils import atomic_output
 
-    base = base.to(device).eval()
     xpressor = xpressor.to(device).eval()
-    table = gene_table.to(device)
     n, m, dx = data.n_cells, xpressor.cfg.n_tokens, xpressor.cfg.d_model
     embeddings, se_cls = [], []
     start = time.perf_counter()
     with atomic_output(latents_path) as tmp:
         tmp_npy = tmp.with_name(tmp.name + ".npy")  # open_memmap keeps the given name
         out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, m, dx))
-        for lo in range(0, n, batch_size):
-            hi = min(n, lo + batch_size)
-            ids, vals = token_rows(data, lo, hi, device)
+        for lo, hi, outputs, padding in base_batches(base, gene_table, data, batch_size, device):
             with autocast(device):
-                outputs, padding = base.encode(ids, vals, table)
                 tokens, mask, _ = split_outputs(outputs, padding)
                 latents = xpressor.encode(tokens, mask)
                 emb = xpressor.embedding(latents)
@@ -694,17 +690,6 @@ def encode_cells(
 
 
 # -- rule-level drivers (called by scripts/xpressor_*.py) -----------------------------------------
-def set_torch_threads(threads: int) -> None:
-    """Use the rule's threads for torch's CPU kernels, never more than OMP_NUM_THREADS when set:
-    more threads than free cores makes small kernels wait on each other (10x slower seen)."""
-    import os
-
-    limit = os.environ.get("OMP_NUM_THREADS")
-    if limit and limit.isdigit():
-        threads = min(threads, int(limit))
-    torch.set_num_threads(max(1, threads))
-
-
 def resolve_label_columns(labels: list[str], dataset: dict) -> list[str]:
     """Config xpressor.labels -> obs columns: the roles `cell_type` and `batch` name the
     dataset's configured column (skipped when the dataset has none); anything else is an obs

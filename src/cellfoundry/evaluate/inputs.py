@@ -87,17 +87,3 @@ def _plain(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON-serialisable: {type(value)}")
-
-
-def log_uncaught(logger) -> None:
-    """Send an uncaught exception (e.g. a UserError) to `logger`, so its message lands in the
-    rule's log file and not only on the job's stderr."""
-    import sys
-
-    def hook(exc_type, exc, tb):
-        if isinstance(exc, UserError):
-            logger.error("%s", exc)
-        else:
-            logger.critical("unexpected error", exc_info=(exc_type, exc, tb))
-
-    sys.excepthook = hook

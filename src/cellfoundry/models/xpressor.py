@@ -27,7 +27,6 @@ attention score elements computed, which is how tests check the cost without tim
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
