@@ -14,6 +14,7 @@ from cellfoundry.models.xpressor import (
     XpressorConfig,
     count_attention_scores,
     decode_expression,
+    expected_counts,
     load_xpressor,
     nb_log_prob,
     sample_counts,
@@ -206,6 +207,22 @@ def test_decoder_callable_alone():
     g2 = torch.Generator().manual_seed(1)
     s1, s2 = sample_counts(out, library, "nb", g1), sample_counts(out, library, "nb", g2)
     assert torch.equal(s1, s2) and s1.shape == (6, 3) and torch.all(s1 >= 0)
+
+
+@pytest.mark.parametrize("loss", ["nb", "zinb", "mse"])
+def test_log1p_output_is_the_decoded_mean(loss):
+    """The log1p field (MSE term, metrics) and the expected counts describe the same mean; for
+    ZINB that mean includes the zero-inflation, (1 - pi) * scale."""
+    torch.manual_seed(0)
+    model = Xpressor(xcfg(loss=loss)).eval()
+    with torch.no_grad():
+        model.head.bias[2] = 1.0  # pi = sigmoid(1) ~ 0.73: far from negligible
+        out = model.decode(torch.randn(5, 4, 16), torch.randn(7, E))
+    target_sum = model.cfg.target_sum
+    counts = expected_counts(out, torch.full((5,), target_sum), loss)
+    assert torch.allclose(out.log1p, torch.log1p(counts), atol=1e-5)
+    if loss == "zinb":
+        assert torch.all(out.log1p < torch.log1p(out.scale * target_sum))
 
 
 def test_criss_cross_attention_cost_is_linear_in_tokens():

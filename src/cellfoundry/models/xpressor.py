@@ -202,7 +202,9 @@ class DecoderOutput(NamedTuple):
 
     scale: fraction of the cell's library per gene (softmax over the requested genes);
     theta: NB inverse dispersion; pi_logit: zero-inflation logit (ZINB; ignored otherwise);
-    log1p: predicted log1p-normalised mean expression, log1p(scale * target_sum).
+    log1p: predicted log1p-normalised mean expression, log1p(scale * target_sum), with the
+    ZINB mean scale * (1 - pi) for loss "zinb" (so the MSE term and the metrics see the
+    zero-inflation too).
     """
 
     scale: Tensor
@@ -267,7 +269,8 @@ class Xpressor(nn.Module):
         raw = self.head(self.head_norm(q)).float()  # [B, G, 3]; losses in fp32
         scale = torch.softmax(raw[..., 0], dim=-1)
         theta = F.softplus(raw[..., 1]) + 1e-4
-        return DecoderOutput(scale, theta, raw[..., 2], torch.log1p(scale * self.cfg.target_sum))
+        mean_fraction = scale * torch.sigmoid(-raw[..., 2]) if self.cfg.loss == "zinb" else scale
+        return DecoderOutput(scale, theta, raw[..., 2], torch.log1p(mean_fraction * self.cfg.target_sum))
 
     # -- labels and embedding --------------------------------------------------------------------
     def label_vectors(self, latents: Tensor) -> dict[str, Tensor]:
