@@ -269,8 +269,8 @@ class Xpressor(nn.Module):
         raw = self.head(self.head_norm(q)).float()  # [B, G, 3]; losses in fp32
         scale = torch.softmax(raw[..., 0], dim=-1)
         theta = F.softplus(raw[..., 1]) + 1e-4
-        mean_fraction = scale * torch.sigmoid(-raw[..., 2]) if self.cfg.loss == "zinb" else scale
-        return DecoderOutput(scale, theta, raw[..., 2], torch.log1p(mean_fraction * self.cfg.target_sum))
+        mean = mean_fraction(scale, raw[..., 2], self.cfg.loss)
+        return DecoderOutput(scale, theta, raw[..., 2], torch.log1p(mean * self.cfg.target_sum))
 
     # -- labels and embedding --------------------------------------------------------------------
     def label_vectors(self, latents: Tensor) -> dict[str, Tensor]:
@@ -366,12 +366,14 @@ def decode_expression(
     return expected_counts(out, library_size, model.cfg.loss)
 
 
+def mean_fraction(scale: Tensor, pi_logit: Tensor, loss: str) -> Tensor:
+    """Decoded mean as a fraction of the library [B, G]: scale, times 1 - pi for ZINB."""
+    return scale * torch.sigmoid(-pi_logit) if loss == "zinb" else scale
+
+
 def expected_counts(out: DecoderOutput, library_size: Tensor, loss: str) -> Tensor:
     """Mean counts [B, G] of the decoded distribution for library sizes [B]."""
-    mu = out.scale * library_size.to(out.scale)[:, None]
-    if loss == "zinb":
-        mu = mu * torch.sigmoid(-out.pi_logit)
-    return mu
+    return mean_fraction(out.scale, out.pi_logit, loss) * library_size.to(out.scale)[:, None]
 
 
 def sample_counts(out: DecoderOutput, library_size: Tensor, loss: str, generator: torch.Generator | None = None) -> Tensor:
