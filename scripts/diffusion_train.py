@@ -19,12 +19,12 @@ run_stage(
         conditions=list(snakemake.params.conditions),
         seed=snakemake.params.seed,
         device=snakemake.params.device,
-        threads=snakemake.threads,
         latents_npy=str(latents) if latents else None,
         xpressor_ckpt=str(xpressor) if xpressor else None,
     ),
     trainer=snakemake.params.settings.get("trainer", {}),
     log_path=snakemake.log[0],
+    threads=snakemake.threads,
     trainer_key="diffusion.trainer",
     resources_key="resources.diffusion",
 )

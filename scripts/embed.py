@@ -1,12 +1,10 @@
 """Rule embed: SE cell embeddings of a dataset's tokens, the whole dataset or one shard of it."""
 
-import torch
-
 from cellfoundry.embed import run_embedding
-from cellfoundry.utils import resolve_device, setup_logging
+from cellfoundry.utils import resolve_device, set_torch_threads, setup_logging
 
 setup_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+set_torch_threads(snakemake.threads)
 inp, params = snakemake.input, snakemake.params
 
 run_embedding(

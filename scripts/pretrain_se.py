@@ -3,14 +3,11 @@
 With se.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process per GPU
 (srun) that each run run_pretraining; otherwise it runs here."""
 
-import torch
-
 from cellfoundry.pretrain import run_pretraining
 from cellfoundry.train import run_stage
 from cellfoundry.utils import resolve_device, setup_logging
 
 setup_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
 
 run_stage(

@@ -4,11 +4,10 @@ With xpressor.trainer devices x num_nodes > 1 inside a SLURM job, run_stage star
 per GPU (srun) that each run train_stage; otherwise it runs here."""
 
 from cellfoundry.train import run_stage
-from cellfoundry.utils import set_torch_threads, setup_logging
+from cellfoundry.utils import setup_logging
 from cellfoundry.xpressor import resolve_label_columns, train_stage
 
 setup_logging(snakemake.log[0])
-set_torch_threads(snakemake.threads)
 run_stage(
     train_stage,
     dict(

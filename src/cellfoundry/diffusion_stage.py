@@ -492,7 +492,6 @@ def run_train(
     device: str,
     latents_npy: str | os.PathLike | None = None,
     xpressor_ckpt: str | os.PathLike | None = None,
-    threads: int | None = None,
 ) -> None:
     """Train the conditional denoiser on the train split and write model.ckpt (EMA weights).
 
@@ -502,8 +501,6 @@ def run_train(
     from cellfoundry.train import build_trainer, fit
     from cellfoundry.utils import file_sha256, resolve_device
 
-    if threads:
-        torch.set_num_threads(threads)
     settings = dict(settings)
     pl.seed_everything(seed, workers=True)
     data = read_training_data(filtered_h5ad, settings["token_space"], conditions, latents_npy)
@@ -553,10 +550,9 @@ def run_sample(
 ) -> dict:
     """Generate cells (default: the test split's condition labels), decode them to expression,
     write samples.h5ad, and measure whether guidance matters (summary.json)."""
-    from cellfoundry.utils import resolve_device
+    from cellfoundry.utils import resolve_device, set_torch_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
     device = resolve_device(device)
     ckpt = load_diffusion(model_ckpt)
     codec, settings = ckpt.codec, ckpt.settings

@@ -49,7 +49,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cellfoundry import slurm
-from cellfoundry.utils import UserError
+from cellfoundry.utils import UserError, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -375,10 +375,12 @@ def run_stage(
     (`srun --overlap ...`, see cellfoundry.slurm.srun_command), each running `entry(**kwargs)`
     as one DDP rank with its logging appended to `log_path`. This process waits for the step and
     exits with its status when it fails (128 + signal after a preemption save).
+    `threads` torch CPU threads, in this process or in each rank (utils.set_torch_threads).
     `trainer_key`/`resources_key` name the config entries in error messages.
     """
     devices, num_nodes = int(trainer.get("devices", 1)), int(trainer.get("num_nodes", 1))
     if not slurm.needs_own_step(devices, num_nodes):
+        set_torch_threads(threads)
         return (resolve_entry(entry) if isinstance(entry, str) else entry)(**kwargs)
     entry = entry_name(entry)
     world = devices * num_nodes
@@ -432,7 +434,7 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
 def _rank_main(argv: list[str] | None = None) -> int:
     """One DDP rank started by run_stage's srun: log to the rule's log (rank 0 at INFO, the
     others at WARNING after one line saying they started), then run the entry point."""
-    from cellfoundry.utils import set_torch_threads, setup_logging
+    from cellfoundry.utils import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m cellfoundry.train", description=_rank_main.__doc__)
     parser.add_argument("--entry", required=True, help="module:function of the training stage")
