@@ -10,6 +10,7 @@ import torch
 from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.xpressor import (
     Attention,
+    DecoderOutput,
     Xpressor,
     XpressorConfig,
     count_attention_scores,
@@ -224,6 +225,21 @@ def test_log1p_output_is_the_decoded_mean(loss):
     if loss == "zinb":
         assert torch.all(out.log1p < torch.log1p(out.scale * target_sum))
 
+
+@pytest.mark.parametrize("loss", ["nb", "mse"])
+def test_gene_subset_loss_targets_the_whole_library(loss):
+    """A training step decodes a random gene subset. Fractions that are exact within the subset
+    must score an MSE of zero against the expression normalised by the cell's whole library
+    (what the evaluation compares), not only against a target renormalised to the subset."""
+    model = Xpressor(xcfg(loss=loss))
+    counts = torch.tensor([[5.0, 0.0, 3.0, 12.0, 1.0, 9.0], [0.0, 2.0, 7.0, 1.0, 4.0, 6.0]])
+    library, pick = counts.sum(1), torch.tensor([0, 2, 3])
+    sub = counts[:, pick]
+    scale = sub / sub.sum(1, keepdim=True)
+    out = DecoderOutput(scale, torch.full_like(scale, 1e4), torch.full_like(scale, -20.0), torch.log1p(scale * 1e4))
+    assert model.reconstruction_loss(out, sub, library)["mse"] < 1e-8
+    wrong = DecoderOutput(counts[:, pick] / library[:, None], out.theta, out.pi_logit, out.log1p)
+    assert model.reconstruction_loss(wrong, sub, library)["mse"] > 0.01
 
 def test_criss_cross_attention_cost_is_linear_in_tokens():
     model = Xpressor(xcfg(attention="criss-cross")).eval()

@@ -306,12 +306,11 @@ class XpressorModule(pl.LightningModule):
         library = batch["library"].float()
         n_sub = self.settings.genes_per_step
         if self.training and n_sub and n_sub < len(genes):
-            # A random gene subset per step: the decoder's cost is per cell x gene. Predicted and
-            # observed fractions are both taken within the subset, so the objective is unchanged
-            # in kind (genes never attend to each other).
+            # A random gene subset per step: the decoder's cost is per cell x gene, and genes never
+            # attend to each other. The loss scales the subset's fractions to its observed share
+            # of the library.
             pick = torch.randperm(len(genes), device=counts.device)[:n_sub]
             genes, counts = genes[pick], counts[:, pick]
-            library = counts.sum(1)
         out = self.xpressor.decode(latents, self.gene_table[genes])
         terms = self.xpressor.reconstruction_loss(out, counts, library)
         for name, logits in self.xpressor.classify(latents).items():

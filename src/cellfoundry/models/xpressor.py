@@ -293,11 +293,17 @@ class Xpressor(nn.Module):
     # -- loss ------------------------------------------------------------------------------------
     def reconstruction_loss(self, out: DecoderOutput, counts: Tensor, library_size: Tensor) -> dict[str, Tensor]:
         """Per-term losses (means over cells and genes). counts [B, G] raw counts of the decoded
-        genes; library_size [B] their total."""
+        genes; library_size [B] the cell's total over all decodable genes. When only a subset of
+        the genes is decoded (a training step's random subset), its predicted fractions cover the
+        subset's observed share of the library: the MSE term then compares against the same
+        log1p-normalised expression as the evaluation, not one renormalised to the subset."""
+        observed = counts.sum(1)
+        share = (observed / library_size.clamp(min=1.0))[:, None]
         target = log1p_normalize(counts, library_size, self.cfg.target_sum)
-        terms = {"mse": F.mse_loss(out.log1p, target)}
+        predicted = torch.log1p(mean_fraction(out.scale, out.pi_logit, self.cfg.loss) * share * self.cfg.target_sum)
+        terms = {"mse": F.mse_loss(predicted, target)}
         if self.cfg.loss in ("nb", "zinb"):
-            mu = out.scale * library_size[:, None]
+            mu = out.scale * observed[:, None]
             if self.cfg.loss == "nb":
                 nll = -nb_log_prob(counts, mu, out.theta)
             else:
