@@ -241,6 +241,7 @@ def test_gene_subset_loss_targets_the_whole_library(loss):
     wrong = DecoderOutput(counts[:, pick] / library[:, None], out.theta, out.pi_logit, out.log1p)
     assert model.reconstruction_loss(wrong, sub, library)["mse"] > 0.01
 
+
 def test_criss_cross_attention_cost_is_linear_in_tokens():
     model = Xpressor(xcfg(attention="criss-cross")).eval()
     standard = Xpressor(xcfg()).eval()
