@@ -196,7 +196,9 @@ def tokenize_csr(
     with np.errstate(over="ignore"):
         max_term = np.expm1(row_max.astype(np.float64))
     is_raw = (row_max > RAW_MAX) | (max_term > RAW_EXPM1_SUM)
-    undecided = ~is_raw & (nnz_row * max_term > RAW_EXPM1_SUM)
+    # Capped: only cells not yet raw (max_term <= RAW_EXPM1_SUM) are asked, and the cap keeps
+    # nnz * expm1(max) of a raw cell with max near 709 from overflowing float64.
+    undecided = ~is_raw & (nnz_row * np.minimum(max_term, RAW_EXPM1_SUM) > RAW_EXPM1_SUM)
     if undecided.any():
         sel = undecided[entry_rows()]
         with np.errstate(over="ignore"):
@@ -241,7 +243,8 @@ def tokenize_csr(
     else:
         # topk: log1p of library-size-normalised counts (log input is mapped back to counts).
         data64 = data.astype(np.float64)
-        counts = np.where(is_raw[entry_rows()], data64, np.expm1(data64))
+        with np.errstate(over="ignore"):  # expm1 of raw counts > 709 is inf, and np.where discards it
+            counts = np.where(is_raw[entry_rows()], data64, np.expm1(data64))
         library = np.bincount(rows, weights=counts, minlength=n)
         scale = np.divide(target_sum, library, out=np.zeros(n), where=library > 0)
         rank_value = np.log1p(counts[expressed] * np.repeat(scale, n_pos)).astype(np.float32)
