@@ -47,3 +47,34 @@ def test_schema_uses_only_keywords_and_full_descriptions():
     assert not stray, "keys that are no JSON Schema keyword (a comma in a flow mapping?):\n" + "\n".join(stray)
     assert not bad, f"descriptions that are not a non-empty string: {bad}"
 
+
+
+def test_config_errors_name_the_key_and_a_close_match():
+    from cellfoundry.config import config_errors
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    config = yaml.safe_load((SCHEMA.parent / "config.yaml").read_text())
+    name = next(iter(config["datasets"]))
+    config["qc"]["min_gene"] = 5
+    config["datasets"][name]["cell_typ"] = "x"
+    config["device"] = "tpu"
+    assert config_errors(config, schema) == [
+        f"unknown key 'datasets.{name}.cell_typ': did you mean 'cell_type'?",
+        "'device': 'tpu' is not one of ['auto', 'cpu', 'cuda'] (" + schema["properties"]["device"]["description"] + ")",
+        "unknown key 'qc.min_gene': did you mean 'min_genes'?",
+    ]
+
+
+def test_misspelt_key_is_a_short_message(tmp_path):
+    from conftest import copy_workflow, run_snakemake
+
+    work = copy_workflow(tmp_path / "wf")
+    cfg_path = work / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["qc"]["min_gene"] = cfg["qc"].pop("min_genes")
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(work, "-n", check=False)
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode != 0 and not (work / "results").exists()
+    assert any(line.strip() == "unknown key 'qc.min_gene': did you mean 'min_genes'?" for line in out), out
+    assert len(out) < 20, "\n".join(out)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 # cellfoundry.slurm (standard library only) maps the trainer settings to SLURM resources.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
@@ -29,7 +28,10 @@ QC_OVERRIDES = {
     if isinstance(entry, dict)
 }
 
-validate(config, schema="../../config/schema.yaml")
+# One short message per bad key instead of snakemake's dump of the whole schema.
+from cellfoundry.config import validate_config
+
+validate_config(config, Path(workflow.basedir) / "config" / "schema.yaml")
 
 DATASETS = sorted(config["datasets"])
 SHARED = "results/shared"
