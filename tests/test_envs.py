@@ -9,7 +9,9 @@ package from src/, which is not installed in the conda envs)."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,10 @@ ALTERNATIVES = {
     "pyyaml": {"pyyaml", "yaml"},
 }
 VERSION = re.compile(r"^\d+(\.\d+)+([.\-+_a-zA-Z0-9]*)$")
+# conda: directives that call common.smk's torch_env() instead of naming a file: the env files it
+# can return (config conda_torch: cuda | cpu).
+TORCH_ENV_CALL = "torch_env()"
+TORCH_ENVS = {"cuda": REPO / "envs" / "gpu.yaml", "cpu": REPO / "envs" / "gpu-cpu.yaml"}
 
 
 # -- parsing the rules ----------------------------------------------------------------------
@@ -60,7 +66,10 @@ class Rule:
     directives: dict[str, str] = field(default_factory=dict)
 
     def path_of(self, directive: str) -> Path | None:
-        """The first quoted path of a directive, resolved like Snakemake (relative to the .smk)."""
+        """The first quoted path of a directive, resolved like Snakemake (relative to the .smk);
+        for `conda: torch_env()` the CUDA env (env_files gives both)."""
+        if directive == "conda" and TORCH_ENV_CALL in self.directives.get("conda", ""):
+            return TORCH_ENVS["cuda"]
         match = re.search(r"""["']([^"']+)["']""", self.directives.get(directive, ""))
         return (self.source.parent / match.group(1)).resolve() if match else None
 
@@ -205,8 +214,9 @@ def third_party_imports(script: Path) -> dict[str, set[str]]:
 
 
 # -- reading the envs -----------------------------------------------------------------------
-def env_packages(env: dict) -> dict[str, str]:
-    """Package name (lower case) -> its version spec, conda and pip entries together."""
+def env_packages(env: dict, builds: bool = False) -> dict[str, str]:
+    """Package name (lower case) -> its version spec (or, with builds, its build string, "" for
+    none), conda and pip entries together."""
     packages = {}
     for dep in env.get("dependencies") or []:
         if isinstance(dep, dict):
@@ -214,9 +224,9 @@ def env_packages(env: dict) -> dict[str, str]:
                 name, pinned, version = str(pip_dep).partition("==")
                 packages[re.split(r"[<>=!~\[ ]", name)[0].strip().lower()] = version.strip() if pinned else ""
             continue
-        # conda: "name=1.2.3", "name==1.2.3" or "channel::name=1.2.3"
-        match = re.match(r"^([A-Za-z0-9_.\-]+)\s*(==|=)?\s*(.*)$", str(dep).split("::")[-1].strip())
-        packages[match.group(1).lower()] = match.group(3).strip() if match.group(2) else ""
+        # conda: "name=1.2.3", "name==1.2.3", "channel::name=1.2.3" or "name=1.2.3=build*"
+        match = re.match(r"^([A-Za-z0-9_.\-]+)\s*(==|=)?\s*([^=\s]*)(?:=(\S+))?$", str(dep).split("::")[-1].strip())
+        packages[match.group(1).lower()] = (match.group(4) or "") if builds else match.group(3) if match.group(2) else ""
     return packages
 
 
@@ -269,10 +279,17 @@ def test_import_follower_reaches_library_modules():
 RULES = [r for r in parse_rules() if "script" in r.directives or shell_scripts(r)]
 
 
-def missing_packages(rule: Rule) -> dict[str, list[str]]:
+def env_files(rule: Rule) -> list[Path]:
+    """The env files a rule's conda: directive can name (both variants for torch_env())."""
+    if TORCH_ENV_CALL in rule.directives.get("conda", ""):
+        return list(TORCH_ENVS.values())
+    return [p for p in [rule.path_of("conda")] if p is not None]
+
+
+def missing_packages(rule: Rule, env_file: Path | None = None) -> dict[str, list[str]]:
     """Conda package -> files importing it, for packages the rule's scripts import but its env
-    does not list."""
-    env_file = rule.path_of("conda")
+    (env_file, default the one its conda: directive names) does not list."""
+    env_file = env_file or rule.path_of("conda")
     packages = {p.replace("_", "-") for p in env_packages(yaml.safe_load(env_file.read_text()))}
     scripts = [p for p in [rule.path_of("script")] if p is not None] + shell_scripts(rule)
     missing = {}
@@ -290,12 +307,13 @@ def missing_packages(rule: Rule) -> dict[str, list[str]]:
 def test_rule_env_lists_every_import(rule):
     env_file = rule.path_of("conda")
     assert env_file is not None, f"rule {rule.name} ({rule.source.name}) runs a script but has no conda: directive"
-    assert env_file.exists(), f"rule {rule.name}: conda env {env_file} does not exist"
-    missing = missing_packages(rule)
-    assert not missing, (
-        f"rule {rule.name}: {env_file.relative_to(REPO)} lacks packages its scripts import: "
-        + "; ".join(f"{name} (imported in {', '.join(files)})" for name, files in sorted(missing.items()))
-    )
+    for env_file in env_files(rule):
+        assert env_file.exists(), f"rule {rule.name}: conda env {env_file} does not exist"
+        missing = missing_packages(rule, env_file)
+        assert not missing, (
+            f"rule {rule.name}: {env_file.relative_to(REPO)} lacks packages its scripts import: "
+            + "; ".join(f"{name} (imported in {', '.join(files)})" for name, files in sorted(missing.items()))
+        )
 
 
 def test_a_missing_package_is_reported(tmp_path):
@@ -319,3 +337,103 @@ def test_lazy_library_imports_count_only_when_their_function_is_used(tmp_path):
     # resolve_device imports torch inside the function; seed_everything guards it by ImportError
     assert "torch" in third_party_imports(uses_device)
     assert "torch" not in third_party_imports(uses_logging)
+
+
+# -- the GPU envs and the device check ----------------------------------------------------------
+def test_gpu_env_selects_the_cuda_build_and_the_cpu_variant_differs_only_in_torch():
+    cuda_env, cpu_env = (yaml.safe_load(TORCH_ENVS[k].read_text()) for k in ("cuda", "cpu"))
+    # the build string decides: without it a GPU-less login node resolves the CPU build
+    assert env_packages(cuda_env, builds=True)["pytorch"].startswith("cuda"), "envs/gpu.yaml must require pytorch=...=cuda*"
+    assert VERSION.match(env_packages(cuda_env)["cuda-version"]), "envs/gpu.yaml must pin cuda-version"
+    assert env_packages(cpu_env, builds=True)["pytorch"].startswith("cpu")
+    assert env_packages(cuda_env)["pytorch"] == env_packages(cpu_env)["pytorch"]
+    rest = {k: v for k, v in env_packages(cuda_env).items() if k != "cuda-version"}
+    assert rest == env_packages(cpu_env) and cuda_env["channels"] == cpu_env["channels"]
+
+
+def test_torch_rules_take_their_env_from_torch_env():
+    direct = [r.name for r in parse_rules() if re.search(r"envs/gpu(-cpu)?\.yaml", r.directives.get("conda", ""))]
+    assert not direct, f"rules naming envs/gpu*.yaml instead of calling {TORCH_ENV_CALL}: {direct}"
+    gpu_rules = [r for r in parse_rules() if "gpu_resources" in r.directives.get("resources", "")]
+    assert gpu_rules and all(TORCH_ENV_CALL in r.directives.get("conda", "") for r in gpu_rules)
+    helper = (RULES_DIR / "common.smk").read_text().split("def torch_env", 1)[1].split("\ndef ", 1)[0]
+    assert '"../../envs/gpu.yaml"' in helper and '"../../envs/gpu-cpu.yaml"' in helper
+
+
+@pytest.mark.parametrize(
+    "environ, given",
+    [
+        ({}, None),
+        ({"CUDA_VISIBLE_DEVICES": ""}, None),
+        ({"CUDA_VISIBLE_DEVICES": "-1", "SLURM_GPUS_ON_NODE": "0"}, None),
+        ({"SLURM_JOB_GPUS": "NoDevFiles", "SLURM_GPUS_PER_NODE": "a100:0"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "0"}, "CUDA_VISIBLE_DEVICES=0"),
+        ({"SLURM_STEP_GPUS": "2,3"}, "SLURM_STEP_GPUS=2,3"),
+        ({"SLURM_GPUS_PER_NODE": "h100:4"}, "SLURM_GPUS_PER_NODE=h100:4"),
+        ({"SLURM_GPU_BIND": "closest"}, None),  # not a GPU allocation
+    ],
+)
+def test_given_gpus_reads_the_allocation(environ, given):
+    from cellfoundry.utils import given_gpus
+
+    assert given_gpus(environ) == given
+
+
+def _no_gpu_env(monkeypatch, **variables):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key in [k for k in os.environ if k.startswith("SLURM_GPUS") or k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")]:
+        monkeypatch.delenv(key)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_resolve_device_refuses_a_gpu_job_whose_torch_sees_no_gpu(monkeypatch):
+    from cellfoundry.utils import UserError, resolve_device
+
+    _no_gpu_env(monkeypatch)
+    assert resolve_device("auto") == "cpu"  # a laptop: auto falls back
+    _no_gpu_env(monkeypatch, SLURM_JOB_GPUS="0", CUDA_VISIBLE_DEVICES="0")
+    with pytest.raises(UserError) as err:
+        resolve_device("auto")
+    message = str(err.value)
+    assert "\n" not in message and "CUDA_VISIBLE_DEVICES=0" in message
+    assert sys.prefix in message and "envs/gpu.yaml" in message and "device: cpu" in message
+    assert resolve_device("cpu") == "cpu"  # a deliberate CPU run is never refused
+    _no_gpu_env(monkeypatch)
+    with pytest.raises(UserError, match="device: cuda is set"):
+        resolve_device("cuda")
+
+
+# A rule script run as Snakemake runs it (its `snakemake` object injected), in a GPU job whose
+# torch sees no GPU: CUDA is hidden from torch by the patched is_available, as on a CPU build.
+FAKE_JOB = """
+import runpy, sys
+from types import SimpleNamespace as NS
+import torch
+torch.cuda.is_available = lambda: False
+missing = {tmp!r} + "/missing"
+job = NS(log=[{tmp!r} + "/rule.log"], threads=1, output=[{tmp!r} + "/out.h5ad"],
+         input=NS(ckpt=missing, vocab=missing, tokens=[missing], cells=missing, h5ads=[missing]),
+         params=NS(device="auto", shards=1, shard=0, allow_unsafe_pickle=False, work_dir=missing, se={{"trainer": {{}}}},
+                   seed=0, datasets=["d"], batch_size=2),
+         config={{"embed": {{"batch_size": 2}}}})
+job.output = [{tmp!r} + "/out.h5ad"] if {script!r}.endswith("embed.py") else NS(ckpt=missing, losses=missing)
+runpy.run_path({script!r}, init_globals={{"snakemake": job}}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["embed.py", "pretrain_se.py"])
+def test_a_gpu_rule_script_stops_with_one_line_before_any_work(script, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(CUDA_VISIBLE_DEVICES="0", SLURM_JOB_GPUS="0", PYTHONPATH=str(SRC))
+    code = FAKE_JOB.format(tmp=str(tmp_path), script=str(REPO / "scripts" / script))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    log = (tmp_path / "rule.log").read_text()
+    # the device check, not a missing input, stopped it: one ERROR line, last, and no traceback
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and log.splitlines()[-1] == errors[0] and "Traceback" not in log, log
+    assert "CUDA_VISIBLE_DEVICES=0 but torch" in errors[0] and "envs/gpu.yaml" in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]

@@ -49,6 +49,9 @@ SLURM_TEST_ARGS = [
     "--slurm-status-command", "squeue",
     "--slurm-keep-successful-logs",
     "--verbose",
+    # The placeholder GPU (/dev/null) hands GPU jobs CUDA_VISIBLE_DEVICES but no CUDA device:
+    # device auto would rightly stop them (resolve_device), so the test runs them on the CPU on purpose.
+    "--config", "device=cpu",
 ]
 # CPU rules whose memory comes from a GPU family's entry: random_se builds a model as large as
 # the embed jobs load (several GB for SE-600M) without needing a GPU.

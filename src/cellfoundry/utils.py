@@ -100,15 +100,40 @@ def set_torch_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+def given_gpus(environ=os.environ) -> str | None:
+    """'NAME=value' of the first variable through which SLURM (or the user) gave this process
+    GPUs, or None. Device lists (CUDA_VISIBLE_DEVICES=0 is GPU 0) are empty, -1 or NoDevFiles
+    when none; SLURM_GPUS* counts ("2", "a100:2") are 0 when none."""
+    for key in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        value = environ.get(key, "").strip()
+        if value not in ("", "-1", "NoDevFiles"):
+            return f"{key}={value}"
+    for key in sorted(k for k in environ if k.startswith("SLURM_GPUS")):
+        value = environ[key].strip()
+        if value and value.rsplit(":", 1)[-1] not in ("0", "none"):
+            return f"{key}={value}"
+    return None
+
+
 def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is visible and usable, else 'cpu'."""
+    """'auto' -> 'cuda' when a GPU is visible and usable, else 'cpu'.
+
+    Stops when this job was given GPUs (given_gpus) or device is cuda but torch sees no CUDA
+    device: a CPU build of PyTorch in a GPU job would otherwise train on the CPU unnoticed.
+    device cpu is a deliberate CPU run and is never refused."""
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was asked for but no CUDA GPU is visible; set device: auto or cpu.")
-    return name
+    if name not in ("auto", "cuda") or torch.cuda.is_available():
+        return "cuda" if name == "auto" else name
+    given = "device: cuda is set" if name == "cuda" else given_gpus()
+    if given is None:
+        return "cpu"  # a laptop or CPU node: auto falls back
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    raise UserError(
+        f"{given} but torch {torch.__version__} ({build}) in the env {sys.prefix} sees no CUDA GPU; "
+        "GPU rules need envs/gpu.yaml with conda_torch: cuda (rebuild it: snakemake --conda-create-envs-only) "
+        "and a working NVIDIA driver on the node (nvidia-smi), or set device: cpu to run on the CPU on purpose."
+    )
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -112,6 +112,18 @@ def inference_gpu_resources(family):
     return dict(mem_mb=lambda wc, attempt: res["mem_mb"] * attempt, runtime=res["runtime"], **inference_resources(res))
 
 
+def torch_env():
+    """The conda env of the torch rules: envs/gpu.yaml (CUDA build of PyTorch) or, with
+    conda_torch: cpu, envs/gpu-cpu.yaml. For the CUDA env, CONDA_OVERRIDE_CUDA (unless set) is
+    its cuda-version pin, so conda solves the CUDA build on a login node without a GPU."""
+    if config["conda_torch"] == "cpu":
+        return "../../envs/gpu-cpu.yaml"
+    words = Path(workflow.basedir, "envs", "gpu.yaml").read_text().split()
+    pin = next(w.partition("=")[2] for w in words if w.startswith("cuda-version="))
+    os.environ.setdefault("CONDA_OVERRIDE_CUDA", pin)
+    return "../../envs/gpu.yaml"
+
+
 def vocab_path():
     """The gene vocabulary: the SE model folder's protein_embeddings.pt when se.model_folder is
     set, else the one rule build_vocab builds from the datasets."""

@@ -31,7 +31,7 @@ rule diffusion_train:
         **training_gpu_resources("diffusion", "diffusion.trainer"),
     threads: 2
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/diffusion_train.py"
 
@@ -59,6 +59,6 @@ rule diffusion_sample:
         **inference_gpu_resources("diffusion"),
     threads: 2
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/diffusion_sample.py"

@@ -25,7 +25,7 @@ if config["se"]["model_folder"]:
         resources:
             **cpu_resources(),
         conda:
-            "../../envs/gpu.yaml"
+            torch_env()
         script:
             "../../scripts/link_se_checkpoint.py"
 
@@ -55,7 +55,7 @@ else:
             **training_gpu_resources("pretrain_se", "se.trainer"),
         threads: 2
         conda:
-            "../../envs/gpu.yaml"
+            torch_env()
         script:
             "../../scripts/pretrain_se.py"
 
@@ -76,7 +76,7 @@ rule random_se:
         mem_mb=lambda wc, attempt: config["resources"]["embed"]["mem_mb"] * attempt,
         runtime=config["resources"]["cpu"]["runtime"],
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/random_se.py"
 
@@ -103,7 +103,7 @@ if config["embed"]["shards"] > 1:
             **gpu_resources("embed"),
         threads: 2
         conda:
-            "../../envs/gpu.yaml"
+            torch_env()
         script:
             "../../scripts/embed.py"
 
@@ -121,7 +121,7 @@ if config["embed"]["shards"] > 1:
         resources:
             **cpu_resources(),
         conda:
-            "../../envs/gpu.yaml"
+            torch_env()
         script:
             "../../scripts/embed_gather.py"
 
@@ -147,7 +147,7 @@ else:
             **gpu_resources("embed"),
         threads: 2
         conda:
-            "../../envs/gpu.yaml"
+            torch_env()
         script:
             "../../scripts/embed.py"
 
@@ -176,7 +176,7 @@ rule embed_knn:
     resources:
         **cpu_resources(),
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/embed_knn.py"
 
@@ -201,6 +201,6 @@ rule embed_umap:
     resources:
         **cpu_resources(),
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/embed_umap.py"

@@ -32,7 +32,7 @@ rule xpressor_train:
         **training_gpu_resources("xpressor", "xpressor.trainer"),
     threads: 2
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/xpressor_train.py"
 
@@ -72,6 +72,6 @@ rule xpressor_encode:
         **inference_gpu_resources("xpressor"),
     threads: 2
     conda:
-        "../../envs/gpu.yaml"
+        torch_env()
     script:
         "../../scripts/xpressor_encode.py"
