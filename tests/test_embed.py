@@ -116,7 +116,7 @@ def test_cli_reports_user_errors(tmp_path, capsys):
     args = ["embed", "--checkpoint", str(CKPT), "--gene-embeddings", str(GENES), "--input", str(FIXTURE / "cells.h5ad"),
             "--output", str(tmp_path / "o.h5ad"), "--gene-column", "nope", "--device", "cpu"]
     assert cli_main(args) == 2
-    assert "--gene-column 'nope'" in capsys.readouterr().err
+    assert "--gene-symbols nope is not a var column" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["embed", "--input", "x.h5ad", "--output", "y.h5ad"])  # neither model nor checkpoint
 

@@ -48,6 +48,42 @@ def autocast_context(device: str):
     return contextlib.nullcontext()
 
 
+def _duration(seconds: float) -> str:
+    """12s, 1m43s, 2h05m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Progress of a whole run, however its cells are split into calls: one log line every
+    `every_s` seconds and one at the end, e.g.
+    "embedded 12,288 / 100,000 cells (12%), 850 cells/s, ETA 1m43s"."""
+
+    def __init__(self, total: int, every_s: float = 30.0) -> None:
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.perf_counter()) - self.start, 1e-9)
+        rate = self.done / elapsed
+        # floor, so 100% is only shown once every cell is done
+        head = f"embedded {self.done:,} / {self.total:,} cells ({100 * self.done // max(self.total, 1)}%), {rate:,.0f} cells/s"
+        if self.done >= self.total:
+            return f"{head}, done in {_duration(elapsed)}"
+        return f"{head}, ETA {_duration((self.total - self.done) / rate) if rate > 0 else '?'}"
+
+
 def iter_embeddings(
     model: StateEmbedding,
     gene_ids: np.ndarray,
@@ -57,28 +93,25 @@ def iter_embeddings(
     batch_size: int = 64,
     device: str = "cpu",
     progress_every_s: float = 30.0,
+    progress: Progress | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield float32 cell embeddings [b, output_dim + 10] for `rows` of the token arrays
-    (gene_ids int [N, L], values float [N, L], both may be memmaps), batch by batch, in order."""
+    (gene_ids int [N, L], values float [N, L], both may be memmaps), batch by batch, in order.
+    Progress is logged through `progress` (shared by a caller that embeds in several calls), by
+    default a Progress over these rows."""
     rows = range(len(gene_ids)) if rows is None else rows
+    progress = progress or Progress(len(rows), progress_every_s)
     model = model.to(device).eval()
     table = gene_table.to(device=device, dtype=torch.float32)
-    n_total, done, start = len(rows), 0, time.perf_counter()
-    last_report = start
     with torch.inference_mode(), autocast_context(device):
-        for begin in range(0, n_total, batch_size):
+        for begin in range(0, len(rows), batch_size):
             idx = rows[begin : begin + batch_size]
             sl = slice(idx[0], idx[-1] + 1) if isinstance(idx, range) else np.asarray(idx)
             # np.array copies: memmapped token files are read-only
             ids = torch.from_numpy(np.array(gene_ids[sl], dtype=np.int64)).to(device, non_blocking=True)
             counts = torch.from_numpy(np.array(values[sl], dtype=np.float32)).to(device, non_blocking=True)
             emb = model(ids, counts, table).float().cpu().numpy()
-            done += len(emb)
-            now = time.perf_counter()
-            if now - last_report >= progress_every_s or done == n_total:
-                rate = done / max(now - start, 1e-9)
-                log.info("embedded %d/%d cells (%.1f cells/s)", done, n_total, rate)
-                last_report = now
+            progress.update(len(emb))
             yield emb
 
 
@@ -104,7 +137,8 @@ def write_embedding_h5ad(
         adata = ad.AnnData(obs=obs.copy(), var=var, uns=uns or {})
         adata.write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:
-            dset = f["obsm"].create_dataset(key, shape=(n, dim), dtype="float32", chunks=(min(max(n, 1), 4096), dim))
+            # h5py refuses a chunk larger than an empty dataset
+            dset = f["obsm"].create_dataset(key, shape=(n, dim), dtype="float32", chunks=(min(n, 4096), dim) if n else None)
             dset.attrs["encoding-type"] = "array"
             dset.attrs["encoding-version"] = "0.2.0"
             pos = 0

@@ -204,7 +204,8 @@ class GeneMatch:
 
     @property
     def n_matched(self) -> int:
-        return int((self.local_to_global >= 0).sum())
+        """Distinct vocabulary genes the dataset covers: a symbol listed twice counts once."""
+        return int(np.unique(self.local_to_global[self.local_to_global >= 0]).size)
 
     @property
     def gene_fraction(self) -> float:
