@@ -1,12 +1,18 @@
 """Shared fixtures. The workflow tests run the real `snakemake` on the demo in one temporary
-copy of the workflow, shared by the whole session so each stage runs once."""
+copy of the workflow, shared by the whole session so each stage runs once.
+
+CELLFOUNDRY_TEST_TIMEOUT (a factor, default 1) scales every snakemake timeout for slow machines.
+A run that times out is killed (its whole process group), its workdir unlocked, and it fails
+alone; later runs in that workdir are skipped with the reason instead of each timing out too."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,17 +41,60 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+# Workdir -> why its earlier snakemake run was killed (a timeout): later runs there are skipped.
+TIMED_OUT: dict[Path, str] = {}
+
+
+def timeout_scale() -> float:
+    value = os.environ.get("CELLFOUNDRY_TEST_TIMEOUT", "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = 0
+    if not scale > 0:
+        raise pytest.UsageError(f"CELLFOUNDRY_TEST_TIMEOUT={value!r}: give a positive factor for the snakemake timeouts, e.g. 2")
+    return scale
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM snakemake's process group (it and its local jobs); SIGKILL what is left after `grace` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        deadline = time.monotonic() + wait
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reap snakemake, or its zombie keeps the group alive
+                os.killpg(proc.pid, 0)
+                time.sleep(0.2)
+        except ProcessLookupError:
+            return
+
+
 def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
     """Run the real snakemake CLI in `workdir`; on failure show its output and the rule logs."""
+    workdir = Path(workdir)
+    if workdir in TIMED_OUT:
+        pytest.skip(f"an earlier snakemake run in {workdir} was killed: {TIMED_OUT[workdir]}")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(
-        [str(BIN / "snakemake"), "--cores", "2", *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    cmd = [str(BIN / "snakemake"), "--cores", "2", *args]
+    timeout = timeout * timeout_scale()
+    # its own session: on a timeout the whole group (snakemake and its local jobs) is killed
+    popen = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(popen)
+        stdout, stderr = popen.communicate(timeout=60)
+        # a killed snakemake leaves its lock, which would fail every later run in this workdir
+        unlock = subprocess.run([str(BIN / "snakemake"), "--unlock"], cwd=workdir, env=env,
+                                capture_output=True, text=True, timeout=300)
+        reason = (f"snakemake {' '.join(args)} timed out after {timeout:.0f} s (slow machine? raise "
+                  f"CELLFOUNDRY_TEST_TIMEOUT, the factor on every snakemake timeout, now {timeout_scale():g})")
+        TIMED_OUT[workdir] = reason
+        pytest.fail(f"{reason}; killed its process group, `snakemake --unlock` exited {unlock.returncode}.\n"
+                    f"{stdout[-3000:]}\n{stderr[-5000:]}")
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         logs = "\n".join(
             f"--- {p.relative_to(workdir)}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))

@@ -6,12 +6,18 @@ tests), starts munged (unless one already runs), slurmctld and slurmd, and waits
 is idle. `stop()` ends exactly the daemons it started, by the pids in their pid files, and
 removes the config files it wrote. Recipe and facts: ../shared/spec/slurm.md.
 
+Every daemon it starts is also recorded (pid and command line) in its own pidfile, PIDFILE, so a
+run killed before `stop()` (pytest killed, a timeout) leaves a record: `stop_leftovers()`, called
+before the next start, ends the recorded daemons that still run with the same command line and
+removes the file. Daemons it did not start are never recorded, so never touched.
+
 `unavailable_reason()` says why a cluster cannot be started here (not root, no apt, another
 slurmctld already running, a foreign slurm.conf), so the test can skip with that reason.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +30,8 @@ from pathlib import Path
 SLURM_ETC = Path("/etc/slurm")
 MUNGE_PIDFILE = Path("/run/munge/munged.pid")
 MARKER = "# written by cellfoundry tests/slurm_cluster.py"
+# The daemons this harness started and has not stopped yet: [{name, pid, cmdline}] (JSON).
+PIDFILE = Path("/run/cellfoundry-tests/slurm-daemons.json")
 # The node advertises more CPUs and memory than a 2-core CI machine has (slurmd is told to
 # trust the config), so the workflow's real resource requests schedule; nothing is enforced
 # (TaskPlugin=task/none), jobs just share the cores.
@@ -62,6 +70,58 @@ def _running(name: str) -> bool:
             except OSError:
                 continue
     return False
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return None
+
+
+def _terminate(pid: int, grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace` s."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _read_records() -> list[dict]:
+    try:
+        return json.loads(PIDFILE.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _write_records(records: list[dict]) -> None:
+    if records:
+        PIDFILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = PIDFILE.with_name(PIDFILE.name + ".tmp")
+        tmp.write_text(json.dumps(records))
+        os.replace(tmp, PIDFILE)
+    else:
+        PIDFILE.unlink(missing_ok=True)
+
+
+def stop_leftovers(log=lambda message: None) -> list[int]:
+    """End the daemons an earlier run recorded in PIDFILE and never stopped (it was killed),
+    those still running with the recorded command line only (a reused pid is another program),
+    then remove the file. Returns the pids ended."""
+    stopped = []
+    for record in _read_records():
+        pid = record.get("pid")
+        if isinstance(pid, int) and _pid_alive(pid) and _cmdline(pid) == record.get("cmdline"):
+            log(f"stopping {record.get('name')} (pid {pid}) left running by an earlier, killed test run")
+            _terminate(pid)
+            stopped.append(pid)
+    _write_records([])
+    return stopped
 
 
 def _conf_is_ours(path: Path) -> bool:
@@ -171,13 +231,18 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True,
                        capture_output=True, timeout=30)
-        self.started_pids["munged"] = self._wait_pidfile(MUNGE_PIDFILE)
+        self._started("munged", self._wait_pidfile(MUNGE_PIDFILE))
 
     def start_daemon(self, name: str) -> None:
         proc = subprocess.run([f"/usr/sbin/{name}"], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed to start ({proc.returncode}): {proc.stderr}\n{self.tail_logs()}")
-        self.started_pids[name] = self._wait_pidfile(self.state_dir / f"{name}.pid")
+        self._started(name, self._wait_pidfile(self.state_dir / f"{name}.pid"))
+
+    def _started(self, name: str, pid: int) -> None:
+        """Remember a daemon we started, here and in PIDFILE (which outlives this process)."""
+        self.started_pids[name] = pid
+        _write_records(_read_records() + [{"name": name, "pid": pid, "cmdline": _cmdline(pid)}])
 
     def _wait_pidfile(self, pidfile: Path, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
@@ -200,6 +265,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise RuntimeError(f"node not idle after {timeout}s (state {state!r})\n{self.tail_logs()}")
 
     def start(self) -> "SlurmCluster":
+        stop_leftovers(self.log)
         install(self.log)
         self.write_config()
         try:
@@ -237,14 +303,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, timeout=30)
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self.started_pids.pop(name, None)
-            if pid is None or not _pid_alive(pid):
-                continue
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            if pid is not None and _pid_alive(pid):
+                _terminate(pid)
+            _write_records([r for r in _read_records() if r.get("pid") != pid])
         for path in self.written_files:
             if path.exists() and path.read_text().startswith(MARKER):
                 path.unlink()

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from conftest import copy_workflow, run_snakemake
-from slurm_cluster import SlurmCluster, unavailable_reason
+from slurm_cluster import SlurmCluster, stop_leftovers, unavailable_reason
 from test_envs import parse_rules
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
@@ -62,6 +62,8 @@ SBATCH_CALL = re.compile(r"sbatch call: (sbatch .*)")
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
+    # daemons that a killed earlier run of these tests left running (its pidfile); no others
+    stop_leftovers()
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"real SLURM test skipped: {reason}")
