@@ -3,6 +3,7 @@
 import json
 import logging
 
+from cellfoundry.genes import AUTO, prepare_genes
 from cellfoundry.io import load_counts
 from cellfoundry.qc import run_qc
 from cellfoundry.qc_plots import plot_counts_vs_genes, plot_distributions
@@ -13,8 +14,11 @@ log = logging.getLogger("cellfoundry")
 ds = snakemake.params.dataset
 out = snakemake.output
 
-adata = load_counts(ds["path"], ds["format"], ds["counts"], ds["gene_symbols"])
+# gene_symbols: auto is chosen after loading, from var_names and the var columns
+adata = load_counts(ds["path"], ds["format"], ds["counts"], None if ds["gene_symbols"] == AUTO else ds["gene_symbols"])
 log.info("read %d cells x %d genes from %s", adata.n_obs, adata.n_vars, ds["path"])
+# gene names and the gene map, before QC so that every later stage sees the same genes
+adata, genes = prepare_genes(adata, ds["gene_symbols"], snakemake.input.gene_map or None, snakemake.input.vocab or None)
 result = run_qc(
     adata,
     snakemake.params.qc,
@@ -23,6 +27,7 @@ result = run_qc(
     seed=snakemake.params.seed,
 )
 result.summary["dataset"] = snakemake.wildcards.dataset
+result.summary["genes"] = genes
 title = f"{snakemake.wildcards.dataset}: {result.summary['cells_before']} -> {result.summary['cells_after']} cells"
 
 with atomic_output(out.metrics) as tmp:

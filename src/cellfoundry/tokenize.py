@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from .genes import mapped_genes
 from .utils import UserError, atomic_output
 from .vocab import GeneMatch, GeneVocab, explain_poor_match, match_genes, read_var
 
@@ -413,7 +414,10 @@ class Tokens:
                 np.array(self.n_expressed[start:stop]))
 
 
-def coverage_row(name: str, match: GeneMatch, vocab: GeneVocab, total: float, in_vocab: float) -> dict[str, Any]:
+def coverage_row(name: str, match: GeneMatch, vocab: GeneVocab, total: float, in_vocab: float,
+                 mapped: np.ndarray | None = None) -> dict[str, Any]:
+    """mapped: bool [G], the dataset genes that came from the dataset's gene map (None: no map)."""
+    mapped = np.zeros(match.n_genes, dtype=bool) if mapped is None else np.asarray(mapped, dtype=bool)
     return {
         "dataset": name,
         "n_genes": match.n_genes,
@@ -421,6 +425,8 @@ def coverage_row(name: str, match: GeneMatch, vocab: GeneVocab, total: float, in
         "fraction_genes_matched": round(match.gene_fraction, 6),
         "fraction_counts_covered": round(in_vocab / total, 6) if total > 0 else 0.0,
         "vocab_size": len(vocab),
+        "n_genes_mapped": int(mapped.sum()),
+        "n_genes_mapped_matched": int((mapped & (match.local_to_global >= 0)).sum()),
     }
 
 
@@ -790,7 +796,7 @@ def _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, worke
                     last = _progress(done, N, t0, last)
             finally:
                 _worker_close()
-        row = coverage_row(dataset, match, vocab, total, in_vocab)
+        row = coverage_row(dataset, match, vocab, total, in_vocab, mapped_genes(path))
         check_coverage(row, min_coverage, match, vocab, var_columns)
         _write_tsv(tmp / "coverage.tsv", [row])
         attrs = _attrs(vocab, length, method, seed, source_hash, N, target_sum)

@@ -1,6 +1,9 @@
 rule qc:
     input:
         dataset_input,
+        gene_map=lambda wc: dataset_cfg(wc.dataset)["gene_map"] or [],
+        # gene_symbols: auto scores the candidates against a vocabulary known before QC
+        vocab=lambda wc: vocab_path() if config["se"]["model_folder"] and dataset_cfg(wc.dataset)["gene_symbols"] == "auto" else [],
     output:
         h5ad="results/{dataset}/qc/filtered.h5ad",
         summary=report(
