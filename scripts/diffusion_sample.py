@@ -16,4 +16,5 @@ run_sample(
     xpressor_ckpt=snakemake.input.get("xpressor"),
     vocab_path=snakemake.input.get("vocab"),
     latents_npy=snakemake.input.get("latents"),
+    config=snakemake.config["diffusion"],  # recorded in samples.h5ad's provenance
 )

@@ -18,4 +18,5 @@ run_embedding(
     shards=params.shards,
     shard=params.shard,
     allow_unsafe_pickle=params.allow_unsafe_pickle,
+    config=snakemake.config["embed"],  # recorded in the output's provenance
 )

@@ -5,6 +5,7 @@ import logging
 
 from cellfoundry.genes import AUTO, prepare_genes
 from cellfoundry.io import load_counts
+from cellfoundry.provenance import KEY, provenance
 from cellfoundry.qc import run_qc
 from cellfoundry.qc_plots import plot_counts_vs_genes, plot_distributions
 from cellfoundry.utils import atomic_output, setup_logging
@@ -36,6 +37,9 @@ with atomic_output(out.distributions) as tmp:
     plot_distributions(result.metrics, result.thresholds, tmp, title)
 with atomic_output(out.scatter) as tmp:
     plot_counts_vs_genes(result.metrics, tmp, title)
+result.filtered.uns[KEY] = provenance(
+    "qc", {"dataset": ds, "qc": snakemake.params.qc, "seed": snakemake.params.seed}, inputs={"counts": ds["path"]}
+)
 with atomic_output(out.h5ad) as tmp:
     result.filtered.write_h5ad(tmp)
 with atomic_output(out.summary) as tmp:

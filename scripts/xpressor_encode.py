@@ -19,4 +19,5 @@ encode_stage(
     batch_size=snakemake.params.batch_size,
     knn_k=snakemake.params.knn_k,
     device=snakemake.params.device,
+    config=snakemake.config["xpressor"],  # recorded in embedding.h5ad's provenance
 )

@@ -547,9 +547,12 @@ def run_sample(
     vocab_path: str | os.PathLike | None = None,
     latents_npy: str | os.PathLike | None = None,
     threads: int | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> dict:
     """Generate cells (default: the test split's condition labels), decode them to expression,
-    write samples.h5ad, and measure whether guidance matters (summary.json)."""
+    write samples.h5ad, and measure whether guidance matters (summary.json). `config` (the
+    stage's config section, default `sample_cfg`) goes into the provenance record of samples.h5ad."""
+    from cellfoundry.provenance import KEY as PROVENANCE_KEY, provenance
     from cellfoundry.utils import resolve_device, set_torch_threads
 
     set_torch_threads(threads)
@@ -588,6 +591,12 @@ def run_sample(
     log.info("sampling %d cells (%s, %d steps, eta %.2f, guidance %.2f)", len(request_obs), sample_cfg["sampler"], sample_cfg["steps"], sample_cfg["eta"], scale)
     decoded, library, tokens = generate(scale)
     samples = samples_anndata(decoded, request_obs, codec, var_names, library)
+    samples.uns[PROVENANCE_KEY] = provenance(
+        "diffusion_sample", config if config is not None else {"sample": sample_cfg},
+        checkpoints={"diffusion": model_ckpt, "xpressor": xpressor_ckpt if settings["token_space"] == "latent" else None},
+        vocab=vocab_path if settings["token_space"] == "latent" else None,
+        inputs={"cells": filtered_h5ad},
+    )
     with atomic_output(samples_h5ad) as tmp:
         samples.write_h5ad(tmp)
     summary: dict[str, Any] = {

@@ -259,6 +259,14 @@ def check_tokens_match_model(method: str, encoding: str, tokens_dir: str | os.Pa
         )
 
 
+def embed_provenance(ckpt, vocab_path, cells_h5ad, tokens_dir=None, config: dict | None = None) -> dict:
+    """uns of an embedding .h5ad: the provenance record of the embed stage."""
+    from cellfoundry.provenance import KEY, provenance
+
+    record = provenance("embed", config, checkpoints={"se": ckpt}, vocab=vocab_path, inputs={"cells": cells_h5ad, "tokens": tokens_dir})
+    return {KEY: record}
+
+
 def run_embedding(
     ckpt: str | os.PathLike,
     vocab_path: str | os.PathLike,
@@ -270,11 +278,13 @@ def run_embedding(
     shards: int = 1,
     shard: int | None = None,
     allow_unsafe_pickle: bool = False,
+    config: dict | None = None,
 ) -> None:
     """Embed a dataset's tokens with the SE checkpoint `ckpt`.
 
-    shard None: write `out_path` as .h5ad (obs of `cells_h5ad`, obsm["X_state"]); else write
-    shard `shard` of `shards` (0-based) as a float32 .npy for embed_gather."""
+    shard None: write `out_path` as .h5ad (obs of `cells_h5ad`, obsm["X_state"], its provenance
+    with `config`, the stage's config section, in uns); else write shard `shard` of `shards`
+    (0-based) as a float32 .npy for embed_gather."""
     from cellfoundry.models.se_checkpoint import load_se
     from cellfoundry.tokenize import read_tokens
 
@@ -283,7 +293,8 @@ def run_embedding(
     check_tokens_match_model(tokens.attrs.get("method", "se"), cfg.encoding, tokens_dir)
     log.info("embedding %d cells (L=%d) on %s, batch size %d", len(tokens), tokens.attrs["L"], device, batch_size)
     if shard is None:
-        embed_to_h5ad(model, tokens.gene_ids, tokens.values, vocab.table, read_obs(cells_h5ad), out_path, batch_size, device)
+        uns = embed_provenance(ckpt, vocab_path, cells_h5ad, tokens_dir, config)
+        embed_to_h5ad(model, tokens.gene_ids, tokens.values, vocab.table, read_obs(cells_h5ad), out_path, batch_size, device, uns=uns)
     else:
         rows = shard_rows(len(tokens), shards, shard, align=batch_size)
         log.info("shard %d/%d: cells %d..%d", shard + 1, shards, rows.start, rows.stop)

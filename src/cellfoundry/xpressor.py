@@ -773,13 +773,16 @@ def encode_stage(
     batch_size: int,
     knn_k: int,
     device: str,
+    config: dict | None = None,
 ) -> dict:
     """Rule xpressor_encode: latents of every cell, X_xpressor, kNN label accuracy beside the SE
-    CLS embedding, the stage summary and its figure."""
+    CLS embedding, the stage summary and its figure. `config` (the stage's config section) goes
+    into the provenance record of embedding.h5ad."""
     import anndata as ad
     import pandas as pd
 
     from cellfoundry.models.xpressor import load_xpressor
+    from cellfoundry.provenance import KEY as PROVENANCE_KEY, provenance
     from cellfoundry.utils import atomic_output, resolve_device
 
     device = resolve_device(device)
@@ -796,6 +799,10 @@ def encode_stage(
     out = ad.AnnData(obs=obs)
     out.obsm["X_xpressor"] = embedding.astype(np.float32)
     out.uns["xpressor"] = {"embedding": "label token bottleneck" if labels else "mean of latent tokens", "labels": labels}
+    out.uns[PROVENANCE_KEY] = provenance(
+        "xpressor_encode", config, checkpoints={"se": se_checkpoint, "xpressor": xpressor_ckpt}, vocab=vocab_path,
+        inputs={"cells": h5ad, "tokens": tokens},
+    )
     with atomic_output(out_h5ad) as tmp:
         out.write_h5ad(tmp)
 

@@ -118,6 +118,11 @@ if config["embed"]["shards"] > 1:
             "results/{dataset}/embed/{model}.h5ad",
         log:
             "logs/{dataset}/embed_gather_{model}.log",
+        params:
+            # recorded in the output's provenance (the shards do not carry it)
+            ckpt=lambda wc: SE_MODELS[wc.model],
+            vocab=vocab_path(),
+            tokens=lambda wc: f"results/{wc.dataset}/tokens",
         resources:
             **cpu_resources(),
         conda:

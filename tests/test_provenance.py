@@ -1,0 +1,104 @@
+"""uns["cellfoundry"]: the record of which model, config and inputs made each .h5ad output
+(QC, embed and its gather, Xpressor encode, diffusion samples; the CLI's in test_cli.py)."""
+
+from __future__ import annotations
+
+import os
+
+import anndata as ad
+import numpy as np
+import pytest
+from test_diffusion import CONDITIONS, SAMPLE, SETTINGS, synthetic  # noqa: F401 - the fixture
+from test_embed import CKPT, FIXTURE, GENES, fixture_tokens  # noqa: F401 - the fixture
+from test_xpressor_stage import _train, inputs  # noqa: F401 - the fixture
+
+from cellfoundry import __version__, provenance as prov
+from cellfoundry.embed import embed_provenance, gather_shards, read_obs, run_embedding
+from cellfoundry.provenance import provenance, read_provenance
+from cellfoundry.utils import file_sha256
+
+from conftest import run_snakemake
+
+
+def test_record_is_h5ad_safe_and_reads_back(tmp_path):
+    config = {"batch_size": 64, "missing": None, "nested": {"steps": [1, 2]}}
+    record = provenance("embed", config, checkpoints={"se": CKPT, "other": None}, vocab=GENES, inputs={"cells": FIXTURE})
+    assert record["checkpoints"] == {"se": {"path": os.path.abspath(CKPT), "sha256": file_sha256(CKPT)}}  # None left out
+    assert record["inputs"]["cells"]["size_bytes"] == sum(f.stat().st_size for f in FIXTURE.rglob("*") if f.is_file())
+    adata = ad.AnnData(np.zeros((2, 3), np.float32))
+    adata.uns["cellfoundry"] = record
+    adata.uns["qc"] = provenance("qc")  # no checkpoint, no vocabulary, no config: empty groups
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = read_provenance(tmp_path / "a.h5ad")
+    assert back["config"] == config and back["version"] == __version__ and back["vocab"]["sha256"] == file_sha256(GENES)
+    assert ad.read_h5ad(tmp_path / "a.h5ad").uns["qc"]["checkpoints"] == {}
+    with pytest.raises(ValueError, match="free of '/'"):
+        provenance("x", checkpoints={"a/b": CKPT})
+
+
+def test_a_checkpoint_is_hashed_once_per_process(tmp_path):
+    big = tmp_path / "model.ckpt"
+    big.write_bytes(b"weights" * 1000)
+    misses = prov._cached_sha256.cache_info().misses
+    first = provenance("a", checkpoints={"m": big})["checkpoints"]["m"]["sha256"]
+    provenance("b", checkpoints={"m": big}, vocab=big)
+    assert prov._cached_sha256.cache_info().misses == misses + 1
+    big.write_bytes(b"other weights")  # a changed file is hashed again
+    assert provenance("c", checkpoints={"m": big})["checkpoints"]["m"]["sha256"] != first
+
+
+def test_embed_outputs_carry_the_record(tmp_path, fixture_tokens):  # noqa: F811
+    cells = FIXTURE / "cells.h5ad"
+    run_embedding(CKPT, GENES, fixture_tokens, cells, tmp_path / "se.h5ad", device="cpu", config={"batch_size": 64})
+    record = read_provenance(tmp_path / "se.h5ad")
+    assert record["stage"] == "embed" and record["config"] == {"batch_size": 64}
+    assert record["checkpoints"]["se"]["sha256"] == file_sha256(CKPT)
+    assert record["vocab"]["sha256"] == file_sha256(GENES)
+    assert set(record["inputs"]) == {"cells", "tokens"}
+    # the gathered output of shards records the same
+    part = tmp_path / "part.npy"
+    run_embedding(CKPT, GENES, fixture_tokens, cells, part, device="cpu", shards=1, shard=0)
+    gather_shards([part], read_obs(cells), tmp_path / "gathered.h5ad", uns=embed_provenance(CKPT, GENES, cells, fixture_tokens, {"batch_size": 64}))
+    assert read_provenance(tmp_path / "gathered.h5ad") == record
+
+
+def test_xpressor_embedding_carries_the_record(inputs, tmp_path):  # noqa: F811
+    from cellfoundry.xpressor import encode_stage
+
+    _train(inputs, tmp_path, baselines=False, max_epochs=1)
+    encode_stage(
+        se_checkpoint=inputs["se"], vocab_path=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
+        xpressor_ckpt=str(tmp_path / "model.ckpt"), metrics_tsv=str(tmp_path / "reconstruction.tsv"),
+        out_latents=str(tmp_path / "latents.npy"), out_h5ad=str(tmp_path / "embedding.h5ad"),
+        out_summary=str(tmp_path / "summary.json"), out_plot=str(tmp_path / "summary.png"),
+        batch_size=16, knn_k=5, device="cpu", config={"knn_k": 5},
+    )  # fmt: skip
+    record = read_provenance(tmp_path / "embedding.h5ad")
+    assert record["stage"] == "xpressor_encode" and record["config"] == {"knn_k": 5}
+    assert record["checkpoints"]["se"]["sha256"] == file_sha256(inputs["se"])
+    assert record["checkpoints"]["xpressor"]["sha256"] == file_sha256(tmp_path / "model.ckpt")
+    assert record["vocab"]["sha256"] == file_sha256(inputs["vocab"])
+
+
+def test_diffusion_samples_carry_the_record(synthetic, tmp_path):  # noqa: F811
+    from cellfoundry.diffusion_stage import run_sample, run_train
+
+    h5ad = synthetic / "filtered.h5ad"
+    run_train(h5ad, tmp_path / "model.ckpt", tmp_path / "train", {**SETTINGS, "token_space": "gene"}, CONDITIONS, seed=0, device="cpu")
+    run_sample(tmp_path / "model.ckpt", h5ad, tmp_path / "samples.h5ad", tmp_path / "summary.json",
+               {**SAMPLE, "guidance_check": False}, seed=0, device="cpu", config={"sample": {"steps": 5}})
+    record = read_provenance(tmp_path / "samples.h5ad")
+    assert record["stage"] == "diffusion_sample" and record["config"] == {"sample": {"steps": 5}}
+    assert record["checkpoints"] == {"diffusion": {"path": str(tmp_path / "model.ckpt"), "sha256": file_sha256(tmp_path / "model.ckpt")}}
+    assert "vocab" not in record  # the gene token space uses no vocabulary
+    assert record["inputs"]["cells"]["size_bytes"] == h5ad.stat().st_size
+
+
+@pytest.mark.workflow
+def test_qc_output_of_the_workflow_carries_the_record(demo_workdir):
+    run_snakemake(demo_workdir, "results/pbmc68k/qc/filtered.h5ad")
+    record = read_provenance(demo_workdir / "results" / "pbmc68k" / "qc" / "filtered.h5ad")
+    assert record["stage"] == "qc" and record["checkpoints"] == {}
+    assert set(record["config"]) == {"dataset", "qc", "seed"} and "min_genes" in record["config"]["qc"]
+    counts = record["inputs"]["counts"]
+    assert counts["path"].endswith(".h5ad") and counts["size_bytes"] > 0
