@@ -123,3 +123,24 @@ def test_mouse_dataset_mapped_to_human_passes_tokenizer_coverage(tmp_path):
     cov = pd.read_csv(tmp_path / "t1" / "coverage.tsv", sep="\t")
     assert row["n_genes_matched"] == 39 == cov.loc[0, "n_genes_mapped"] == cov.loc[0, "n_genes_mapped_matched"]
     assert cov.loc[0, "fraction_counts_covered"] == pytest.approx(1 - X[:, -2:].sum() / X.sum(), abs=1e-6)
+
+
+@pytest.mark.workflow
+def test_rule_qc_applies_the_gene_map(tmp_path):
+    import json
+
+    import yaml
+    from conftest import copy_workflow, run_snakemake
+
+    work = copy_workflow(tmp_path / "wf")
+    (work / "map.tsv").write_text("Mouse gene name\tHuman gene name\nHES4\tHESX\nTNFRSF4\tHESX\nSSU72\t\n")
+    cfg_path = work / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    name = next(iter(cfg["datasets"]))
+    cfg["datasets"][name].update(gene_map="map.tsv", gene_symbols="auto")
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_snakemake(work, f"results/{name}/qc/summary.json")
+    genes = json.loads((work / f"results/{name}/qc/summary.json").read_text())["genes"]
+    assert genes["names"] == "var_names" and genes["genes_summed_away"] == 1 and genes["genes_in_map"] == 2
+    var = ad.read_h5ad(work / f"results/{name}/qc/filtered.h5ad", backed="r").var
+    assert var.loc["HESX", MAP_COLUMN] == "HES4;TNFRSF4" and "HES4" not in var.index and "SSU72" in var.index
