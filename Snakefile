@@ -12,6 +12,15 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+# config container (an image built from ./Dockerfile): with --sdm conda apptainer every job runs
+# in it, in the env baked into it for its rule (README, "Containers"). Set before any rule.
+if config["container"]:
+
+    containerized: config["container"]
+
+
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/tokenize.smk"

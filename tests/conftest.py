@@ -81,6 +81,7 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     # its own session: on a timeout the whole group (snakemake and its local jobs) is killed
     popen = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
+    unlock = None
     try:
         stdout, stderr = popen.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -89,6 +90,7 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
         # a killed snakemake leaves its lock, which would fail every later run in this workdir
         unlock = subprocess.run([str(BIN / "snakemake"), "--unlock"], cwd=workdir, env=env,
                                 capture_output=True, text=True, timeout=300)
+    if unlock is not None:  # outside the except: the failure shows no TimeoutExpired traceback
         reason = (f"snakemake {' '.join(args)} timed out after {timeout:.0f} s (slow machine? raise "
                   f"CELLFOUNDRY_TEST_TIMEOUT, the factor on every snakemake timeout, now {timeout_scale():g})")
         TIMED_OUT[workdir] = reason

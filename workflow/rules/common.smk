@@ -114,9 +114,10 @@ def inference_gpu_resources(family):
 
 def torch_env():
     """The conda env of the torch rules: envs/gpu.yaml (CUDA build of PyTorch) or, with
-    conda_torch: cpu, envs/gpu-cpu.yaml. For the CUDA env, CONDA_OVERRIDE_CUDA (unless set) is
-    its cuda-version pin, so conda solves the CUDA build on a login node without a GPU."""
-    if config["conda_torch"] == "cpu":
+    conda_torch: cpu and no container (the image holds the CUDA env only, which runs on CPUs too),
+    envs/gpu-cpu.yaml. For the CUDA env, CONDA_OVERRIDE_CUDA (unless set) is its cuda-version
+    pin, so conda solves the CUDA build on a login node without a GPU."""
+    if config["conda_torch"] == "cpu" and not config["container"]:
         return "../../envs/gpu-cpu.yaml"
     words = Path(workflow.basedir, "envs", "gpu.yaml").read_text().split()
     pin = next(w.partition("=")[2] for w in words if w.startswith("cuda-version="))
