@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from sklearn.metrics import roc_auc_score
 
 from cellfoundry.demo import pbmc68k_counts
-from cellfoundry.qc import annotate_genes, mad_thresholds, run_qc, stratified_split
+from cellfoundry.qc import annotate_genes, detect_doublets, mad_thresholds, run_qc, stratified_split
 from cellfoundry.utils import UserError
 
 BASE = {
@@ -123,3 +124,64 @@ def test_demo_counts_are_integers_and_qc_keeps_most_cells():
     # every cell type is in both splits when it has two or more cells
     table = pd.crosstab(res.filtered.obs["bulk_labels"], res.filtered.obs["split"])
     assert (table[table.sum(axis=1) >= 2] > 0).all().all()
+
+
+def cells_with_doublets(n=5000, n_doublets=300, n_genes=2000, n_types=6, seed=0):
+    """n cells of n_types marker-gene profiles, the last n_doublets of them real doublets (the sum
+    of two simulated cells' counts); returns the AnnData and the doublet mask."""
+    rng = np.random.default_rng(seed)
+    profiles = np.repeat(rng.gamma(0.3, 1.0, size=n_genes)[None], n_types, axis=0)
+    for t in range(n_types):
+        markers = rng.choice(n_genes, 60, replace=False)
+        profiles[t, markers] *= rng.uniform(10, 30, size=60)
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    n_single = n - n_doublets
+    types = rng.integers(n_types, size=n_single + 2 * n_doublets)
+    X = rng.poisson(profiles[types] * rng.lognormal(np.log(1500), 0.3, size=len(types))[:, None])
+    X = np.vstack([X[:n_single], X[n_single::2] + X[n_single + 1::2]]).astype(np.float32)
+    adata = ad.AnnData(X=sp.csr_matrix(X))
+    adata.obs_names = [f"c{i}" for i in range(n)]
+    return adata, np.r_[np.zeros(n_single, bool), np.ones(n_doublets, bool)]
+
+
+def test_scrublet_finds_real_doublets_among_5000_cells():
+    # 5,000 cells + 10,000 simulated doublets: past the 8,192 where scanpy's approximate kNN broke
+    adata, truth = cells_with_doublets()
+    doublets = {"enabled": True, "expected_rate": 0.06, "threshold": None}
+    called = detect_doublets(adata, doublets, None, seed=0)
+    scores = adata.obs["doublet_score"].to_numpy()
+    # a sixth of the doublets pair two cells of one type: they look like singlets
+    assert roc_auc_score(truth, scores) > 0.9
+    assert called[truth].mean() > 0.7 and called[~truth].mean() < 0.01
+    # deterministic for a seed, and the per-batch loop gives one batch the same result
+    again = adata.copy()
+    again.obs["batch"] = "b1"
+    np.testing.assert_array_equal(detect_doublets(again, doublets, "batch", seed=0), called)
+    np.testing.assert_array_equal(again.obs["doublet_score"].to_numpy(), scores)
+
+
+def test_removing_most_cells_warns_with_the_filters_and_keys(caplog):
+    adata = toy()
+    X = adata.X.toarray()
+    X[:30, :8] = 0  # 30 of 40 cells express only 2 genes
+    adata.X = sp.csr_matrix(X)
+    with caplog.at_level("WARNING", logger="cellfoundry"):
+        res = run_qc(adata, cfg(min_genes=5, max_pct_mt=20.0), seed=0)
+    warning = res.summary["large_removal"]
+    assert warning["cells_removed"] == 30 and warning["fraction_removed"] == 0.75
+    assert warning["filters"] == [{"filter": "genes", "cells_failing": 30, "config_key": "qc.min_genes / qc.max_genes"}]
+    assert "removes 30 of 40 cells (75%)" in caplog.text and "qc.min_genes" in caplog.text
+    assert "large_removal" not in run_qc(toy(), cfg(min_genes=5), seed=0).summary
+
+
+def test_unlabelled_cells_are_split_at_random_not_as_a_class():
+    labels = pd.Series(["a"] * 8 + [np.nan, None, "", " "] + ["b"] * 4, dtype=object)
+    split = stratified_split(labels, 16, 0.25, seed=0)
+    assert (split[:8] == "test").sum() == 2 and (split[12:] == "test").sum() == 1
+    # the four unlabelled cells are one group (NaN, None and blanks alike): 1 in test, where
+    # classes "nan" and "" would put one of each pair in test
+    assert (split[8:12] == "test").sum() == 1
+    adata = toy(16)
+    adata.obs["label"] = pd.Categorical(labels.replace("", np.nan).replace(" ", np.nan))
+    res = run_qc(adata, cfg(), cell_type="label", seed=0)
+    assert res.summary["unlabelled_cells"] == 4

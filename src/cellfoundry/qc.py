@@ -31,6 +31,7 @@ class Threshold:
     lower: float | None = None
     upper: float | None = None
     batch: str | None = None
+    key: str | None = None  # the obs column holding `batch` (None: the dataset's batch column)
 
     def passes(self, values: pd.Series) -> np.ndarray:
         ok = np.ones(len(values), dtype=bool)
@@ -63,6 +64,27 @@ def compute_metrics(adata: ad.AnnData) -> None:
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt", "ribo", "hb"], percent_top=None, log1p=True, inplace=True)
 
 
+# The config keys a user changes to loosen each filter (named in the large-removal warning).
+FILTER_KEYS = {
+    "genes": "qc.min_genes / qc.max_genes",
+    "counts": "qc.min_counts / qc.max_counts",
+    "max_pct_mt": "qc.max_pct_mt",
+    "max_pct_hb": "qc.max_pct_hb",
+    "doublets": "qc.doublets.threshold (or expected_rate, or enabled: false)",
+}
+# Keys a dataset's `sample_qc` may override per sample; the rest are dataset-wide.
+FIXED_KEYS = ("min_genes", "max_genes", "min_counts", "max_counts")
+SAMPLE_QC_KEYS = (*FIXED_KEYS, "max_pct_mt", "max_pct_hb", "mad", "doublets")
+
+
+def merge_qc(base: dict, override: dict | None) -> dict:
+    """`base` qc settings with `override` applied (nested sections merged key by key)."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        out[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
 def fixed_thresholds(cfg: dict) -> list[Threshold]:
     out = [
         Threshold("genes", "n_genes_by_counts", cfg.get("min_genes"), cfg.get("max_genes")),
@@ -80,13 +102,17 @@ def percent_thresholds(cfg: dict) -> list[Threshold]:
     return out
 
 
-def mad_thresholds(obs: pd.DataFrame, cfg: dict, batch_key: str | None) -> list[Threshold]:
-    """Median ± n·MAD windows per batch; percentages are filtered from above only."""
-    n_mads = cfg["mad"]["n_mads"]
+def mad_thresholds(
+    obs: pd.DataFrame, cfg: dict, batch_key: str | None, batch_cfg: dict[str, dict] | None = None
+) -> list[Threshold]:
+    """Median ± n·MAD windows per batch; percentages are filtered from above only. `batch_cfg`
+    maps a batch to its own qc settings (per-sample overrides)."""
     groups = obs.groupby(batch_key, observed=True) if batch_key else [(None, obs)]
     out = []
     for batch, part in groups:
-        for metric in cfg["mad"]["metrics"]:
+        mad_cfg = (batch_cfg or {}).get(str(batch), cfg)["mad"]
+        n_mads = mad_cfg["n_mads"]
+        for metric in mad_cfg["metrics"]:
             values = part[metric].to_numpy()
             median = float(np.median(values))
             mad = float(np.median(np.abs(values - median)))
@@ -101,37 +127,126 @@ def apply_thresholds(obs: pd.DataFrame, thresholds: list[Threshold], batch_key: 
     for t in thresholds:
         ok = t.passes(obs[t.metric])
         if t.batch is not None:
-            ok |= (obs[batch_key].astype(str) != t.batch).to_numpy()
+            ok |= (obs[t.key or batch_key].astype(str) != t.batch).to_numpy()
         masks[t.name] = masks.get(t.name, np.ones(len(obs), bool)) & ok
     return masks
 
 
-def detect_doublets(adata: ad.AnnData, cfg: dict, batch_key: str | None, seed: int) -> np.ndarray:
-    """scrublet doublet scores and calls (per batch when a batch column is set); adds obs columns."""
-    sc.pp.scrublet(
-        adata,
-        batch_key=batch_key,
-        expected_doublet_rate=cfg["expected_rate"],
-        threshold=cfg["threshold"],
-        random_state=seed,
-        verbose=False,
-    )
+def detect_doublets(
+    adata: ad.AnnData, cfg: dict, batch_key: str | None, seed: int, batch_cfg: dict[str, dict] | None = None
+) -> np.ndarray:
+    """scrublet doublet scores and calls, per batch when a batch column is set (`batch_cfg` maps a
+    batch to its own doublet settings); adds obs columns doublet_score and predicted_doublet.
+
+    The kNN step uses exact neighbours (scikit-learn, brute force) at every size: scanpy 1.11's
+    approximate path (pynndescent, taken once obs + simulated doublets reach 8,192 cells) returns a
+    scipy csr_array, and scipy >= 1.17 removed the getnnz its neighbour shortcut calls. Exact
+    neighbours are also what scanpy uses below that size, so every size runs one tested path;
+    the cost is O(n^2) per batch (about 10 s for 10,000 cells on one core)."""
+    adata.obs["doublet_score"] = np.nan
+    adata.obs["predicted_doublet"] = False
+    groups = adata.obs.groupby(batch_key, observed=True).indices if batch_key else {None: np.arange(adata.n_obs)}
+    for batch, rows in groups.items():
+        bcfg = (batch_cfg or {}).get(str(batch), {}).get("doublets", cfg)
+        if not bcfg.get("enabled", True):
+            continue
+        part = adata[rows].copy()
+        sc.pp.scrublet(
+            part,
+            expected_doublet_rate=bcfg["expected_rate"],
+            threshold=bcfg["threshold"],
+            random_state=seed,
+            use_approx_neighbors=False,
+            verbose=False,
+        )
+        adata.obs.iloc[rows, adata.obs.columns.get_loc("doublet_score")] = part.obs["doublet_score"].to_numpy()
+        adata.obs.iloc[rows, adata.obs.columns.get_loc("predicted_doublet")] = part.obs["predicted_doublet"].to_numpy(bool)
     return adata.obs["predicted_doublet"].to_numpy(dtype=bool)
+
+
+def unlabelled(labels: pd.Series) -> np.ndarray:
+    """Cells without a label: NaN / None or an empty (blank) string."""
+    return (labels.isna() | labels.astype(str).str.strip().eq("")).to_numpy()
 
 
 def stratified_split(labels: pd.Series | None, n: int, test_fraction: float, seed: int) -> np.ndarray:
     """'train'/'test' per cell; each label keeps test_fraction of its cells in test (at least one
-    cell on each side for labels with two or more cells)."""
+    cell on each side for labels with two or more cells). Unlabelled cells (NaN, empty) are no
+    class: they are split at random, test_fraction of them (rounded) in test."""
     rng = np.random.default_rng(seed)
     split = np.full(n, "train", dtype=object)
-    codes = np.zeros(n, dtype=int) if labels is None else pd.factorize(labels.astype(str).to_numpy())[0]
+    if labels is None:
+        codes = np.zeros(n, dtype=int)
+    else:
+        codes = pd.factorize(labels.astype(str).to_numpy())[0]
+        codes[unlabelled(labels)] = -1
     for code in np.unique(codes):
         members = np.flatnonzero(codes == code)
-        if len(members) < 2:
+        if code == -1:
+            n_test = int(round(test_fraction * len(members)))
+        elif len(members) < 2:
             continue
-        n_test = min(max(int(round(test_fraction * len(members))), 1), len(members) - 1)
+        else:
+            n_test = min(max(int(round(test_fraction * len(members))), 1), len(members) - 1)
         split[rng.permutation(members)[:n_test]] = "test"
     return split
+
+
+def sample_configs(
+    obs: pd.DataFrame, cfg: dict, sample_qc: dict[str, dict] | None, sample_key: str, batch: str | None
+) -> dict[str, dict]:
+    """Each sample's qc settings (cfg with its `sample_qc` overrides); {} without overrides."""
+    if not sample_qc:
+        return {}
+    if sample_key not in obs.columns:
+        raise UserError(
+            f"`sample_qc` is set but the cells have no obs column {sample_key!r}; per-sample QC overrides "
+            "need the dataset to be read from a `samples` sheet. Remove sample_qc or use `samples`."
+        )
+    samples = obs[sample_key].astype(str)
+    unknown = sorted(set(sample_qc) - set(samples))
+    if unknown:
+        raise UserError(
+            f"`sample_qc` names samples {unknown} that are not in the sample sheet (samples: "
+            f"{sorted(samples.unique())}); fix the names under sample_qc."
+        )
+    for name, override in sample_qc.items():
+        bad = sorted(set(override) - set(SAMPLE_QC_KEYS))
+        if bad:
+            raise UserError(f"sample_qc.{name} sets {bad}, which are dataset-wide; allowed per sample: {list(SAMPLE_QC_KEYS)}.")
+        if cfg["filter"] == "mad" and set(override) & set(FIXED_KEYS):
+            raise UserError(
+                f"sample_qc.{name} sets fixed thresholds {sorted(set(override) & set(FIXED_KEYS))} but qc.filter "
+                "is mad, which ignores them; set mad.n_mads for the sample instead, or use filter: fixed."
+            )
+        if batch != sample_key and {"mad", "doublets"} & set(override):
+            raise UserError(
+                f"sample_qc.{name} overrides mad/doublets, which run per batch, but the dataset's batch is "
+                f"{batch!r}, not {sample_key!r}; unset `batch` (it then defaults to {sample_key}) or move "
+                "these keys to the dataset's qc section."
+            )
+    return {s: merge_qc(cfg, sample_qc.get(s)) for s in pd.unique(samples)}
+
+
+def large_removal(n_before: int, n_after: int, steps: list[dict]) -> dict:
+    """The warning for a QC that removes more than half of the cells: which filters, how many each."""
+    culprits = sorted((s for s in steps if s["cells_failing"]), key=lambda s: -s["cells_failing"])
+    filters = [
+        {
+            "filter": s["filter"],
+            "cells_failing": s["cells_failing"],
+            "config_key": FILTER_KEYS.get(s["filter"], "qc.mad.n_mads (or qc.mad.metrics)"),
+        }
+        for s in culprits
+    ]
+    removed = n_before - n_after
+    message = (
+        f"QC removes {removed} of {n_before} cells ({100 * removed / n_before:.0f}%), more than half: "
+        + "; ".join(f"{f['filter']} removes {f['cells_failing']} on its own (change {f['config_key']})" for f in filters)
+        + ". Check the thresholds suit this data (species, chemistry, depth); change them in the qc section, "
+        "the dataset's qc overrides or its sample_qc."
+    )
+    return {"cells_removed": removed, "fraction_removed": round(removed / n_before, 4), "filters": filters, "message": message}
 
 
 def run_qc(
@@ -141,11 +256,15 @@ def run_qc(
     cell_type: str | None = None,
     batch: str | None = None,
     seed: int = 0,
+    sample_qc: dict[str, dict] | None = None,
+    sample_key: str = "sample",
 ) -> QCResult:
     """Filter cells and genes of a raw-count AnnData and split it; nothing in `adata` is changed.
 
     Filters run in order: metric thresholds, doublets, genes by min_cells. The summary records,
     for each filter, how many cells (or genes) it removes on its own and how many remain after it.
+    `sample_qc` maps a value of obs[sample_key] to overrides of the cell filters for its cells
+    (SAMPLE_QC_KEYS; mad and doublets overrides need the batch column to be sample_key).
     """
     for key, role in ((cell_type, "cell_type"), (batch, "batch")):
         if key is not None and key not in adata.obs.columns:
@@ -156,11 +275,13 @@ def run_qc(
     compute_metrics(adata)
     obs = adata.obs
 
-    thresholds = percent_thresholds(cfg)
-    if cfg["filter"] == "fixed":
-        thresholds = fixed_thresholds(cfg) + thresholds
-    else:
-        thresholds = mad_thresholds(obs, cfg, batch) + thresholds
+    group_cfg = sample_configs(obs, cfg, sample_qc, sample_key, batch)
+    thresholds = []
+    for sample, scfg in group_cfg.items() or [(None, cfg)]:
+        part = (fixed_thresholds(scfg) if cfg["filter"] == "fixed" else []) + percent_thresholds(scfg)
+        thresholds += [Threshold(t.name, t.metric, t.lower, t.upper, sample, sample_key if sample else None) for t in part]
+    if cfg["filter"] == "mad":
+        thresholds = mad_thresholds(obs, cfg, batch, group_cfg) + thresholds
     masks = apply_thresholds(obs, thresholds, batch)
 
     steps = []
@@ -171,9 +292,10 @@ def run_qc(
 
     obs["doublet_score"] = np.nan
     obs["predicted_doublet"] = False
-    if cfg["doublets"]["enabled"] and keep.sum() > 0:
+    doublets_on = any(c["doublets"]["enabled"] for c in group_cfg.values()) if group_cfg else cfg["doublets"]["enabled"]
+    if doublets_on and keep.sum() > 0:
         sub = adata[keep].copy()
-        is_doublet = detect_doublets(sub, cfg["doublets"], batch, seed)
+        is_doublet = detect_doublets(sub, cfg["doublets"], batch, seed, group_cfg)
         obs.loc[sub.obs_names, "doublet_score"] = sub.obs["doublet_score"].to_numpy()
         obs.loc[sub.obs_names, "predicted_doublet"] = is_doublet
         keep[np.flatnonzero(keep)[is_doublet]] = False
@@ -193,6 +315,9 @@ def run_qc(
         "thresholds": [t.__dict__ for t in thresholds],
         "steps": steps,
     }
+    if keep.sum() < 0.5 * adata.n_obs:
+        summary["large_removal"] = large_removal(adata.n_obs, int(keep.sum()), steps)
+        log.warning("%s", summary["large_removal"]["message"])
     if keep.sum() == 0:
         per_filter = "; ".join(f"{s['filter']}: {s['cells_failing']} cells fail" for s in steps)
         raise UserError(
@@ -215,6 +340,8 @@ def run_qc(
         )
 
     labels = filtered.obs[cell_type] if cell_type else None
+    if labels is not None:
+        summary["unlabelled_cells"] = int(unlabelled(labels).sum())
     filtered.obs["split"] = pd.Categorical(
         stratified_split(labels, filtered.n_obs, cfg["test_fraction"], seed), categories=["train", "test"]
     )
