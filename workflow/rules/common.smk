@@ -58,7 +58,13 @@ def qc_cfg(dataset):
 
 
 def dataset_input(wildcards):
-    return dataset_cfg(wildcards.dataset)["path"]
+    """The dataset's input, or its sample sheet and every input the sheet names (QC reruns when any changes)."""
+    ds = dataset_cfg(wildcards.dataset)
+    if ds.get("samples"):
+        from cellfoundry.samples import sheet_inputs
+
+        return sheet_inputs(ds["samples"])
+    return ds["path"]
 
 
 def cpu_resources():
