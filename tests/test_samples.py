@@ -104,6 +104,9 @@ def test_per_sample_thresholds_and_mad_per_sample(tmp_path):
     res = run_qc(adata, cfg(), batch="sample", sample_qc={"s2": {"min_counts": 10_000}}, seed=0)
     assert set(res.filtered.obs["sample"]) == {"s1", "s3"}
     assert res.summary["steps"][0] == {"filter": "counts", "cells_failing": 50, "cells_remaining": 100}
+    # a third of the data set goes, so only the sample's own warning fires
+    assert "large_removal" not in res.summary and list(res.summary["large_removal_samples"]) == ["s2"]
+    assert res.summary["large_removal_samples"]["s2"]["message"].startswith("sample s2: QC removes 50 of 50 cells")
     with pytest.raises(UserError, match=r"names samples \['s7'\]"):
         run_qc(adata, cfg(), batch="sample", sample_qc={"s7": {"min_counts": 1}})
     with pytest.raises(UserError, match="unset `batch`"):

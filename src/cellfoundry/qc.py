@@ -228,8 +228,9 @@ def sample_configs(
     return {s: merge_qc(cfg, sample_qc.get(s)) for s in pd.unique(samples)}
 
 
-def large_removal(n_before: int, n_after: int, steps: list[dict]) -> dict:
-    """The warning for a QC that removes more than half of the cells: which filters, how many each."""
+def large_removal(n_before: int, n_after: int, steps: list[dict], sample: str | None = None) -> dict:
+    """The warning for a QC that removes more than half of the cells (of one sample, if given):
+    which filters, how many each, and the keys to change."""
     culprits = sorted((s for s in steps if s["cells_failing"]), key=lambda s: -s["cells_failing"])
     filters = [
         {
@@ -241,10 +242,11 @@ def large_removal(n_before: int, n_after: int, steps: list[dict]) -> dict:
     ]
     removed = n_before - n_after
     message = (
-        f"QC removes {removed} of {n_before} cells ({100 * removed / n_before:.0f}%), more than half: "
+        ("" if sample is None else f"sample {sample}: ")
+        + f"QC removes {removed} of {n_before} cells ({100 * removed / n_before:.0f}%), more than half: "
         + "; ".join(f"{f['filter']} removes {f['cells_failing']} on its own (change {f['config_key']})" for f in filters)
         + ". Check the thresholds suit this data (species, chemistry, depth); change them in the qc section, "
-        "the dataset's qc overrides or its sample_qc."
+        "the dataset's qc overrides or " + ("its sample_qc." if sample is None else f"sample_qc.{sample}.")
     )
     return {"cells_removed": removed, "fraction_removed": round(removed / n_before, 4), "filters": filters, "message": message}
 
@@ -318,6 +320,13 @@ def run_qc(
     if keep.sum() < 0.5 * adata.n_obs:
         summary["large_removal"] = large_removal(adata.n_obs, int(keep.sum()), steps)
         log.warning("%s", summary["large_removal"]["message"])
+    if sample_key in obs.columns:  # a sample losing most of its cells hides in a data set's total
+        for sample, rows in obs.groupby(sample_key, observed=True).indices.items():
+            if keep[rows].sum() < 0.5 * len(rows):
+                sample_steps = [{"filter": n, "cells_failing": int(b[rows].sum())} for n, b in failed.items()]
+                entry = large_removal(len(rows), int(keep[rows].sum()), sample_steps, str(sample))
+                summary.setdefault("large_removal_samples", {})[str(sample)] = entry
+                log.warning("%s", entry["message"])
     if keep.sum() == 0:
         per_filter = "; ".join(f"{s['filter']}: {s['cells_failing']} cells fail" for s in steps)
         raise UserError(
