@@ -113,6 +113,8 @@ def stop_leftovers(log=lambda message: None) -> list[int]:
     """End the daemons an earlier run recorded in PIDFILE and never stopped (it was killed),
     those still running with the recorded command line only (a reused pid is another program),
     then remove the file. Returns the pids ended."""
+    if not PIDFILE.exists():
+        return []
     stopped = []
     for record in _read_records():
         pid = record.get("pid")
