@@ -26,7 +26,7 @@ def write_10x(folder, X, genes, barcodes):
     with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
         scipy.io.mmwrite(fh, sp.coo_matrix(X.T.astype(np.int64)))
     with gzip.open(folder / "features.tsv.gz", "wt") as fh:
-        fh.writelines(f"ENSG{i:05d}\t{g}\tGene Expression\n" for i, g in enumerate(genes))
+        fh.writelines(f"ENSG_{g}\t{g}\tGene Expression\n" for g in genes)
     with gzip.open(folder / "barcodes.tsv.gz", "wt") as fh:
         fh.writelines(f"{b}\n" for b in barcodes)
 
@@ -60,6 +60,7 @@ def test_three_10x_samples_keep_each_samples_counts(tmp_path, join):
     assert adata.obs["sample"].tolist() == ["s1"] * 60 + ["s2"] * 50 + ["s3"] * 40
     assert adata.obs["donor"].tolist() == ["d0"] * 60 + ["d1"] * 90
     assert ("G0" in adata.var_names) == (join == "union")
+    assert adata.var.loc["G5", "gene_ids"] == "ENSG_G5"  # var columns kept (gene_symbols: auto may choose them)
     for name, table in counts.items():
         part = adata[adata.obs["sample"] == name]
         assert part.obs_names[0] == f"{name}_AAAC0000-1"

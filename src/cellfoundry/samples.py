@@ -130,7 +130,7 @@ def load_samples(
             del adata
         joined = Path(tmp) / "joined.h5ad"
         ad.experimental.concat_on_disk(
-            list(pieces.values()), joined, join="inner" if gene_join == "intersection" else "outer", merge="same"
+            list(pieces.values()), joined, join="inner" if gene_join == "intersection" else "outer", merge="first"
         )
         adata = ad.read_h5ad(joined)
     for col in ("sample", *meta):
