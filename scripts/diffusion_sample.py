@@ -9,7 +9,8 @@ run_sample(
     filtered_h5ad=snakemake.input.h5ad,
     samples_h5ad=snakemake.output.samples,
     summary_json=snakemake.output.summary,
-    sample_cfg=snakemake.params.sample,
+    # batch_size is not a param (no re-run trigger)
+    sample_cfg={**snakemake.params.sample, "batch_size": snakemake.config["diffusion"]["sample"]["batch_size"]},
     seed=snakemake.params.seed,
     device=snakemake.params.device,
     threads=snakemake.threads,

@@ -13,7 +13,7 @@ run_embedding(
     tokens_dir=inp.tokens,
     cells_h5ad=inp.cells,
     out_path=snakemake.output[0],
-    batch_size=params.batch_size,
+    batch_size=snakemake.config["embed"]["batch_size"],  # not a param: no re-run trigger
     device=resolve_device(params.device),
     shards=params.shards,
     shard=params.shard,

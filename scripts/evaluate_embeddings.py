@@ -2,8 +2,10 @@
 
 import logging
 
+import numpy as np
+
 from cellfoundry.evaluate.baselines import pca_baseline
-from cellfoundry.evaluate.embedding import BATCH_METRICS, BIO_METRICS, compare_embeddings
+from cellfoundry.evaluate.embedding import BATCH_METRICS, BIO_METRICS, compare_embeddings, unlabelled
 from cellfoundry.evaluate.inputs import read_embedding, read_h5ad, write_json, write_table
 from cellfoundry.plots import metric_bars, umap_coordinates, umap_grid
 from cellfoundry.utils import UserError, seed_everything, setup_logging
@@ -19,9 +21,8 @@ label_col, batch_col = params.cell_type, params.batch
 for role, col in (("cell_type", label_col), ("batch", batch_col)):
     if col is not None and col not in adata.obs:
         raise UserError(f"datasets.{snakemake.wildcards.dataset}.{role} is {col!r}, not an obs column of {inp.qc}; fix the config.")
-if label_col is None:
-    raise UserError(f"embedding metrics need labels: set datasets.{snakemake.wildcards.dataset}.cell_type to an obs column.")
-labels = adata.obs[label_col].astype(str).to_numpy()
+# Without cell_type (or with NaN labels) the label metrics are skipped, with the reason, in the outputs.
+labels = adata.obs[label_col].to_numpy(dtype=object) if label_col else None
 batches = adata.obs[batch_col].astype(str).to_numpy() if batch_col else None
 
 embeddings = {
@@ -51,9 +52,13 @@ metric_bars(
     ["knn_accuracy", "knn_macro_f1", *BIO_METRICS, *BATCH_METRICS, "bio_conservation", "overall_scib_style"],
     title=f"{snakemake.wildcards.dataset}: embedding metrics (higher is better)",
 )
-colors = {label_col: labels}
+colors = {label_col: np.where(unlabelled(labels), "unlabelled", labels.astype(str))} if label_col else {}
 if batches is not None:
     colors[batch_col] = batches
+if not colors:
+    colors["no labels"] = np.full(adata.n_obs, "cell")
+for metric, reason in summary["skipped"].items():
+    log.warning("%s skipped: %s", metric, reason)
 coords = {}
 for name, X in embeddings.items():
     coords[name] = umap_coordinates(X, seed=seed, n_neighbors=cfg["knn_k"])

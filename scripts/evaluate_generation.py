@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+import pandas as pd
 
 from cellfoundry.evaluate import generation as gen
 from cellfoundry.evaluate.inputs import read_h5ad, write_json, write_table
@@ -36,6 +37,15 @@ if absent:
 if samples.n_obs == 0 or not np.isfinite(samples.X.toarray() if hasattr(samples.X, "toarray") else samples.X).all():
     raise UserError(f"{inp.samples} holds no cells or non-finite values; re-run diffusion sampling.")
 label_col = params.cell_type if params.cell_type in samples.obs else None
+# Label-based scores that cannot be computed are listed with the reason (json "skipped", tsv rows).
+skipped = {}
+if label_col is None:
+    skipped["label_accuracy"] = (
+        "no cell-type labels: datasets.<name>.cell_type is null" if params.cell_type is None
+        else f"the generated cells carry no {params.cell_type!r} labels (it is no diffusion condition column)"
+    )
+if not group_columns:
+    skipped["per-condition scores"] = "no diffusion conditions: the model is unconditional"
 
 split = real.obs["split"].astype(str).to_numpy()
 train, test = real[split == "train"], real[split == "test"]
@@ -48,7 +58,10 @@ rows, embedding = gen.compare_sets(
     n_hvg=g["n_hvg"], n_pcs=g["n_pcs"], k_auc=g["knn_auc_k"], k_label=cfg["knn_k"],
     min_cells_per_group=g["min_cells_per_group"], max_cells=g["max_cells"], seed=seed,
 )  # fmt: skip
-table = write_table(rows, out.table)
+skipped_rows = [dict(method=m, condition="all", metric=metric, value=np.nan, n_cells=0, skipped=reason)
+                for metric, reason in skipped.items() for m in (gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK)]
+write_table(rows + skipped_rows, out.table)
+table = pd.DataFrame(rows)
 
 overall = table[table["condition"].isin(["all", "mean over conditions"])]
 summary = {
@@ -57,6 +70,13 @@ summary = {
     "n_real_test": int(test.n_obs),
     "n_real_train": int(train.n_obs),
     "condition_columns": group_columns,
+    # cells with a missing condition value / label: in "all" only, never in a condition's score
+    "n_unlabelled": {
+        "real_test_conditions": int((gen.groups_of(test.obs, group_columns) == gen.UNLABELLED).sum()),
+        "generated_conditions": int((gen.groups_of(samples.obs, group_columns) == gen.UNLABELLED).sum()),
+        "real_test_labels": int(gen.unlabelled(test.obs[label_col].to_numpy(dtype=object)).sum()) if label_col else int(test.n_obs),
+    },
+    "skipped": skipped,
     "metrics": {
         scope: {m: dict(zip(sub["metric"], sub["value"])) for m, sub in overall[overall["condition"] == scope].groupby("method")}
         for scope in ("all", "mean over conditions")

@@ -3,12 +3,16 @@
 With se.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process per GPU
 (srun) that each run run_pretraining; otherwise it runs here."""
 
+import logging
+
 from cellfoundry.pretrain import run_pretraining
 from cellfoundry.train import run_stage
 from cellfoundry.utils import resolve_device, setup_logging
 
 setup_logging(snakemake.log[0])
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
+# the list decides the model: pin se.pretrain.datasets to it to keep a later dataset from retraining it
+logging.getLogger("cellfoundry").info("pretraining on datasets %s", params.datasets)
 
 run_stage(
     run_pretraining,

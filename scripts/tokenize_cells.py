@@ -5,7 +5,8 @@ from cellfoundry.utils import file_sha256, setup_logging
 from cellfoundry.vocab import GeneVocab
 
 setup_logging(snakemake.log[0])
-cfg = snakemake.params.tokenize
+# chunk_size is no rule param (it does not change the tokens, so it must not trigger re-runs)
+cfg = {**snakemake.params.tokenize, "chunk_size": snakemake.config["tokenize"]["chunk_size"]}
 
 tokenize_h5ad(
     snakemake.input.cells,

@@ -16,7 +16,7 @@ encode_stage(
     out_h5ad=snakemake.output.h5ad,
     out_summary=snakemake.output.summary,
     out_plot=snakemake.output.plot,
-    batch_size=snakemake.params.batch_size,
+    batch_size=snakemake.config["xpressor"]["inference_batch_size"],  # not a param: no re-run trigger
     knn_k=snakemake.params.knn_k,
     device=snakemake.params.device,
     config=snakemake.config["xpressor"],  # recorded in embedding.h5ad's provenance

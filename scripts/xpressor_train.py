@@ -18,7 +18,8 @@ run_stage(
         out_ckpt=str(snakemake.output.ckpt),
         out_metrics=str(snakemake.output.metrics),
         work_dir=str(snakemake.params.work_dir),
-        cfg=dict(snakemake.params.xpressor),
+        # inference_batch_size is no rule param: it must not trigger re-runs
+        cfg={**snakemake.params.xpressor, "inference_batch_size": snakemake.config["xpressor"]["inference_batch_size"]},
         label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
         seed=snakemake.params.seed,
         device=snakemake.params.device,

@@ -125,3 +125,16 @@ def test_unknown_column_is_a_user_error():
 def test_no_conditions_gives_none():
     codec = ConditionCodec.fit([], OBS)
     assert ConditionModel(codec, 8)({}) == (None, None)
+
+
+def test_nan_labels_form_no_condition_and_train_unconditionally():
+    obs = pd.DataFrame({"ct": pd.Categorical(["T", np.nan, "B", "nan", ""])})
+    codec = ConditionCodec.fit([ConditionSpec("ct", "categorical", ["ct"])], obs)
+    assert codec.vocab["ct"] == [["B", "T"]]  # no "nan" or "" label
+    codes = codec.encode(obs)["ct.label"]
+    assert codes.tolist() == [1, 2, 0, 2, 2]  # 2 = missing
+    model = ConditionModel(codec, dim=8)
+    batch = collate_conditions(codec.encode(obs), np.arange(5))
+    assert model.missing(batch)[:, 0].tolist() == [False, True, False, True, True]
+    _, tokens = model(batch)
+    assert torch.equal(tokens[1, 0], model.null[0]) and not torch.equal(tokens[0, 0], model.null[0])

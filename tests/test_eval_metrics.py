@@ -181,3 +181,71 @@ def test_summary_marks_model_losses(tmp_path):
     ).to_csv(tmp_path / "embeddings.tsv", sep="\t", index=False)
     text = summary.embedding_table(tmp_path / "embeddings.tsv")
     assert "| se | 0.6 ▼ |" in text and "| xpressor | 0.9 |" in text
+
+
+# --- unlabelled cells (NaN / empty labels) --------------------------------------------------
+
+
+def test_nan_labels_are_left_out_of_label_metrics():
+    X, labels = gaussian_blobs()
+    partly = labels.astype(object)
+    partly[::4] = np.nan
+    partly[1::8] = ""
+    assert emb.unlabelled(partly).sum() == 30 + 15
+    # scores on the labelled cells only equal those with the unlabelled cells removed
+    keep = ~emb.unlabelled(partly)
+    got = emb.embedding_metrics(X, partly, k=5, resolutions=(0.5, 1.0))
+    want = emb.embedding_metrics(X[keep], labels[keep], k=5, resolutions=(0.5, 1.0))
+    assert got == want
+    assert got["knn_accuracy"] == 1.0  # "nan" is no label the classifier could get wrong
+
+
+def test_unlabelled_data_skips_label_metrics_with_reasons():
+    X, labels = gaussian_blobs(n_per=20)
+    batches = np.tile(["b1", "b2"], len(X) // 2)
+    rows, summary = emb.compare_embeddings({"se": X, "pca": X[:, :4]}, None, batches, model_methods=("se",), k=5, resolutions=(0.5,))
+    assert {"knn_accuracy", "asw_label", "nmi", "bio_conservation"} <= set(summary["skipped"])
+    assert "cell_type is null" in summary["skipped"]["nmi"]
+    assert summary["n_unlabelled"] == len(X) and summary["n_labelled"] == 0
+    table = pd.DataFrame(rows)
+    assert table.query("metric == 'nmi'")["value"].isna().all() and len(table.query("metric == 'nmi'")) == 2
+    assert np.isfinite(summary["scores"]["se"]["ilisi"])  # batch metrics need no labels
+    # all labels NaN: the same skip, with the reason counting the cells
+    _, summary = emb.compare_embeddings({"se": X}, np.full(len(X), np.nan, dtype=object), None, k=5)
+    assert "0 labelled cells" in summary["skipped"]["knn_accuracy"] and "ilisi" in summary["skipped"]
+
+
+def test_nan_conditions_form_no_group_and_no_condition_mean():
+    obs = pd.DataFrame({"ct": ["T", np.nan, "B", "", "T"], "drug": ["a", "a", None, "b", "a"]})
+    groups = gen.groups_of(obs, ["ct", "drug"])
+    assert groups.tolist() == ["T | a", gen.UNLABELLED, gen.UNLABELLED, gen.UNLABELLED, "T | a"]
+    rng = np.random.default_rng(0)
+    n_genes = 40
+    programs = {t: rng.gamma(1.0, 5.0, size=n_genes) for t in ("T", "B")}
+
+    def cells(n, seed, nan_every):
+        labels = np.repeat(["T", "B"], n // 2).astype(object)
+        counts = np.vstack([_toy_counts(1, programs[t], seed + i) for i, t in enumerate(labels)])
+        labels[::nan_every] = np.nan
+        return counts, pd.DataFrame({"cell_type": labels})
+
+    train, train_obs = cells(80, 0, 5)
+    test, test_obs = cells(40, 1000, 4)
+    generated, gen_obs = cells(40, 5000, 4)
+    rows, embedding = gen.compare_sets(train, train_obs, test, test_obs, generated, gen_obs, ["cell_type"], "cell_type",
+                                      n_hvg=30, n_pcs=5, min_cells_per_group=5, seed=0)
+    table = pd.DataFrame(rows)
+    # the unlabelled cells are in "all" only: two condition groups, their mean over those two
+    assert set(table["condition"]) == {"all", "T", "B", "mean over conditions"}
+    model = table[table["method"] == gen.MODEL]
+    per_group = model[model["condition"].isin(["T", "B"])].groupby("metric")["value"].mean()
+    mean = model[model["condition"] == "mean over conditions"].set_index("metric")["value"]
+    assert mean["w2"] == pytest.approx(per_group["w2"])
+    assert model.query("condition == 'all' and metric == 'w2'")["n_cells"].item() == 40
+    assert 0.8 < model.query("condition == 'all' and metric == 'label_accuracy'")["value"].item() <= 1.0
+    assert gen.UNLABELLED in set(embedding["group"])
+    # a classifier never learns, nor is scored on, a missing label: the NaN-labelled training cells
+    # sit on the scored cell and would outvote "a"; the unlabelled scored cell is left out
+    train_x = np.array([[0.0], [0.1], [0.0], [0.05], [0.02]])
+    assert gen.label_accuracy(train_x, ["a", "a", np.nan, "nan", ""], np.zeros((2, 1)), ["a", np.nan], k=5) == 1.0
+    assert np.isnan(gen.label_accuracy(train_x, ["a"] * 5, np.zeros((2, 1)), [np.nan, ""]))

@@ -472,7 +472,9 @@ def guidance_check_condition(codec: ConditionCodec) -> ConditionSpec | None:
 
 def label_accuracy(predicted: np.ndarray, requested: pd.Series) -> float | None:
     """Fraction of cells whose predicted label equals the requested one (rows with a label)."""
-    mask = requested.notna().to_numpy()
+    from cellfoundry.evaluate.embedding import unlabelled
+
+    mask = ~unlabelled(requested.to_numpy(dtype=object))
     if not mask.any():
         return None
     return float(np.mean(predicted[mask] == requested.astype(str).to_numpy()[mask]))
@@ -506,7 +508,7 @@ def run_train(
     data = read_training_data(filtered_h5ad, settings["token_space"], conditions, latents_npy)
     log.info(
         "diffusion over %s tokens: %d training cells, x0 shape %s, conditions %s",
-        settings["token_space"], len(data["x0"]), list(data["x0"].shape[1:]), data["codec"].names or "none",
+        settings["token_space"], len(data["x0"]), list(data["x0"].shape[1:]), data["codec"].names or "none (unconditional model)",
     )
     module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
     # Resume only a run of the same model on the same data: everything but the step count and
@@ -618,6 +620,8 @@ def run_sample(
                 runs[name] = (d, t)
         real_latents = np.load(latents_npy, mmap_mode="r") if latents_npy is not None and settings["token_space"] == "latent" else None
         summary["guidance_check"] = guidance_check(adata, spec, request_obs, runs, seed, real_latents, decoder)
+    elif sample_cfg["guidance_check"]:
+        summary["guidance_check"] = {"skipped": "no categorical condition to classify (e.g. an unconditional model)"}
     with atomic_output(summary_json) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -647,8 +651,10 @@ def guidance_check(
 
     column = spec.columns[0]
     split = adata.obs["split"].astype(str).to_numpy()
+    from cellfoundry.evaluate.embedding import unlabelled
+
     labels = adata.obs[column].astype(str).to_numpy()
-    known = adata.obs[column].notna().to_numpy()
+    known = ~unlabelled(adata.obs[column].to_numpy(dtype=object))  # the codec's "missing" (NaN, empty)
     counts = counts_matrix(adata)
     train = (split == "train") & known
     test = (split == "test") & known

@@ -327,23 +327,32 @@ def knn_report(
     key: str = EMBED_KEY,
 ) -> dict:
     """kNN accuracy (stratified 5-fold) of predicting obs[label] from each embedding, beside PCA
-    of the normalised log1p counts; written as JSON. At most `max_cells` cells (seeded subsample)."""
+    of the normalised log1p counts; written as JSON. At most `max_cells` cells (seeded subsample).
+    Unlabelled cells (NaN / empty label) are left out and counted ("n_unlabelled"); without labels
+    the JSON says why the accuracy was skipped ("skipped")."""
     import json
+
+    from cellfoundry.evaluate.embedding import label_skip_reason, unlabelled
 
     cells = ad.read_h5ad(cells_h5ad, backed="r")
     rows = report_rows(cells.n_obs, max_cells, seed)
     result: dict = {"label": label, "n_cells": int(len(rows)), "k": knn_neighbors, "folds": 5, "accuracy": {}}
-    if label is None:
-        log.warning("no cell-type column configured (datasets.<name>.cell_type): kNN accuracy skipped")
+    if label is not None and label not in cells.obs:
+        raise UserError(f"obs of {cells_h5ad} has no column {label!r}; fix datasets.<name>.cell_type.")
+    y = cells.obs[label].iloc[rows].to_numpy(dtype=object) if label is not None else None
+    result["n_unlabelled"] = int(unlabelled(y).sum()) if y is not None else int(len(rows))
+    reason = label_skip_reason(y)
+    if reason:
+        result["skipped"] = f"kNN label accuracy: {reason}"
+        log.warning("kNN label accuracy skipped: %s", reason)
     else:
-        if label not in cells.obs:
-            raise UserError(f"obs of {cells_h5ad} has no column {label!r}; fix datasets.<name>.cell_type.")
-        y = cells.obs[label].iloc[rows].astype(str).to_numpy()
+        keep = ~unlabelled(y)
+        y = y[keep].astype(str)
         for name, path in embeddings.items():
-            result["accuracy"][name] = knn_accuracy(_read_embedding(path, key, rows), y, knn_neighbors, seed=seed)
+            result["accuracy"][name] = knn_accuracy(_read_embedding(path, key, rows)[keep], y, knn_neighbors, seed=seed)
         counts = cells.X[rows] if len(rows) < cells.n_obs else cells.to_memory().X
         X_pca = pca_baseline(counts, pca_components, seed)
-        result["accuracy"][f"pca{X_pca.shape[1]}"] = knn_accuracy(X_pca, y, knn_neighbors, seed=seed)
+        result["accuracy"][f"pca{X_pca.shape[1]}"] = knn_accuracy(X_pca[keep], y, knn_neighbors, seed=seed)
         log.info("kNN accuracy on %s: %s", label, ", ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items()))
     with atomic_output(out_json) as tmp:
         tmp.write_text(json.dumps(result, indent=2))

@@ -140,6 +140,22 @@ def vocab_path():
     return f"{SHARED}/vocab/gene_embeddings.pt"
 
 
+def training_datasets(stage):
+    """The datasets the shared artifacts train on: stage "vocab" (vocab.datasets) or "se"
+    (se.pretrain.datasets, null = the vocabulary's list); null = every configured dataset.
+    A pinned list keeps adding or breaking another dataset from blocking or retraining them."""
+    key = "se.pretrain.datasets" if stage == "se" else "vocab.datasets"
+    names = config["se"]["pretrain"]["datasets"] if stage == "se" else None
+    if names is None:
+        key, names = "vocab.datasets", config["vocab"]["datasets"]
+    if names is None:
+        return DATASETS
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise WorkflowError(f"config: {key} names {unknown}, which are not keys of datasets ({DATASETS}); list configured datasets or set it to null.")
+    return sorted(names)
+
+
 # Outputs of the evaluate_* rules under results/{dataset}/eval/.
 EVAL_EMBEDDING_OUTPUTS = ["embeddings.tsv", "embeddings.json", "embeddings_metrics.png", "embeddings_umap.png"]
 EVAL_RECONSTRUCTION_OUTPUTS = ["reconstruction.tsv", "reconstruction.json", "reconstruction_metrics.png", "reconstruction_scatter.png"]

@@ -52,7 +52,8 @@ rule diffusion_sample:
     log:
         "logs/{dataset}/diffusion_sample.log",
     params:
-        sample=config["diffusion"]["sample"],
+        # batch_size is read by the script from the config: not a re-run trigger
+        sample={k: v for k, v in config["diffusion"]["sample"].items() if k != "batch_size"},
         seed=config["seed"],
         device=config["device"],
     resources:

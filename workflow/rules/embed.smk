@@ -1,6 +1,8 @@
 # SE embedding stage: the SE model (a user's SE model folder, or our own pretraining), a
 # random-weights baseline of the same size, cell embeddings (sharded over GPU jobs when
 # embed.shards > 1) and a report with UMAPs and kNN label accuracy.
+# embed.batch_size is not a param of rule embed (the script reads the config): it cannot change
+# the embeddings, so changing it must not schedule re-runs.
 
 SE_DIR = f"{SHARED}/se"
 SE_MODELS = {"se": f"{SE_DIR}/pretrained.ckpt", "random": f"{SE_DIR}/random.ckpt"}
@@ -33,8 +35,9 @@ else:
 
     rule pretrain_se:
         input:
-            tokens=expand("results/{dataset}/tokens", dataset=DATASETS),
-            h5ads=expand("results/{dataset}/qc/filtered.h5ad", dataset=DATASETS),
+            # se.pretrain.datasets only: another dataset neither blocks nor retrains the model
+            tokens=expand("results/{dataset}/tokens", dataset=training_datasets("se")),
+            h5ads=expand("results/{dataset}/qc/filtered.h5ad", dataset=training_datasets("se")),
             vocab=vocab_path(),
         output:
             ckpt=f"{SE_DIR}/pretrained.ckpt",
@@ -47,7 +50,8 @@ else:
         log:
             "logs/shared/pretrain_se.log",
         params:
-            se=config["se"],
+            se={**config["se"], "pretrain": {k: v for k, v in config["se"]["pretrain"].items() if k != "datasets"}},
+            datasets=training_datasets("se"),
             seed=config["seed"],
             device=config["device"],
             work_dir=lambda wc, output: str(Path(output.ckpt).parent / "pretrain"),
@@ -94,7 +98,6 @@ if config["embed"]["shards"] > 1:
         log:
             "logs/{dataset}/embed_{model}.{shard}.log",
         params:
-            batch_size=config["embed"]["batch_size"],
             device=config["device"],
             shards=config["embed"]["shards"],
             shard=lambda wc: int(wc.shard),
@@ -143,7 +146,6 @@ else:
         log:
             "logs/{dataset}/embed_{model}.log",
         params:
-            batch_size=config["embed"]["batch_size"],
             device=config["device"],
             shards=1,
             shard=None,

@@ -1,17 +1,20 @@
 # Gene vocabulary and top-gene tokenization: each QC'd cell becomes the "cell sentence" the SE
 # model reads (results/{dataset}/tokens/). With se.model_folder set, the model's own
-# protein_embeddings.pt is the vocabulary and build_vocab does not run.
+# protein_embeddings.pt is the vocabulary and build_vocab does not run. build_vocab reads the
+# datasets of vocab.datasets only; the others are tokenized against that vocabulary.
 
 
 rule build_vocab:
     input:
-        expand("results/{dataset}/qc/filtered.h5ad", dataset=DATASETS),
+        expand("results/{dataset}/qc/filtered.h5ad", dataset=training_datasets("vocab")),
     output:
         f"{SHARED}/vocab/gene_embeddings.pt",
     log:
         "logs/shared/build_vocab.log",
     params:
-        vocab=config["vocab"],
+        # the datasets are the inputs: a null list resolved to the same names is no change
+        vocab={k: v for k, v in config["vocab"].items() if k != "datasets"},
+        datasets=training_datasets("vocab"),
         seed=config["seed"],
     resources:
         **cpu_resources(),
@@ -37,7 +40,9 @@ rule tokenize:
     log:
         "logs/{dataset}/tokenize.log",
     params:
-        tokenize=config["tokenize"],
+        # workers (threads) and chunk_size do not change the tokens: the script reads them from
+        # the config so that changing them schedules no re-run
+        tokenize={k: v for k, v in config["tokenize"].items() if k not in ("workers", "chunk_size")},
         seed=config["seed"],
     resources:
         **cpu_resources(),

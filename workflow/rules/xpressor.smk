@@ -21,7 +21,9 @@ rule xpressor_train:
     log:
         "logs/{dataset}/xpressor_train.log",
     params:
-        xpressor=config["xpressor"],
+        # inference_batch_size cannot change results: the script reads it from the config so
+        # that changing it schedules no re-run
+        xpressor={k: v for k, v in config["xpressor"].items() if k != "inference_batch_size"},
         labels=config["xpressor"]["labels"],
         dataset=lambda wc: dataset_cfg(wc.dataset),
         seed=config["seed"],
@@ -65,7 +67,6 @@ rule xpressor_encode:
     log:
         "logs/{dataset}/xpressor_encode.log",
     params:
-        batch_size=config["xpressor"]["inference_batch_size"],
         knn_k=config["xpressor"]["knn_k"],
         device=config["device"],
     resources:

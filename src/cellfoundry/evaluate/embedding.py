@@ -9,6 +9,11 @@ scores are floats where higher is better unless said otherwise. Definitions foll
 - `ilisi`: graph iLISI (perplexity 30), scaled (median - 1) / (n_batches - 1); 1 = mixed.
 - `kbet_acceptance`: kBET-style fraction of neighbourhoods whose batch composition passes a
   chi-square test against the global composition (alpha 0.05); 1 = mixed.
+
+Unlabelled cells (label None, NaN, empty, or pandas' "nan" rendering of NaN) take no part in the
+label metrics; a metric that cannot be computed (no labels, fewer than two distinct labels, one
+batch) is listed with its reason in `compare_embeddings`' summary["skipped"] and as a row with
+value NaN, never silently dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 from sklearn.metrics import (
     accuracy_score,
@@ -37,6 +43,24 @@ DEFAULT_RESOLUTIONS = tuple(np.round(np.arange(0.1, 2.01, 0.1), 2))
 
 def _labels(labels: Sequence) -> np.ndarray:
     return np.asarray([str(v) for v in labels])
+
+
+def unlabelled(labels: Sequence) -> np.ndarray:
+    """[N] bool, True where a label is missing: None, NaN, empty, or "nan" (pandas' rendering
+    of NaN after astype(str))."""
+    values = pd.Series(np.asarray(labels, dtype=object))
+    text = values.astype(str).str.strip().str.lower()
+    return (values.isna() | text.isin(["", "nan"])).to_numpy()
+
+
+def label_skip_reason(labels: Sequence | None) -> str | None:
+    """Why label metrics cannot be computed on `labels` (None = they can)."""
+    if labels is None:
+        return "no cell-type labels: datasets.<name>.cell_type is null"
+    missing = unlabelled(labels)
+    if len(np.unique(_labels(np.asarray(labels, dtype=object)[~missing]))) < 2:
+        return f"fewer than two distinct labels among the {int((~missing).sum())} labelled cells ({int(missing.sum())} unlabelled)"
+    return None
 
 
 def knn_label_transfer(X: np.ndarray, labels: Sequence, k: int = 15, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
@@ -208,14 +232,22 @@ def embedding_metrics(
     silhouette_max_cells: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """All embedding metrics of `X` [N, D] that the given labels/batches allow, as name -> value."""
+    """All embedding metrics of `X` [N, D] that the given labels/batches allow, as name -> value.
+
+    Label metrics use the labelled cells only (see `unlabelled`); so does the label-stratified
+    batch ASW when there are labels (without labels it treats all cells as one group)."""
     out: dict[str, float] = {}
-    if labels is not None:
-        out.update(knn_label_transfer(X, labels, k=k, n_folds=n_folds, seed=seed))
-        out["asw_label"] = asw_label(X, labels, max_cells=silhouette_max_cells, seed=seed)
-        out.update(leiden_nmi_ari(X, labels, resolutions=resolutions, n_neighbors=k, seed=seed))
+    X = np.asarray(X)
+    if label_skip_reason(labels) is None:
+        keep = ~unlabelled(labels)
+        Xl, yl = X[keep], np.asarray(labels, dtype=object)[keep]
+        out.update(knn_label_transfer(Xl, yl, k=k, n_folds=n_folds, seed=seed))
+        out["asw_label"] = asw_label(Xl, yl, max_cells=silhouette_max_cells, seed=seed)
+        out.update(leiden_nmi_ari(Xl, yl, resolutions=resolutions, n_neighbors=k, seed=seed))
+    else:
+        keep, yl = np.ones(len(X), bool), np.zeros(len(X))
     if batches is not None and len(np.unique(_labels(batches))) > 1:
-        out["asw_batch"] = asw_batch(X, batches, labels if labels is not None else np.zeros(len(X)), max_cells=silhouette_max_cells, seed=seed)
+        out["asw_batch"] = asw_batch(X[keep], np.asarray(batches, dtype=object)[keep], yl, max_cells=silhouette_max_cells, seed=seed)
         out["ilisi"] = ilisi(X, batches)
         out["kbet_acceptance"] = kbet_acceptance(X, batches)
     return out
@@ -225,6 +257,21 @@ BIO_METRICS = ("asw_label", "nmi", "ari")
 BATCH_METRICS = ("asw_batch", "ilisi", "kbet_acceptance")
 #: Reported per embedding but not a score (no "higher is better").
 INFO_METRICS = ("leiden_resolution", "leiden_n_clusters")
+#: Metrics that need cell-type labels (with the aggregates built on them).
+LABEL_METRICS = ("knn_accuracy", "knn_macro_f1", *BIO_METRICS, "bio_conservation", "overall_scib_style")
+
+
+def skipped_metrics(labels: Sequence | None, batches: Sequence | None) -> dict[str, str]:
+    """metric -> why it is not computed, for the label and batch metrics that cannot be."""
+    skipped = {}
+    reason = label_skip_reason(labels)
+    if reason:
+        skipped.update(dict.fromkeys(LABEL_METRICS, reason))
+    if batches is None:
+        skipped.update(dict.fromkeys((*BATCH_METRICS, "batch_correction", "overall_scib_style"), "no batch labels: datasets.<name>.batch is null"))
+    elif len(np.unique(_labels(batches))) < 2:
+        skipped.update(dict.fromkeys((*BATCH_METRICS, "batch_correction", "overall_scib_style"), "a single batch"))
+    return skipped
 
 
 def compare_embeddings(
@@ -236,8 +283,10 @@ def compare_embeddings(
 ) -> tuple[list[dict], dict]:
     """Score each embedding (name -> [N, D], same cells in the same order) with
     `embedding_metrics`. Returns (rows, summary): rows = long-format dicts (method, metric,
-    value); summary = per metric the best method and, for each of `model_methods`, the
-    baselines (the other methods) that beat it, so a loss is stated rather than hidden.
+    value, skipped); summary = per metric the best method and, for each of `model_methods`, the
+    baselines (the other methods) that beat it, so a loss is stated rather than hidden; the
+    labelled / unlabelled cell counts; "skipped": metric -> reason for every metric not computed
+    (each also a row per method with value NaN and the reason in "skipped").
 
     Aggregates as scIB weights them (mean of the bio metrics; mean of the batch metrics;
     overall = 0.6 bio + 0.4 batch) are added as "bio_conservation", "batch_correction" and
@@ -245,6 +294,8 @@ def compare_embeddings(
     """
     rows: list[dict] = []
     scores: dict[str, dict[str, float]] = {}
+    skipped = skipped_metrics(labels, batches)
+    n_unlabelled = int(unlabelled(labels).sum()) if labels is not None else int(len(next(iter(embeddings.values()))))
     for method, X in embeddings.items():
         values = embedding_metrics(X, labels, batches, **kwargs)
         bio = [values[m] for m in BIO_METRICS if m in values]
@@ -256,9 +307,11 @@ def compare_embeddings(
             if bio:
                 values["overall_scib_style"] = 0.6 * values["bio_conservation"] + 0.4 * values["batch_correction"]
         scores[method] = values
-        rows += [dict(method=method, metric=k, value=v, dim=X.shape[1]) for k, v in values.items()]
+        rows += [dict(method=method, metric=k, value=v, dim=X.shape[1], skipped="") for k, v in values.items()]
+        rows += [dict(method=method, metric=k, value=np.nan, dim=X.shape[1], skipped=r) for k, r in skipped.items() if k not in values]
         log.info("%s (%d dims): %s", method, X.shape[1], ", ".join(f"{k}={v:.3f}" for k, v in values.items()))
-    summary: dict = {"n_cells": int(len(next(iter(embeddings.values())))), "best": {}, "model_loses_to": {}}
+    n_cells = int(len(next(iter(embeddings.values()))))
+    summary: dict = {"n_cells": n_cells, "n_labelled": n_cells - n_unlabelled, "n_unlabelled": n_unlabelled, "skipped": skipped, "best": {}, "model_loses_to": {}}
     metrics = [m for m in next(iter(scores.values())) if m not in INFO_METRICS]
     for metric in metrics:
         ranked = sorted(scores, key=lambda m: -np.nan_to_num(scores[m].get(metric, np.nan), nan=-np.inf))

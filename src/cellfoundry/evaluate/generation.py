@@ -3,6 +3,10 @@
 Distances compare two point clouds `x` [n, D] and `y` [m, D] (rows = cells, usually 30 PCs of
 log1p-normalised HVGs); lower is better except where said. Estimators are the biased
 (V-statistic) forms, so two identical sets score exactly 0.
+
+A cell with a missing (NaN / empty) value in a condition column belongs to no condition group
+(`UNLABELLED`): it counts in the "all" scope only, never in a per-condition score nor in the
+"mean over conditions"; a cell without a label takes no part in `label_accuracy`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import r2_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from cellfoundry.evaluate.embedding import unlabelled
+
 log = logging.getLogger(__name__)
+
+#: The group of cells with a missing condition value (never scored as a condition).
+UNLABELLED = "<unlabelled>"
 
 MMD_SIGMAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -168,7 +177,8 @@ def independent_genes_sample(train_counts, train_groups: Sequence, wanted_groups
     """The weak reference generator: for each wanted cell (its group in `wanted_groups` [m]),
     each gene's count is drawn independently from that gene's values in the real training
     cells of the same group (`train_counts` [n, G], `train_groups` [n]). Returns [m, G] float32.
-    Groups absent from the training cells fall back to all training cells."""
+    Groups absent from the training cells, and `UNLABELLED` (sampled unconditionally), fall back
+    to all training cells."""
     rng = np.random.default_rng(seed)
     counts = _dense(train_counts).astype(np.float32)
     train_groups = np.asarray([str(g) for g in train_groups])
@@ -177,7 +187,7 @@ def independent_genes_sample(train_counts, train_groups: Sequence, wanted_groups
     gene_index = np.arange(counts.shape[1])
     for group in np.unique(wanted):
         rows = np.flatnonzero(wanted == group)
-        pool = counts[train_groups == group]
+        pool = counts[train_groups == group] if group != UNLABELLED else counts
         if len(pool) == 0:
             pool = counts
         for chunk in np.array_split(rows, max(1, len(rows) // 512)):
@@ -188,17 +198,27 @@ def independent_genes_sample(train_counts, train_groups: Sequence, wanted_groups
 
 
 def label_accuracy(train_x: np.ndarray, train_labels: Sequence, x: np.ndarray, labels: Sequence, k: int = 15) -> float:
-    """Accuracy on (`x` [m, D], `labels` [m]) of a kNN label classifier fit on real cells."""
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_x))).fit(train_x, np.asarray([str(v) for v in train_labels]))
-    return float(np.mean(clf.predict(x) == np.asarray([str(v) for v in labels])))
+    """Accuracy on (`x` [m, D], `labels` [m]) of a kNN label classifier fit on real cells;
+    unlabelled cells are left out on both sides (NaN when none is left)."""
+    fit, score = ~unlabelled(train_labels), ~unlabelled(labels)
+    if not fit.any() or not score.any():
+        return float("nan")
+    train_y = np.asarray([str(v) for v in np.asarray(train_labels, dtype=object)[fit]])
+    clf = KNeighborsClassifier(n_neighbors=min(k, int(fit.sum()))).fit(np.asarray(train_x)[fit], train_y)
+    y = np.asarray([str(v) for v in np.asarray(labels, dtype=object)[score]])
+    return float(np.mean(clf.predict(np.asarray(x)[score]) == y))
 
 
 def groups_of(obs, columns: Sequence[str]) -> np.ndarray:
-    """One readable group label per row of a DataFrame: the values of `columns` joined by ' | '."""
+    """One readable group label per row of a DataFrame: the values of `columns` joined by ' | ';
+    `UNLABELLED` for a row with a missing value in any of them."""
     if not columns:
         return np.full(len(obs), "all", dtype=object)
     parts = [obs[c].astype(str).to_numpy() for c in columns]
-    return np.asarray([" | ".join(v) for v in zip(*parts)], dtype=object)
+    groups = np.asarray([" | ".join(v) for v in zip(*parts)], dtype=object)
+    missing = np.any([unlabelled(obs[c].to_numpy(dtype=object)) for c in columns], axis=0)
+    groups[missing] = UNLABELLED
+    return groups
 
 
 REFERENCE_REAL = "real_train (floor)"
@@ -252,7 +272,7 @@ def compare_sets(
     test_log = space.lognorm(real_test_counts)
     test_pc = (test_log - space.center) @ space.components.T
     train_pc = space.project(real_train_counts)
-    train_labels = real_train_obs[label_column].astype(str).to_numpy() if label_column else None
+    train_labels = real_train_obs[label_column].to_numpy(dtype=object) if label_column else None
 
     rows = []
     coords = {"real_test": test_pc}
@@ -261,10 +281,10 @@ def compare_sets(
         pc = (lognorm - space.center) @ space.components.T
         if method == MODEL:
             coords["generated"] = pc
-        labels = obs[label_column].astype(str).to_numpy() if label_column and label_column in obs else None
+        labels = obs[label_column].to_numpy(dtype=object) if label_column and label_column in obs else None
         per_group: dict[str, dict[str, float]] = {}
         scopes = [("all", np.ones(len(pc), bool), np.ones(len(test_pc), bool))]
-        scopes += [(g, groups == g, test_groups == g) for g in np.unique(test_groups) if len(group_columns)]
+        scopes += [(g, groups == g, test_groups == g) for g in np.unique(test_groups) if len(group_columns) and g != UNLABELLED]
         for scope, mask, test_mask in scopes:
             n_x, n_y = int(mask.sum()), int(test_mask.sum())
             if scope != "all" and (n_x < min_cells_per_group or n_y < min_cells_per_group):
@@ -277,7 +297,7 @@ def compare_sets(
             if labels is not None:
                 if method == REFERENCE_REAL:
                     # The floor for label accuracy: the real held-out cells themselves.
-                    test_labels = real_test_obs[label_column].astype(str).to_numpy()
+                    test_labels = real_test_obs[label_column].to_numpy(dtype=object)
                     values["label_accuracy"] = label_accuracy(train_pc, train_labels, test_pc[test_mask], test_labels[test_mask], k=k_label)
                 else:
                     values["label_accuracy"] = label_accuracy(train_pc, train_labels, pc[mask], labels[mask], k=k_label)

@@ -5,8 +5,10 @@ Conditions are declared in the config from obs columns (`datasets.<ds>.condition
 - `ConditionCodec` (no torch parameters): learns the label vocabularies from the training
   cells' obs and turns obs rows (a DataFrame, or sampling requests given as column -> value)
   into integer / float arrays, one set of arrays per condition, keyed "<name>.<field>".
-  A missing value (NaN/None/"") is encoded as "missing", which the embedders treat like the
-  attribute's null (dropped) embedding. An unknown label is a UserError listing the known ones.
+  A missing value (NaN/None/""/"nan") is encoded as "missing", which the embedders treat like the
+  attribute's null (dropped) embedding: an unlabelled cell trains, and is sampled, unconditionally
+  in that attribute, and its value forms no label of the vocabulary. An unknown label is a
+  UserError listing the known ones.
 - `ConditionModel` (nn.Module): one embedder per condition, each [B, ...] -> [B, dim]; a learned
   null embedding per condition for classifier-free guidance; the K embeddings are combined by
   concatenation + MLP into one vector [B, dim] (AdaLN) and also returned as tokens [B, K, dim]
@@ -59,8 +61,8 @@ def _is_missing(value: Any) -> bool:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
-    if isinstance(value, str) and value.strip() == "":
-        return True
+    if isinstance(value, str) and value.strip().lower() in ("", "nan"):
+        return True  # "nan": pandas' rendering of a missing value after astype(str)
     return False
 
 
