@@ -7,6 +7,7 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 from cellfoundry.utils import UserError, setup_logging
@@ -75,8 +76,6 @@ def _in_cli_terms(message: str) -> UserError:
 
 def _check_embed_paths(args: argparse.Namespace) -> None:
     """Path mistakes, caught before anything is loaded."""
-    from pathlib import Path
-
     if args.model_folder and not Path(args.model_folder).is_dir():
         raise UserError(f"--model-folder {args.model_folder}: no such folder; point it at an SE model folder "
                         "(one .ckpt + protein_embeddings.pt), or pass a checkpoint file with --checkpoint.")
