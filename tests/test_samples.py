@@ -31,11 +31,11 @@ def write_10x(folder, X, genes, barcodes):
         fh.writelines(f"{b}\n" for b in barcodes)
 
 
-def three_samples(root, n_cells=(60, 50, 40), drop_gene_of_third=True, seed=0):
+def three_samples(root, n_cells=(60, 50, 40), drop_gene_of_third=True, seed=0, n_genes=30):
     """Three 10x folders sharing barcodes (as separate Cell Ranger runs do) and a sheet with a
     `donor` metadata column; the third sample lacks gene G0 when drop_gene_of_third."""
     rng = np.random.default_rng(seed)
-    genes = [f"G{i}" for i in range(30)] + ["MT-CO1"]
+    genes = [f"G{i}" for i in range(n_genes)] + ["MT-CO1"]
     counts = {}
     for k, n in enumerate(n_cells):
         name = f"s{k + 1}"
@@ -98,7 +98,7 @@ def test_sheet_inputs_list_each_mtx_file(tmp_path):
     assert str(tmp_path / "runs/s2/filtered_feature_bc_matrix/barcodes.tsv.gz") in inputs
 
 
-def test_per_sample_thresholds_and_mad_per_sample(tmp_path):
+def test_per_sample_overrides_of_thresholds_mad_and_doublets(tmp_path):
     sheet, _ = three_samples(tmp_path, drop_gene_of_third=False)
     adata, _ = load_samples(sheet, tmp_dir=tmp_path)
     # s2 alone gets a min_counts its cells (about 120 counts each) cannot meet
@@ -108,6 +108,16 @@ def test_per_sample_thresholds_and_mad_per_sample(tmp_path):
     # a third of the data set goes, so only the sample's own warning fires
     assert "large_removal" not in res.summary and list(res.summary["large_removal_samples"]) == ["s2"]
     assert res.summary["large_removal_samples"]["s2"]["message"].startswith("sample s2: QC removes 50 of 50 cells")
+    # MAD windows per sample: a narrow window for s1 alone; doublets off for s3 alone
+    big, _ = load_samples(three_samples(tmp_path / "big", (300, 250, 200), False, n_genes=300)[0], tmp_dir=tmp_path)
+    # (structureless Poisson cells: scrublet's automatic threshold means nothing here, so a fixed one)
+    mad = run_qc(big, cfg(filter="mad", doublets={"enabled": True, "expected_rate": 0.06, "threshold": 0.99}),
+                 batch="sample", seed=0,
+                 sample_qc={"s1": {"mad": {"n_mads": 0.5}}, "s3": {"doublets": {"enabled": False}}})
+    lost = 1 - mad.metrics["passed_qc"].groupby(big.obs["sample"], observed=True).mean()
+    assert lost["s1"] > 0.5 and lost["s2"] < 0.2
+    scored = mad.metrics["doublet_score"].notna().groupby(big.obs["sample"], observed=True).mean()
+    assert scored["s3"] == 0 and scored["s2"] > 0.8  # scored: the cells passing the MAD windows
     with pytest.raises(UserError, match=r"names samples \['s7'\]"):
         run_qc(adata, cfg(), batch="sample", sample_qc={"s7": {"min_counts": 1}})
     with pytest.raises(UserError, match="unset `batch`"):
