@@ -144,11 +144,11 @@ def load_samples(
     summary = {"sheet": str(sheet), "gene_join": gene_join, "genes": int(adata.n_vars), "per_sample": per_sample}
     changed = [p for p in per_sample if p.get("genes_dropped", p.get("genes_absent"))]
     if changed:
-        what = "dropped (not in every sample)" if gene_join == "intersection" else "absent, filled with zeros"
+        what = "dropped (not in every sample)" if gene_join == "intersection" else "absent (counted as zero)"
         log.warning(
-            "samples' gene sets differ; %s of %d genes: %s genes %s (gene_join: %s)",
-            gene_join, adata.n_vars, ", ".join(f"{p['sample']} {p.get('genes_dropped', p.get('genes_absent'))}" for p in changed),
-            what, gene_join,
+            "samples' gene sets differ: gene_join %s keeps %d genes; genes %s per sample: %s",
+            gene_join, adata.n_vars, what,
+            ", ".join(f"{p['sample']} {p.get('genes_dropped', p.get('genes_absent'))}" for p in changed),
         )
     log.info("read %d samples: %d cells x %d genes", len(pieces), adata.n_obs, adata.n_vars)
     return adata, summary
