@@ -77,9 +77,15 @@ def _write(tmp_path, name, edit):
     return path
 
 
+def _write_zarr(tmp_path, edit):
+    path = tmp_path / "cells.zarr"
+    edit(cells()).write_zarr(path)
+    return path
+
+
 def _negative(a):
     a.X = a.X.toarray()
-    a.X[0, 1] = -3
+    a.X[7, 1] = -3
     return a
 
 
@@ -102,8 +108,11 @@ def _truncated(tmp_path):
 ERRORS = {
     "missing input": (lambda t: t / "nope.h5ad", [], "--input"),
     "truncated file": (_truncated, [], "could not read"),
-    "zero cells": (lambda t: _write(t, "empty.h5ad", lambda a: a[:0].copy()), [], "zero cells"),
-    "negative values": (lambda t: _write(t, "neg.h5ad", _negative), [], "1 negative values"),
+    "zero cells": (lambda t: _write(t, "empty.h5ad", lambda a: a[:0].copy()), [], "holds 0 cells"),
+    "zero cells (zarr)": (lambda t: _write_zarr(t, lambda a: a[:0].copy()), [], "zero cells"),
+    "log1p values (zarr)": (lambda t: _write_zarr(t, _log1p), [], "non-integer"),
+    # an .h5ad is checked chunk by chunk as it streams: the chunk is named
+    "negative values": (lambda t: _write(t, "neg.h5ad", _negative), ["--chunk-size", "3"], "1 negative values in cells 6..7"),
     "log1p values": (lambda t: _write(t, "log.h5ad", _log1p), [], "non-integer"),
     "unknown layer": (lambda t: FIXTURE / "cells.h5ad", ["--counts", "raw_counts"], "--counts"),
     "unknown gene column": (lambda t: FIXTURE / "cells.h5ad", ["--gene-symbols", "nope"], "--gene-symbols"),

@@ -92,9 +92,52 @@ def _check_embed_paths(args: argparse.Namespace) -> None:
         raise UserError(f"--output {args.output} is the input; write the embeddings to another file.")
 
 
+def _open_counts(args: argparse.Namespace):
+    """(AnnData with X = raw counts and gene symbols as var_names, rows(start, stop) -> counts).
+
+    An .h5ad with the counts in X is read backed, chunk by chunk, so memory does not grow with
+    the number of cells, and each chunk is checked for raw counts as it is read; any other input
+    is read whole and checked by load_counts, as the workflow's QC reads it."""
+    import anndata as ad
+
+    from cellfoundry.io import count_problem, detect_format, load_counts
+
+    fmt = detect_format(args.input) if args.format == "auto" else args.format
+    if fmt != "h5ad" or args.counts != "X":
+        try:
+            adata = load_counts(args.input, args.format, args.counts, args.gene_symbols)
+        except UserError as err:
+            raise _in_cli_terms(str(err)) from err
+        return adata, lambda start, stop: adata.X[start:stop]
+    try:
+        adata = ad.read_h5ad(args.input, backed="r")
+    except Exception as exc:  # a reader's own error: say which file failed
+        raise UserError(f"could not read {args.input} as h5ad: {exc}. Check that the file is complete, "
+                        "or pass --format for another format.") from exc
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise UserError(f"{args.input} holds {adata.n_obs} cells x {adata.n_vars} genes; check that it is the right file.")
+    if args.gene_symbols is not None:
+        if args.gene_symbols not in adata.var.columns:
+            raise UserError(f"--gene-symbols {args.gene_symbols} is not a var column of {args.input}; var columns are "
+                            f"{list(adata.var.columns) or 'none'} (leave it out to use var_names).")
+        adata.var_names = adata.var[args.gene_symbols].astype(str).to_numpy()
+    if adata.var_names.has_duplicates:  # as load_counts: a repeated symbol matches once
+        log.warning("gene names occur more than once; made unique by appending -1, -2, ...")
+        adata.var_names_make_unique()
+
+    def rows(start: int, stop: int):
+        counts = adata.X[start:stop]
+        problem = count_problem(counts)
+        if problem:
+            raise UserError(f"{args.input} (X) is not a raw count matrix: {problem} in cells {start}..{stop - 1}. "
+                            "Point --input at the raw (unnormalised) count matrix, or name the layer holding it in --counts.")
+        return counts
+
+    return adata, rows
+
+
 def run_embed(args: argparse.Namespace) -> None:
     from cellfoundry.embed import METHOD_FOR_ENCODING, Progress, iter_embeddings, write_embedding_h5ad
-    from cellfoundry.io import load_counts
     from cellfoundry.models.se_checkpoint import _resolve_paths, load_se
     from cellfoundry.provenance import KEY, provenance
     from cellfoundry.tokenize import tokenize_csr
@@ -105,10 +148,7 @@ def run_embed(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     ckpt_path, genes_path = _resolve_paths(args.model_folder or args.checkpoint, args.gene_embeddings)
     model, cfg, vocab = load_se(ckpt_path, genes_path, args.allow_unsafe_pickle)
-    try:
-        adata = load_counts(args.input, args.format, args.counts, args.gene_symbols)
-    except UserError as err:
-        raise _in_cli_terms(str(err)) from err
+    adata, counts = _open_counts(args)
     log.info("read %d cells x %d genes from %s", adata.n_obs, adata.n_vars, args.input)
     symbols = list(adata.var_names)
     match = match_genes(symbols, vocab)
@@ -124,15 +164,19 @@ def run_embed(args: argparse.Namespace) -> None:
     def chunks():
         for start in range(0, adata.n_obs, args.chunk_size):
             stop = min(start + args.chunk_size, adata.n_obs)
-            tokens = tokenize_csr(adata.X[start:stop], match.local_to_global, cfg.pad_length, method, args.seed, start)
+            tokens = tokenize_csr(counts(start, stop), match.local_to_global, cfg.pad_length, method, args.seed, start)
             yield from iter_embeddings(model, tokens.gene_ids, tokens.values, vocab.table, batch_size=args.batch_size,
                                        device=device, progress=progress)
 
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "log")}
     record = provenance("cli_embed", settings, checkpoints={"se": ckpt_path}, vocab=genes_path, inputs={"input": args.input})
     # var is kept (as `state emb transform` does) but not X: the output holds embeddings only
-    write_embedding_h5ad(args.output, adata.obs, chunks(), cfg.embedding_dim, key=args.embed_key, var=adata.var,
-                         uns={KEY: record})
+    try:
+        write_embedding_h5ad(args.output, adata.obs, chunks(), cfg.embedding_dim, key=args.embed_key, var=adata.var,
+                             uns={KEY: record})
+    finally:
+        if adata.isbacked:
+            adata.file.close()
     log.info("wrote %s (%d cells, obsm[%r] %d-d)", args.output, adata.n_obs, args.embed_key, cfg.embedding_dim)
 
 
