@@ -46,6 +46,16 @@ def test_embeds_every_input_format(tmp_path, fmt):
     np.testing.assert_allclose(result.obsm["X_state"], REFERENCE, atol=1e-5)
 
 
+def test_gene_symbols_from_a_var_column_of_a_streamed_h5ad(tmp_path):
+    adata = cells()
+    adata.var["symbol"] = adata.var_names
+    adata.var_names = adata.var["gene_ids"].to_numpy()
+    adata.write_h5ad(tmp_path / "ids.h5ad")
+    code, out = embed(tmp_path, tmp_path / "ids.h5ad", "--gene-symbols", "symbol", "--chunk-size", "5")
+    assert code == 0
+    np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_state"], REFERENCE, atol=1e-5)
+
+
 def test_progress_counts_all_chunks_and_output_records_provenance(tmp_path, capsys):
     code, out = embed(tmp_path, FIXTURE / "cells.h5ad", "--chunk-size", "3", "--batch-size", "2", "--progress-every", "0")
     assert code == 0
