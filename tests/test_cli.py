@@ -158,6 +158,14 @@ def test_output_must_be_an_h5ad_file(tmp_path, capsys):
     assert "ending in .h5ad" in capsys.readouterr().err
 
 
+def test_an_unwritable_output_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out.h5ad"  # its folder cannot be made
+    assert cli_main(["embed", *MODEL, "--input", str(FIXTURE / "cells.h5ad"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "check the path" in err.splitlines()[-1]
+
+
 def test_installed_command_exits_2_without_traceback(tmp_path):
     cmd = [sys.executable, "-m", "cellfoundry.cli", "embed", *MODEL, "--input", str(tmp_path / "missing.zarr"),
            "--output", str(tmp_path / "o.h5ad")]
