@@ -295,3 +295,29 @@ def test_changed_settings_do_not_resume_a_stale_checkpoint(synthetic, tmp_path):
     run_train(synthetic / "filtered.h5ad", tmp_path / "b.ckpt", tmp_path / "train", latent, CONDITIONS, seed=0, device="cpu",
               latents_npy=synthetic / "latents.npy")
     assert load_diffusion(tmp_path / "b.ckpt").payload["token_shape"] == [3, 8]
+
+
+@pytest.mark.parametrize("stop", [(5, "signal"), (4, "crash")], ids=["signal", "crash-after-checkpoint"])
+def test_interrupted_training_resumes_to_the_uninterrupted_result(synthetic, tmp_path, monkeypatch, stop):
+    """diffusion_train stopped at a step (SIGTERM; a crash one step after the step-3 checkpoint)
+    and re-run ends with the uninterrupted run's weights and EMA weights (every tensor equal) and
+    its loss rows, each step once; noise, timesteps and condition dropout are per-step draws."""
+    from test_preemption import assert_same_weights, interrupted
+
+    from cellfoundry.diffusion_stage import run_train
+    from cellfoundry.train import read_metrics
+
+    settings = {**SETTINGS, "token_space": "gene", "max_steps": 8, "log_every_n_steps": 1}  # 2 batches per epoch
+
+    def run(out):
+        run_train(synthetic / "filtered.h5ad", out / "model.ckpt", out / "train", settings, CONDITIONS, seed=0, device="cpu")
+
+    run(tmp_path / "reference")
+    interrupted(monkeypatch, *stop, lambda: run(tmp_path / "resumed"))
+    run(tmp_path / "resumed")
+    for name in ("model.ckpt", "train/checkpoints/last.ckpt"):  # EMA weights; the trained weights
+        reference, resumed = (torch.load(tmp_path / d / name, weights_only=False)["state_dict"] for d in ("reference", "resumed"))
+        assert_same_weights(resumed, reference)
+    expected = read_metrics(tmp_path / "reference" / "train")
+    assert list(expected["step"]) == list(range(8))
+    pd.testing.assert_frame_equal(read_metrics(tmp_path / "resumed" / "train"), expected)

@@ -14,15 +14,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import BatchSampler
 
-from cellfoundry.train import SETTINGS_FILE, AtomicCheckpointIO, resume_path, settings_fingerprint
+import cellfoundry.train as train_module
+from cellfoundry.pretrain import train_loader
+from cellfoundry.train import SETTINGS_FILE, AtomicCheckpointIO, ResumableSampler, read_metrics, resume_path, settings_fingerprint
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from train_tiny_se import train  # noqa: E402
+from train_tiny_se import tiny_module, train  # noqa: E402
+
 MAX_STEPS = 20
 CHECKPOINT_EVERY = 5
 
@@ -76,6 +83,15 @@ def rerun(out_dir: Path) -> dict:
     return json.loads((out_dir / "rank0.json").read_text())
 
 
+def assert_same_as_uninterrupted(out: Path, record: dict, reference: Path) -> None:
+    """The resumed run in `out` ends with the weights and the loss rows of an uninterrupted run."""
+    train(reference, max_steps=MAX_STEPS, checkpoint_every=CHECKPOINT_EVERY)
+    assert record["checksum"] == json.loads((reference / "rank0.json").read_text())["checksum"]
+    expected = read_metrics(reference)
+    assert list(expected["step"]) == list(range(MAX_STEPS))
+    pd.testing.assert_frame_equal(read_metrics(out), expected)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_saves_a_checkpoint_and_the_rerun_continues(tmp_path, signum):
     out = tmp_path / "train"
@@ -91,6 +107,7 @@ def test_signal_saves_a_checkpoint_and_the_rerun_continues(tmp_path, signum):
     record = rerun(out)
     assert record["start_step"] == step != 0
     assert record["final_step"] == MAX_STEPS
+    assert_same_as_uninterrupted(out, record, tmp_path / "reference")
 
 
 def test_kill_after_a_checkpoint_resumes_from_it(tmp_path):
@@ -102,6 +119,7 @@ def test_kill_after_a_checkpoint_resumes_from_it(tmp_path):
     record = rerun(out)
     assert record["start_step"] == step
     assert record["final_step"] == MAX_STEPS
+    assert_same_as_uninterrupted(out, record, tmp_path / "reference")
 
 
 def test_resume_path_prefers_the_newest_checkpoint(tmp_path):
@@ -166,3 +184,104 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     # the previous checkpoint is intact and no temporary file is left
     assert torch.load(target, weights_only=True)["global_step"] == 3
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+
+
+# -- exact resume: in-process stops at a chosen step ----------------------------------------------
+class StopAt(Callback):
+    """Ends a run after global step `step`: "signal" sends this process SIGTERM (the run saves
+    and exits with 143), "crash" raises (only the periodic checkpoints survive, as after SIGKILL)."""
+
+    def __init__(self, step: int, how: str):
+        self.step, self.how = step, how
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            if self.how == "signal":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise RuntimeError(f"crash at step {self.step}")
+
+
+def interrupted(monkeypatch, step: int, how: str, run: Callable[[], Any]) -> None:
+    """`run()` with a StopAt(step, how) in the trainers that cellfoundry.train.build_trainer
+    makes; asserts that it stopped as a preempted or crashed job does."""
+    real = train_module.build_trainer
+
+    def build(*args, callbacks=(), **kwargs):
+        return real(*args, callbacks=[*callbacks, StopAt(step, how)], **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "build_trainer", build)
+        with pytest.raises(SystemExit if how == "signal" else RuntimeError) as stopped:
+            run()
+    if how == "signal":
+        assert stopped.value.code == 128 + signal.SIGTERM
+
+
+def assert_same_weights(state: dict, reference: dict) -> None:
+    assert state.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(state[k], reference[k])]
+    assert not differ, f"{len(differ)} of {len(reference)} tensors differ from the uninterrupted run's: {differ[:5]}"
+
+
+def _tiny_run(out: Path, stop: tuple[int, str] | None = None, monkeypatch=None, every: int = 4):
+    """The tiny SE pretraining (8 batches per epoch, 20 steps) through build_trainer/fit."""
+
+    def run():
+        torch.manual_seed(123)  # torch's global stream before training must not matter
+        module, cells, cfg = tiny_module(MAX_STEPS)
+        trainer = train_module.build_trainer(out, max_steps=MAX_STEPS, device="cpu", checkpoint_every_n_steps=every,
+                                             log_every_n_steps=1, enable_progress_bar=False)
+        train_module.fit(trainer, module, train_loader(cells, cfg.batch_size, seed=0), out_dir=out, settings={"run": "tiny"})
+        return module
+
+    if stop:
+        interrupted(monkeypatch, *stop, run)
+    return run()
+
+
+@pytest.mark.parametrize("stop", [(7, "signal"), (8, "signal"), (13, "crash"), (8, "crash")],
+                         ids=["signal-mid-epoch", "signal-epoch-end", "crash-after-checkpoint", "crash-at-checkpoint-epoch-end"])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path, monkeypatch, stop):
+    """Weights (torch.equal, every tensor) and the gathered loss log (every step once) of a run
+    stopped at `stop` and re-run equal those of an uninterrupted run: the data order and each
+    step's random numbers depend only on (seed, step)."""
+    reference = _tiny_run(tmp_path / "reference")
+    expected = read_metrics(tmp_path / "reference")
+    assert list(expected["step"]) == list(range(MAX_STEPS))
+    out = tmp_path / "resumed"
+    module = _tiny_run(out, stop, monkeypatch)
+    assert_same_weights(module.state_dict(), reference.state_dict())
+    assert len(list((out / "logs").glob("version_*/metrics.csv"))) == 2  # the first attempt's log survives
+    pd.testing.assert_frame_equal(read_metrics(out), expected)
+
+
+def test_resumable_sampler_order_depends_on_seed_and_step_only():
+    def batches(sampler, start, stop):
+        """Global batches start..stop-1 as Lightning draws them: per epoch a new iterator, read
+        only as far as the epoch's batches (the last partial batch dropped)."""
+        batcher, out = BatchSampler(sampler, 4, drop_last=True), []
+        while start + len(out) < stop:
+            it = iter(batcher)
+            out += [next(it) for _ in range(min(len(batcher) - (start + len(out)) % len(batcher), stop - start - len(out)))]
+        return out
+
+    full = batches(ResumableSampler(10, 4, seed=3, drop_last=True), 0, 7)  # 2 batches per epoch
+    assert full[0] + full[1] != list(range(8))  # shuffled
+    assert full[:2] != full[2:4]  # a new order each epoch
+    for step in (1, 2, 5):
+        resumed = ResumableSampler(10, 4, seed=3, drop_last=True)
+        resumed.set_step(step)
+        assert batches(resumed, step, 7) == full[step:]
+    assert batches(ResumableSampler(10, 4, seed=4, drop_last=True), 0, 2) != full[:2]
+
+
+def test_resumable_sampler_shards_each_epoch_over_ranks(monkeypatch):
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(ResumableSampler, "_ranks", staticmethod(lambda rank=rank: (2, rank)))
+        sampler = ResumableSampler(9, 2, seed=0)
+        shards.append(list(sampler))
+        assert len(sampler) == 5
+    # DistributedSampler's split: every item once, plus one again to pad 9 to 2 x 5
+    assert sorted(set(shards[0]) | set(shards[1])) == list(range(9)) and len(set(shards[0]) & set(shards[1])) == 1

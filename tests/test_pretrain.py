@@ -115,3 +115,28 @@ def test_random_model_has_the_same_architecture_and_seeded_weights(tiny_data, tm
     assert all(torch.equal(r1[k], r2[k]) for k in r1)
     assert not torch.equal(r1["encoder.0.weight"], trained["encoder.0.weight"])
     assert load_se(out / "r1.ckpt", gene_embeddings=tiny_data["vocab"])[1] == load_se(out / "pretrained.ckpt", gene_embeddings=tiny_data["vocab"])[1]
+
+
+@pytest.mark.parametrize("stop", [(6, "signal"), (9, "crash")], ids=["signal", "crash-after-checkpoint"])
+def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, monkeypatch, stop):
+    """pretrain_se stopped at a step (SIGTERM; a crash one step after the step-8 checkpoint) and
+    re-run writes the uninterrupted run's weights (every tensor equal) and its whole loss table,
+    each step once. Dropout and sentence subsampling are on, so every random stream counts."""
+    from test_preemption import assert_same_weights, interrupted
+
+    se = {**SE_CFG, "dropout": 0.1, "pretrain": {**SE_CFG["pretrain"], "max_steps": 12},  # 4 batches per epoch
+          "trainer": {**SE_CFG["trainer"], "checkpoint_every_n_steps": 4}}
+
+    def run(out: Path) -> None:
+        run_pretraining([tiny_data["tokens"]], [tiny_data["cells"]], tiny_data["vocab"], out / "pretrained.ckpt",
+                        out / "losses.tsv", out / "work", se, 0, "cpu")
+
+    run(tmp_path / "reference")
+    interrupted(monkeypatch, *stop, lambda: run(tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "losses.tsv").exists()
+    run(tmp_path / "resumed")
+    reference, resumed = (read_checkpoint_file(tmp_path / d / "pretrained.ckpt")["state_dict"] for d in ("reference", "resumed"))
+    assert_same_weights(resumed, reference)
+    expected = pd.read_csv(tmp_path / "reference" / "losses.tsv", sep="\t")
+    assert list(expected["step"]) == list(range(12))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed" / "losses.tsv", sep="\t"), expected)

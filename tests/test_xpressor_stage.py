@@ -140,3 +140,26 @@ def test_unknown_label_column_is_a_user_error(inputs, tmp_path):
 def test_resolve_label_columns_maps_roles():
     ds = {"cell_type": "bulk_labels", "batch": None}
     assert resolve_label_columns(["cell_type", "batch", "donor"], ds) == ["bulk_labels", "donor"]
+
+
+@pytest.mark.parametrize("stop", [(4, "signal"), (6, "crash")], ids=["signal", "crash-after-checkpoint"])
+def test_interrupted_training_resumes_to_the_uninterrupted_result(inputs, tmp_path, monkeypatch, stop):
+    """xpressor_train stopped at a step (SIGTERM mid-epoch; a crash after the step-5 checkpoint)
+    and re-run gives the uninterrupted run's weights (every tensor equal) and loss rows. Not the
+    training epoch means (train_*_epoch) of the epoch it resumed in: Lightning keeps no running
+    sums in checkpoints, so they average the batches after the resume."""
+    from test_preemption import assert_same_weights, interrupted
+
+    from cellfoundry.train import read_metrics
+
+    settings = dict(baselines=False, max_epochs=3)  # 3 batches per epoch, 9 steps
+    _train(inputs, tmp_path / "reference", **settings)
+    interrupted(monkeypatch, *stop, lambda: _train(inputs, tmp_path / "resumed", **settings))
+    _train(inputs, tmp_path / "resumed", **settings)
+    reference = load_xpressor(tmp_path / "reference" / "model.ckpt").model.state_dict()
+    assert_same_weights(load_xpressor(tmp_path / "resumed" / "model.ckpt").model.state_dict(), reference)
+    expected, got = (read_metrics(tmp_path / run / "train" / "xpressor") for run in ("reference", "resumed"))
+    assert list(expected.dropna(subset=["train_loss_step"])["step"]) == [2, 5, 8]  # a row every 3 steps
+    assert list(expected.dropna(subset=["val_loss"])["step"]) == [2, 5, 8]  # one validation per epoch
+    epoch_means = [c for c in expected if c.startswith("train_") and c.endswith("_epoch")]
+    pd.testing.assert_frame_equal(got.drop(columns=epoch_means), expected.drop(columns=epoch_means))

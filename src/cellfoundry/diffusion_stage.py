@@ -216,8 +216,14 @@ class DiffusionModule(pl.LightningModule):
     def on_train_start(self):
         self._rate_start = (time.perf_counter(), self.global_step)
 
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: a checkpoint saved after this step (ModelCheckpoint's
+        # hook runs before the module's) must hold the EMA of this step's weights. Lightning
+        # counts the step after this hook, so + 1: the steps taken, as the EMA warm-up expects
+        self.ema.update(self.model, self.global_step + 1)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.ema.update(self.model, self.global_step)
         # a rate line in the rule's log (Lightning's progress bar goes to stderr only)
         every = self.settings["log_every_n_steps"]
         if self.global_step % every == 0 and self.trainer.is_global_zero:
@@ -231,9 +237,11 @@ class DiffusionModule(pl.LightningModule):
 
 
 def train_loader(data: dict, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled full batches that cellfoundry.train.fit resumes exactly."""
+    from cellfoundry.train import resumable_loader
+
     dataset = CellDataset(data["x0"], data["arrays"])
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, generator=generator)
+    return resumable_loader(dataset, min(batch_size, len(dataset)), seed, drop_last=True)
 
 
 def save_diffusion(path: str | os.PathLike, module: DiffusionModule, data: dict, extra: Mapping[str, Any]) -> None:
@@ -498,7 +506,8 @@ def run_train(
     """Train the conditional denoiser on the train split and write model.ckpt (EMA weights).
 
     Lightning writes `train_dir`/checkpoints/last.ckpt (a re-run with the same settings resumes
-    from it) and the loss to `train_dir`/logs/version_0/metrics.csv. Under DDP every rank runs
+    from it, exactly) and the loss to `train_dir`/logs/version_<attempt>/metrics.csv (one per
+    attempt, cellfoundry.train.read_metrics gathers them). Under DDP every rank runs
     this function; only global rank 0 writes model.ckpt."""
     from cellfoundry.train import build_trainer, fit
     from cellfoundry.utils import file_sha256, resolve_device

@@ -269,17 +269,12 @@ class PretrainCells(Dataset):
 
 
 def train_loader(cells: PretrainCells, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled, seeded loader; the last partial batch is dropped so every step has B cells."""
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        cells,
-        batch_size=min(batch_size, len(cells)),
-        shuffle=True,
-        drop_last=True,
-        generator=gen,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+    """Shuffled, seeded loader that cellfoundry.train.fit resumes exactly; the last partial batch
+    is dropped so every step has B cells."""
+    from cellfoundry.train import resumable_loader
+
+    return resumable_loader(cells, min(batch_size, len(cells)), seed, drop_last=True,
+                            num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 # ---------------------------------------------------------------------------- workflow entry points
@@ -338,11 +333,9 @@ def run_pretraining(tokens_dirs, h5ads, vocab_path, out_ckpt, out_losses, work_d
     import shutil
     from pathlib import Path
 
-    import pandas as pd
-
     from cellfoundry.embed import check_tokens_match_model
     from cellfoundry.models.se_checkpoint import save_se
-    from cellfoundry.train import build_trainer, fit
+    from cellfoundry.train import build_trainer, fit, read_metrics
     from cellfoundry.utils import atomic_output, seed_everything
     from cellfoundry.vocab import GeneVocab
 
@@ -373,7 +366,7 @@ def run_pretraining(tokens_dirs, h5ads, vocab_path, out_ckpt, out_losses, work_d
         return
     save_se(out_ckpt, module.model, cfg, training_state=module.heads.state_dict(),
             gene_embeddings=str(vocab_path), gene_table=vocab.table)
-    metrics = pd.read_csv(Path(work_dir) / "logs" / "version_0" / "metrics.csv")
+    metrics = read_metrics(work_dir)  # every attempt's rows, when the run was interrupted and resumed
     losses = metrics[[c for c in ("step", "train_loss", "expr_loss", "dataset_loss") if c in metrics]].dropna(subset=["train_loss"])
     with atomic_output(out_losses) as tmp:
         losses.to_csv(tmp, sep="\t", index=False)

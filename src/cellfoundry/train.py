@@ -12,6 +12,13 @@ Interruption and resume (why this module holds more than a Trainer call):
   `hpc_ckpt_*.ckpt` from a SLURM auto-requeue), but only when the run that wrote it had the same
   settings: the stage passes its settings, whose fingerprint is kept beside the checkpoints
   (`settings_fingerprint.json`); after a config change training starts over from step 0.
+- A resumed run continues exactly as the uninterrupted run would (same weights on the CPU): the
+  training loader from `resumable_loader` visits an order that depends only on (seed, epoch) and
+  restarts at the checkpoint's global step, and every step's random numbers (dropout, task genes,
+  noise) come from a torch seed of (seed, step, rank).
+- Every attempt writes its own CSV log (`logs/version_<attempt>/metrics.csv`, Lightning's
+  CSVLogger empties an existing one); `read_metrics` gathers them, each step once, from the
+  latest attempt that ran it.
 
 Distributed training: `devices * num_nodes > 1` selects DDP. Locally, Lightning starts the other
 processes itself. Inside a SLURM job the rule's script is a single task (the Snakemake executor's
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import importlib
 import json
 import logging
@@ -35,11 +43,13 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -47,6 +57,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cellfoundry import slurm
 from cellfoundry.utils import UserError, set_torch_threads
@@ -97,7 +108,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class CheckpointOnSignal(Callback):
-    """Saves `path` when the run stops after the batch during which SIGTERM or SIGUSR1 arrived.
+    """Saves `path` when the run stops before the batch after the one during which SIGTERM or
+    SIGUSR1 arrived.
 
     SIGTERM: Lightning's own handler stops the loop (SIGTERMException, broadcast to all ranks)
     without saving; this callback saves in on_exception. SIGUSR1 gets a handler here unless
@@ -131,6 +143,12 @@ class CheckpointOnSignal(Callback):
         if isinstance(exception, SIGTERMException):
             if self.signum is None:
                 self.signum = signal.SIGTERM
+            loop = trainer.fit_loop
+            if loop.epoch_progress.current.completed == loop.epoch_progress.current.started:
+                # Lightning stopped at the end of an epoch, before the next one reset the batch
+                # counters; reset them as that would, or the resumed run takes the finished
+                # epoch's batches for part of the next epoch
+                loop.epoch_loop.batch_progress.reset_on_run()
             trainer.save_checkpoint(self.path)
             log.warning("signal %d: saved %s at step %d; a re-run resumes from it", self.signum, self.path, trainer.global_step)
 
@@ -139,11 +157,14 @@ class CheckpointOnSignal(Callback):
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        local = self.signum is not None
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Stop between steps: the previous step's loss row is logged by then (a stop in
+        # on_train_batch_end would lose it) and nothing of the next step has run. Lightning alone
+        # stops a single process on SIGTERM only at the end of the epoch.
+        local = self.signum is not None or trainer.received_sigterm
         stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
         if stop:
-            self.signum = self.signum or signal.SIGUSR1
+            self.signum = self.signum or (signal.SIGTERM if trainer.received_sigterm else signal.SIGUSR1)
             raise SIGTERMException()  # Lightning's own stop path; on_exception saves
 
 
@@ -195,7 +216,9 @@ def build_trainer(
         max_steps=max_steps,
         gradient_clip_val=gradient_clip_val,
         callbacks=[checkpoint, on_signal, *callbacks],
-        logger=CSVLogger(out_dir, name="logs", version=0),
+        # version: the attempt, set by fit; every logged row goes to disk at once, so a run killed
+        # after a checkpoint keeps the rows of the steps that checkpoint holds
+        logger=CSVLogger(out_dir, name="logs", version=0, flush_logs_every_n_steps=1),
         log_every_n_steps=log_every_n_steps,
         val_check_interval=val_check_interval,
         enable_progress_bar=enable_progress_bar,
@@ -279,8 +302,8 @@ class _SettingsStamp(Callback):
             stale = [*self.out_dir.glob("hpc_ckpt_*.ckpt")]
             stale += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             log_dir = getattr(trainer.logger, "log_dir", None)
-            if log_dir:
-                stale.append(Path(log_dir) / "metrics.csv")
+            if log_dir:  # every earlier attempt's CSV log
+                stale += [p / "metrics.csv" for p in Path(log_dir).parent.glob("version_*")]
             for path in stale:
                 if path.exists() and root in path.resolve().parents:  # never outside the stage's folder
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -298,7 +321,8 @@ def fit(
     out_dir: str | os.PathLike,
     settings: Mapping[str, Any] | None = None,
 ) -> None:
-    """trainer.fit that continues from the last checkpoint of an interrupted run.
+    """trainer.fit that continues from the last checkpoint of an interrupted run, exactly when
+    the first loader (the training loader) is a `resumable_loader`.
 
     `settings` (JSON-able: the stage's config, seed, data identity) identify the run: a
     checkpoint is resumed only when it was written with the same settings; otherwise training
@@ -311,13 +335,140 @@ def fit(
     ckpt_path = resume_path(out_dir, settings)
     if settings is not None:
         trainer.callbacks.insert(0, _SettingsStamp(out_dir, settings, fresh=ckpt_path is None))  # before ModelCheckpoint
+    if isinstance(trainer.logger, CSVLogger):
+        # a CSV log per attempt (CSVLogger empties an existing metrics.csv); read_metrics gathers them
+        trainer.logger._version = _attempt(Path(trainer.logger.root_dir)) if ckpt_path else 0
+    sampler = getattr(loaders[0], "sampler", None) if loaders else None
+    if isinstance(sampler, ResumableSampler):
+        trainer.callbacks.insert(0, _ExactResume(sampler))
     try:
-        trainer.fit(module, *loaders, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if isinstance(sampler, ResumableSampler):  # Lightning cannot tell it is resumable
+                warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+            trainer.fit(module, *loaders, ckpt_path=ckpt_path)
     except SIGTERMException:
         signum = next((cb.signum for cb in trainer.callbacks if isinstance(cb, CheckpointOnSignal) and cb.signum), None)
         signum = signum or signal.SIGTERM
         log.warning("training stopped by signal %d at step %d; re-run to resume", signum, trainer.global_step)
         raise SystemExit(128 + int(signum)) from None
+
+
+# -- exact resume: data order and random numbers as functions of (seed, step) -------------------
+def stream_seed(*key: Any) -> int:
+    """A 63-bit seed of `key` (e.g. seed, "step", 12, rank): distinct keys give unrelated streams."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
+class ResumableSampler(DistributedSampler):
+    """Sample order of exactly resumable training: epoch e visits a permutation of the `n` items
+    drawn from (seed, e) alone (0..n-1 without `shuffle`), split over DDP ranks as
+    DistributedSampler does (padded to a multiple of the world size, rank r takes r::world).
+
+    Each iteration continues where the last stopped and moves to the next epoch once an epoch's
+    batches (`batch_size`, `drop_last` as the loader's) are used; `set_step(k)` moves to the start
+    of global batch k (fit does that from a resumed checkpoint's global step). A DistributedSampler,
+    so that Lightning's DDP keeps it instead of putting its own in.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False):
+        # no DistributedSampler.__init__: the ranks are known only once the process group is up
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = int(n), int(batch_size), int(seed), shuffle, drop_last
+        self.epoch, self.start, self._step = 0, 0, None
+
+    @staticmethod
+    def _ranks() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self._ranks()[0])
+
+    def _epoch_end(self) -> int:
+        """Samples of this rank that an epoch's batches use."""
+        used = len(self) // self.batch_size * self.batch_size if self.drop_last else len(self)
+        return max(used, 1)
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's items of `epoch`, in order."""
+        world, rank = self._ranks()
+        if self.shuffle:
+            idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch)))
+        else:
+            idx = torch.arange(self.n)
+        idx = idx.repeat(math.ceil(len(self) * world / max(self.n, 1)))[: len(self) * world]
+        return idx[rank::world].tolist()
+
+    def set_step(self, step: int) -> None:
+        """Start the next iteration at global batch `step` (resolved then: it needs the ranks)."""
+        self._step = int(step)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the position follows the batches used (Lightning calls this after it fetched
+        a resumed epoch's first batch)."""
+
+    def __iter__(self):
+        end = self._epoch_end()
+        if self._step is not None:
+            batches = max(1, math.ceil(end / self.batch_size))
+            self.epoch, batch = divmod(self._step, batches)
+            self.start, self._step = batch * self.batch_size, None
+        if self.start >= end:
+            self.epoch, self.start = self.epoch + 1, 0
+        order = self.order(self.epoch)
+        while self.start < len(order):
+            self.start += 1
+            yield order[self.start - 1]
+
+
+def resumable_loader(dataset: Dataset, batch_size: int, seed: int, *, shuffle: bool = True, drop_last: bool = False, **kwargs: Any) -> DataLoader:
+    """A training DataLoader with a ResumableSampler, so that `fit` resumes it exactly. `kwargs`
+    go to DataLoader (num_workers, collate_fn, ...)."""
+    sampler = ResumableSampler(len(dataset), batch_size, seed, shuffle=shuffle, drop_last=drop_last)
+    # its own generator: creating the iterator then draws no numbers from torch's global stream
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+class _ExactResume(Callback):
+    """Puts the training sampler at a resumed checkpoint's step, and seeds torch's global random
+    stream (dropout, task genes, noise, gene subsets) from (seed, step, rank) before every step,
+    so a resumed run draws what the uninterrupted run drew."""
+
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.sampler.set_step(int(checkpoint.get("global_step", 0)))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        torch.manual_seed(stream_seed(self.sampler.seed, "step", trainer.global_step, trainer.global_rank))
+
+
+def _attempt(log_root: Path) -> int:
+    """The next free CSVLogger version under `log_root` (one per attempt of a run)."""
+    versions = [int(p.name.split("_", 1)[1]) for p in log_root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    return max(versions, default=-1) + 1
+
+
+def read_metrics(out_dir: str | os.PathLike) -> "pd.DataFrame":
+    """Every attempt's CSV log of the run in `out_dir` (logs/version_*/metrics.csv) as one table:
+    each step's rows come from the latest attempt that logged that step (a resumed attempt re-runs
+    the steps after its checkpoint), so an interrupted and resumed run gives the table of an
+    uninterrupted one. Empty when nothing was logged."""
+    import pandas as pd
+
+    parts = []
+    for path in sorted(Path(out_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_", 1)[1])):
+        part = pd.read_csv(path)
+        if len(part):
+            parts.append(part.assign(_attempt=len(parts)))
+    if not parts:
+        return pd.DataFrame()
+    table = pd.concat(parts, ignore_index=True)
+    latest = table.groupby("step")["_attempt"].transform("max")
+    table = table[table["_attempt"] == latest].drop(columns="_attempt")
+    return table.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 def is_global_zero() -> bool:

@@ -399,10 +399,14 @@ def collate(items: list[dict]) -> dict[str, Any]:
 
 
 def _loader(data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        CellBatches(data, idx, cache), batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
-    )
+    """The shuffled training loader resumes exactly (cellfoundry.train.resumable_loader); the
+    validation loader is plain (Lightning shards it under DDP)."""
+    from cellfoundry.train import resumable_loader
+
+    cells = CellBatches(data, idx, cache)
+    if shuffle:
+        return resumable_loader(cells, batch_size, seed, collate_fn=collate)
+    return DataLoader(cells, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
 def train_one(
