@@ -15,15 +15,16 @@ import yaml
 from conftest import copy_workflow, run_snakemake
 
 
-def _synthetic(path, n_cells=240, n_genes=150, seed=0):
-    """Counts with two hidden cell groups and two batches; obs has no label column."""
+def _synthetic(path, n_cells=240, n_genes=150, seed=0, new_genes=0):
+    """Counts with two hidden cell groups and two batches; obs has no label column. The last
+    `new_genes` genes get names outside the first dataset's vocabulary."""
     rng = np.random.default_rng(seed)
     group = rng.integers(0, 2, n_cells)
     rate = rng.gamma(2.0, 1.0, size=(2, n_genes))
     X = rng.poisson(rate[group] * rng.uniform(2, 4, size=(n_cells, 1))).astype(np.float32)
     obs = pd.DataFrame({"batch": np.where(np.arange(n_cells) % 2, "b1", "b2")}, index=[f"c{i}" for i in range(n_cells)])
     adata = ad.AnnData(X, obs=obs)
-    adata.var_names = [f"G{i}" for i in range(n_genes)]
+    adata.var_names = [f"G{i}" for i in range(n_genes - new_genes)] + [f"NEW{i}" for i in range(new_genes)]
     adata.write_h5ad(path)
 
 
@@ -99,9 +100,10 @@ def test_unlabelled_dataset_runs_to_the_report_beside_a_broken_one(kept_going):
 
     # the report builds from the finished dataset and says which label metrics were skipped
     report = work / "report.html"
-    run_snakemake(work, "--report", str(report), *(f"results/unl/eval/{n}" for n in ("embeddings.json", "generation.json")))
+    # (rule all's report needs every dataset's files: name the finished dataset's targets)
+    run_snakemake(work, "--report", str(report), *(f"results/unl/{n}" for n in ("eval/embeddings.json", "eval/generation.json", "embed/knn_accuracy.json")))
     html = report.read_text()
-    assert "No cell-type labels" in html and "skipped" in html
+    assert "No cell-type labels" in html and "No diffusion conditions" in html and "Skipped</strong>" in html
 
 
 @pytest.mark.workflow
@@ -122,7 +124,7 @@ def test_batch_sizes_workers_and_a_new_dataset_schedule_no_retraining(kept_going
 
     # a dataset added later is tokenized against the pinned vocabulary and embedded by the
     # pinned SE model: none of the shared artifacts, nor the unlabelled dataset, is scheduled
-    _synthetic(work / "late.h5ad", seed=1)
+    _synthetic(work / "late.h5ad", seed=1, new_genes=30)
     cfg["datasets"]["late"] = dict(cfg["datasets"]["unl"], path="late.h5ad")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     proc = run_snakemake(work, "-n")
@@ -130,3 +132,19 @@ def test_batch_sizes_workers_and_a_new_dataset_schedule_no_retraining(kept_going
     assert "dataset=late" in scheduled and "dataset=unl" not in scheduled
     for rule in ("build_vocab", "pretrain_se", "random_se"):
         assert f"rule {rule}" not in scheduled
+    # ... and runs: its tokens use the pinned vocabulary (coverage reported), the shared files stay
+    shared = {p: p.stat().st_mtime for p in (work / "results" / "shared").rglob("*") if p.is_file()}
+    run_snakemake(work, "results/late/embed/se.h5ad")
+    coverage = pd.read_csv(work / "results" / "late" / "tokens" / "coverage.tsv", sep="\t")
+    assert coverage["n_genes_matched"].item() == 120 and coverage["fraction_genes_matched"].item() == pytest.approx(0.8)
+    assert {p: p.stat().st_mtime for p in shared} == shared
+
+
+def test_unknown_dataset_in_a_training_list_stops_before_any_job(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    cfg = _tiny_config(work, {"unl": "unl.h5ad"})
+    cfg["se"]["pretrain"]["datasets"] = ["unl", "lung"]
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = run_snakemake(work, "-n", check=False)
+    assert proc.returncode != 0
+    assert "se.pretrain.datasets names ['lung']" in proc.stdout + proc.stderr

@@ -9,7 +9,7 @@ if config["diffusion"]["token_space"] == "latent":
     DIFFUSION_INPUTS.update(
         latents="results/{dataset}/xpressor/latents.npy",
         xpressor="results/{dataset}/xpressor/model.ckpt",
-        vocab=f"{SHARED}/vocab/gene_embeddings.pt",
+        vocab=vocab_path(),  # the Xpressor's own vocabulary (an SE model folder's, when set)
     )
 
 
