@@ -189,17 +189,22 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 # -- exact resume: in-process stops at a chosen step ----------------------------------------------
 class StopAt(Callback):
     """Ends a run after global step `step`: "signal" sends this process SIGTERM (the run saves
-    and exits with 143), "crash" raises (only the periodic checkpoints survive, as after SIGKILL)."""
+    and exits with 143), "signal-in-validation" sends it after the first batch of the validation
+    that follows the step, "crash" raises (only the periodic checkpoints survive, as after SIGKILL)."""
 
     def __init__(self, step: int, how: str):
         self.step, self.how = step, how
 
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.how != "signal-in-validation":
             if self.how == "signal":
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
                 raise RuntimeError(f"crash at step {self.step}")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.how == "signal-in-validation" and trainer.global_step == self.step and batch_idx == 0 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def interrupted(monkeypatch, step: int, how: str, run: Callable[[], Any]) -> None:
@@ -212,9 +217,9 @@ def interrupted(monkeypatch, step: int, how: str, run: Callable[[], Any]) -> Non
 
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "build_trainer", build)
-        with pytest.raises(SystemExit if how == "signal" else RuntimeError) as stopped:
+        with pytest.raises(RuntimeError if how == "crash" else SystemExit) as stopped:
             run()
-    if how == "signal":
+    if how != "crash":
         assert stopped.value.code == 128 + signal.SIGTERM
 
 

@@ -142,24 +142,35 @@ def test_resolve_label_columns_maps_roles():
     assert resolve_label_columns(["cell_type", "batch", "donor"], ds) == ["bulk_labels", "donor"]
 
 
-@pytest.mark.parametrize("stop", [(4, "signal"), (6, "crash")], ids=["signal", "crash-after-checkpoint"])
+@pytest.mark.parametrize("stop", [(14, "signal"), (20, "signal-in-validation"), (11, "crash")],
+                         ids=["signal", "signal-in-validation", "crash-after-checkpoint-before-validation"])
 def test_interrupted_training_resumes_to_the_uninterrupted_result(inputs, tmp_path, monkeypatch, stop):
-    """xpressor_train stopped at a step (SIGTERM mid-epoch; a crash after the step-5 checkpoint)
-    and re-run gives the uninterrupted run's weights (every tensor equal) and loss rows. Not the
+    """xpressor_train stopped (SIGTERM mid-epoch; SIGTERM during the validation after step 20;
+    a crash after the step-10 checkpoint, which precedes epoch 0's validation) and re-run gives
+    the uninterrupted run's weights (every tensor equal) and loss and validation rows. Not the
     training epoch means (train_*_epoch) of the epoch it resumed in: Lightning keeps no running
-    sums in checkpoints, so they average the batches after the resume."""
+    sums in checkpoints, so they average the batches after the resume (none: no row)."""
     from test_preemption import assert_same_weights, interrupted
 
     from cellfoundry.train import read_metrics
 
-    settings = dict(baselines=False, max_epochs=3)  # 3 batches per epoch, 9 steps
+    # 10 batches per epoch, 3 validation batches, a checkpoint every 10 steps, 30 steps
+    settings = dict(baselines=False, max_epochs=3, batch_size=4, trainer={**stage_cfg()["trainer"], "checkpoint_every_n_steps": 10})
     _train(inputs, tmp_path / "reference", **settings)
     interrupted(monkeypatch, *stop, lambda: _train(inputs, tmp_path / "resumed", **settings))
     _train(inputs, tmp_path / "resumed", **settings)
     reference = load_xpressor(tmp_path / "reference" / "model.ckpt").model.state_dict()
     assert_same_weights(load_xpressor(tmp_path / "resumed" / "model.ckpt").model.state_dict(), reference)
     expected, got = (read_metrics(tmp_path / run / "train" / "xpressor") for run in ("reference", "resumed"))
-    assert list(expected.dropna(subset=["train_loss_step"])["step"]) == [2, 5, 8]  # a row every 3 steps
-    assert list(expected.dropna(subset=["val_loss"])["step"]) == [2, 5, 8]  # one validation per epoch
+    assert list(expected.dropna(subset=["train_loss_step"])["step"]) == list(range(9, 30, 10))  # a row every 10 steps
+    assert list(expected.dropna(subset=["val_loss"])["step"]) == [9, 19, 29]  # one validation per epoch
     epoch_means = [c for c in expected if c.startswith("train_") and c.endswith("_epoch")]
-    pd.testing.assert_frame_equal(got.drop(columns=epoch_means), expected.drop(columns=epoch_means))
+
+    def without_epoch_means(table):
+        table = table.drop(columns=epoch_means)
+        return table.dropna(how="all", subset=[c for c in table if c not in ("step", "epoch")]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(without_epoch_means(got), without_epoch_means(expected))
+    if stop[1] == "crash":  # the resumed attempt ran epoch 0's validation itself
+        second = pd.read_csv(tmp_path / "resumed" / "train" / "xpressor" / "logs" / "version_1" / "metrics.csv")
+        assert 9 in set(second.dropna(subset=["val_loss"])["step"])

@@ -17,8 +17,7 @@ Interruption and resume (why this module holds more than a Trainer call):
   restarts at the checkpoint's global step, and every step's random numbers (dropout, task genes,
   noise) come from a torch seed of (seed, step, rank).
 - Every attempt writes its own CSV log (`logs/version_<attempt>/metrics.csv`, Lightning's
-  CSVLogger empties an existing one); `read_metrics` gathers them, each step once, from the
-  latest attempt that ran it.
+  CSVLogger empties an existing one); `read_metrics` gathers them, each row once.
 
 Distributed training: `devices * num_nodes > 1` selects DDP. Locally, Lightning starts the other
 processes itself. Inside a SLURM job the rule's script is a single task (the Snakemake executor's
@@ -144,13 +143,36 @@ class CheckpointOnSignal(Callback):
             if self.signum is None:
                 self.signum = signal.SIGTERM
             loop = trainer.fit_loop
-            if loop.epoch_progress.current.completed == loop.epoch_progress.current.started:
+            if not trainer.validating and loop.epoch_progress.current.completed == loop.epoch_progress.current.started:
                 # Lightning stopped at the end of an epoch, before the next one reset the batch
                 # counters; reset them as that would, or the resumed run takes the finished
                 # epoch's batches for part of the next epoch
                 loop.epoch_loop.batch_progress.reset_on_run()
             trainer.save_checkpoint(self.path)
             log.warning("signal %d: saved %s at step %d; a re-run resumes from it", self.signum, self.path, trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # A checkpoint saved after a training batch whose validation is still to run (periodic
+        # checkpoints) or while it runs (SIGTERM): Lightning resumes the first without that
+        # validation, the second with the batches it had done counted as done (on the first
+        # ones of a fresh loader) and no validation metrics. Record both as Lightning's
+        # "restarted mid-evaluation" state with no batch done: the resumed run validates again.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        train = epoch_loop.batch_progress.total
+        if trainer.validating:
+            pending = not epoch_loop.val_loop.batch_progress.is_last_batch
+        else:  # inside on_train_batch_end: the batch is processed but not completed
+            pending = train.processed == train.completed + 1 and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        state = checkpoint.get("loops", {}).get("fit_loop", {})
+        if not pending or "epoch_loop.val_loop.batch_progress" not in state:
+            return
+        batches, val = state["epoch_loop.batch_progress"], state["epoch_loop.val_loop.batch_progress"]
+        for part in ("total", "current"):
+            batches[part]["completed"] = batches[part]["processed"]
+        before = {k: v - val["current"][k] for k, v in val["total"].items()}  # counts before this validation
+        val["total"] = {**before, "ready": before["ready"] + 1, "started": before["started"] + 1}
+        val["current"] = {k: 0 for k in val["current"]}
+        val["is_last_batch"] = False
 
     def _restore(self) -> None:
         if self._previous_usr1 is not None:
@@ -302,8 +324,9 @@ class _SettingsStamp(Callback):
             stale = [*self.out_dir.glob("hpc_ckpt_*.ckpt")]
             stale += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
             log_dir = getattr(trainer.logger, "log_dir", None)
-            if log_dir:  # every earlier attempt's CSV log
-                stale += [p / "metrics.csv" for p in Path(log_dir).parent.glob("version_*")]
+            if log_dir:  # the earlier run's CSV logs, one per attempt
+                stale.append(Path(log_dir) / "metrics.csv")
+                stale += [p for p in Path(log_dir).parent.glob("version_*") if p != Path(log_dir)]
             for path in stale:
                 if path.exists() and root in path.resolve().parents:  # never outside the stage's folder
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -452,22 +475,21 @@ def _attempt(log_root: Path) -> int:
 
 
 def read_metrics(out_dir: str | os.PathLike) -> "pd.DataFrame":
-    """Every attempt's CSV log of the run in `out_dir` (logs/version_*/metrics.csv) as one table:
-    each step's rows come from the latest attempt that logged that step (a resumed attempt re-runs
-    the steps after its checkpoint), so an interrupted and resumed run gives the table of an
-    uninterrupted one. Empty when nothing was logged."""
+    """Every attempt's CSV log of the run in `out_dir` (logs/version_*/metrics.csv) as one table
+    sorted by step, each row once: a resumed attempt logs again what it re-runs after its
+    checkpoint (steps, a validation), so of the rows with the same step and the same metrics the
+    first attempt's is kept. An interrupted and resumed run gives the table of an uninterrupted
+    one. Empty when nothing was logged."""
     import pandas as pd
 
-    parts = []
-    for path in sorted(Path(out_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_", 1)[1])):
-        part = pd.read_csv(path)
-        if len(part):
-            parts.append(part.assign(_attempt=len(parts)))
+    paths = sorted(Path(out_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_", 1)[1]))
+    parts = [part for part in map(pd.read_csv, paths) if len(part)]
     if not parts:
         return pd.DataFrame()
     table = pd.concat(parts, ignore_index=True)
-    latest = table.groupby("step")["_attempt"].transform("max")
-    table = table[table["_attempt"] == latest].drop(columns="_attempt")
+    metrics = table.drop(columns=[c for c in ("step", "epoch") if c in table])
+    kind = metrics.notna().apply(lambda row: "|".join(metrics.columns[row.to_numpy()]), axis=1)
+    table = table[~pd.DataFrame({"step": table["step"], "kind": kind}).duplicated()]
     return table.sort_values("step", kind="stable").reset_index(drop=True)
 
 
