@@ -468,10 +468,15 @@ class _ExactResume(Callback):
         torch.manual_seed(stream_seed(self.sampler.seed, "step", trainer.global_step, trainer.global_rank))
 
 
+def _versions(log_root: Path) -> list[tuple[int, Path]]:
+    """The CSVLogger version folders under `log_root` (one per attempt of a run), in order."""
+    found = [(p.name.removeprefix("version_"), p) for p in log_root.glob("version_*")]
+    return sorted((int(v), p) for v, p in found if v.isdigit())
+
+
 def _attempt(log_root: Path) -> int:
-    """The next free CSVLogger version under `log_root` (one per attempt of a run)."""
-    versions = [int(p.name.split("_", 1)[1]) for p in log_root.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-    return max(versions, default=-1) + 1
+    """The next free CSVLogger version under `log_root`."""
+    return max((v for v, _ in _versions(log_root)), default=-1) + 1
 
 
 def read_metrics(out_dir: str | os.PathLike) -> "pd.DataFrame":
@@ -482,7 +487,7 @@ def read_metrics(out_dir: str | os.PathLike) -> "pd.DataFrame":
     one. Empty when nothing was logged."""
     import pandas as pd
 
-    paths = sorted(Path(out_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_", 1)[1]))
+    paths = [p / "metrics.csv" for _, p in _versions(Path(out_dir, "logs")) if (p / "metrics.csv").exists()]
     parts = [part for part in map(pd.read_csv, paths) if len(part)]
     if not parts:
         return pd.DataFrame()
