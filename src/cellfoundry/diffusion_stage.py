@@ -629,8 +629,6 @@ def run_sample(
                 runs[name] = (d, t)
         real_latents = np.load(latents_npy, mmap_mode="r") if latents_npy is not None and settings["token_space"] == "latent" else None
         summary["guidance_check"] = guidance_check(adata, spec, request_obs, runs, seed, real_latents, decoder)
-    elif sample_cfg["guidance_check"]:
-        summary["guidance_check"] = {"skipped": "no categorical condition to classify (e.g. an unconditional model)"}
     with atomic_output(summary_json) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
