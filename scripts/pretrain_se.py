@@ -3,15 +3,15 @@
 With se.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process per GPU
 (srun) that each run run_pretraining; otherwise it runs here."""
 
+import json
 import logging
 
 from cellfoundry.pretrain import run_pretraining
 from cellfoundry.train import run_stage
-from cellfoundry.utils import resolve_device, setup_logging
+from cellfoundry.utils import atomic_output, resolve_device, setup_logging
 
 setup_logging(snakemake.log[0])
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
-# the list decides the model: pin se.pretrain.datasets to it to keep a later dataset from retraining it
 logging.getLogger("cellfoundry").info("pretraining on datasets %s", params.datasets)
 
 run_stage(
@@ -33,3 +33,6 @@ run_stage(
     trainer_key="se.trainer",
     resources_key="resources.pretrain_se",
 )
+# with se.pretrain.datasets null, later runs keep training on this list (workflow/rules/common.smk)
+with atomic_output(out.datasets) as tmp:
+    tmp.write_text(json.dumps(list(params.datasets)))

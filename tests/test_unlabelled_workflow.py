@@ -1,6 +1,7 @@
 """Datasets are independent: an unlabelled dataset runs every stage to the report while another
 dataset is broken (issue 14); settings that cannot change results schedule nothing; a dataset
-added after training does not retrain the vocabulary or SE model of a pinned list."""
+added after training does not retrain the vocabulary or SE model (a pinned list, or null: the list
+recorded at their training)."""
 
 from __future__ import annotations
 
@@ -116,14 +117,17 @@ def test_batch_sizes_workers_and_a_new_dataset_schedule_no_retraining(kept_going
         for key in keys[:-1]:
             section = section[key]
         section[keys[-1]] = value
+    # null = the list recorded when the vocabulary and SE model were trained (["unl"]): no change
+    assert json.loads((work / "results" / "shared" / "vocab" / "datasets.json").read_text()) == ["unl"]
+    cfg["vocab"]["datasets"] = None
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     # rule all: only the broken dataset's jobs (its QC failed) are left
     proc = run_snakemake(work, "-n")
     scheduled = proc.stdout + proc.stderr
     assert "dataset=broken" in scheduled and "dataset=unl" not in scheduled
 
-    # a dataset added later is tokenized against the pinned vocabulary and embedded by the
-    # pinned SE model: none of the shared artifacts, nor the unlabelled dataset, is scheduled
+    # a dataset added later is tokenized against the recorded vocabulary and embedded by the
+    # recorded SE model: none of the shared artifacts, nor the unlabelled dataset, is scheduled
     _synthetic(work / "late.h5ad", seed=1, new_genes=30)
     cfg["datasets"]["late"] = dict(cfg["datasets"]["unl"], path="late.h5ad")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

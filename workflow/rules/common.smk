@@ -1,6 +1,7 @@
 """Shared helpers: config validation and defaults, dataset lookups, resources, targets."""
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -142,18 +143,27 @@ def vocab_path():
 
 def training_datasets(stage):
     """The datasets the shared artifacts train on: stage "vocab" (vocab.datasets) or "se"
-    (se.pretrain.datasets, null = the vocabulary's list); null = every configured dataset.
-    A pinned list keeps adding or breaking another dataset from blocking or retraining them."""
+    (se.pretrain.datasets, null = the vocabulary's list). null = the datasets the artifact was
+    trained on, as recorded beside it (training_record), or every configured dataset before the
+    first training; so adding or breaking another dataset later neither blocks nor retrains it."""
     key = "se.pretrain.datasets" if stage == "se" else "vocab.datasets"
     names = config["se"]["pretrain"]["datasets"] if stage == "se" else None
     if names is None:
         key, names = "vocab.datasets", config["vocab"]["datasets"]
     if names is None:
-        return DATASETS
+        record = Path(training_record(stage))
+        recorded = json.loads(record.read_text()) if record.exists() else None
+        # a recorded dataset since removed from the config: train anew on the current ones
+        return recorded if recorded and set(recorded) <= set(DATASETS) else DATASETS
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
         raise WorkflowError(f"config: {key} names {unknown}, which are not keys of datasets ({DATASETS}); list configured datasets or set it to null.")
     return sorted(names)
+
+
+def training_record(stage):
+    """The list of datasets a shared artifact ("vocab" or "se") was trained on, written by its rule."""
+    return f"{SHARED}/vocab/datasets.json" if stage == "vocab" else f"{SHARED}/se/datasets.json"
 
 
 # Outputs of the evaluate_* rules under results/{dataset}/eval/.

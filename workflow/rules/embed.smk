@@ -47,6 +47,7 @@ else:
                 category="3. SE embedding",
                 labels={"figure": "pretraining losses"},
             ),
+            datasets=training_record("se"),
         log:
             "logs/shared/pretrain_se.log",
         params:

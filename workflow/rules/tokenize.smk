@@ -8,7 +8,8 @@ rule build_vocab:
     input:
         expand("results/{dataset}/qc/filtered.h5ad", dataset=training_datasets("vocab")),
     output:
-        f"{SHARED}/vocab/gene_embeddings.pt",
+        vocab=f"{SHARED}/vocab/gene_embeddings.pt",
+        datasets=training_record("vocab"),
     log:
         "logs/shared/build_vocab.log",
     params:
