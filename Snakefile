@@ -28,6 +28,7 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/xpressor.smk"
 include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/costs.smk"
 
 
 rule all:

@@ -99,6 +99,20 @@ def test_unlabelled_dataset_runs_to_the_report_beside_a_broken_one(kept_going):
     for target in ("reconstruction.json", "generation_umap.png", "embeddings_umap.png", "embeddings_metrics.png"):
         assert (res / "eval" / target).stat().st_size > 0
 
+    # every job wrote its benchmark file, and costs.tsv has one row per job behind the dataset
+    # (shared ones included; stage_costs itself has none: it runs after the table's jobs)
+    costs = pd.read_csv(res / "eval" / "costs.tsv", sep="\t")
+    written = {p.stem for p in [*(res / "benchmarks").glob("*.tsv"), *(work / "results" / "shared" / "benchmarks").glob("*.tsv")]}
+    assert sorted(costs["job"]) == sorted(written - {"stage_costs"})
+    assert set(costs["rule"]) == {
+        "build_vocab", "pretrain_se", "random_se", "qc", "tokenize", "embed", "embed_umap", "embed_knn",
+        "xpressor_train", "xpressor_encode", "evaluate_embeddings", "evaluate_xpressor",
+        "diffusion_train", "diffusion_sample", "evaluate_generation",
+    }
+    assert len(costs) == 17 and (costs["wall_s"] > 0).all() and costs["wall_share"].sum() == pytest.approx(1, abs=0.01)
+    assert costs.set_index("job").loc[["build_vocab", "pretrain_se", "qc"], "scope"].tolist() == ["shared", "shared", "dataset"]
+    assert costs["max_rss_mb"].max() > 50  # a python process with torch or scanpy loaded
+
     # the report builds from the finished dataset and says which label metrics were skipped
     report = work / "report.html"
     # (rule all's report needs every dataset's files: name the finished dataset's targets)

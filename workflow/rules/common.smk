@@ -200,4 +200,40 @@ def all_input():
                 f"results/{ds}/diffusion/summary.json",
             ]
             targets += [f"results/{ds}/eval/{name}" for name in EVAL_GENERATION_OUTPUTS]
+        targets.append(f"results/{ds}/eval/costs.tsv")  # stage_costs (costs.smk)
     return targets
+
+
+def stage_benchmarks(ds):
+    """(rule, benchmark file) of every job behind dataset `ds`'s targets of rule all, shared jobs
+    included: the inputs of stage_costs. Benchmark files are the jobs' declared `benchmark:`
+    outputs, so listing them schedules nothing that rule all would not run. A new rule on the
+    path to rule all's targets belongs here too (tests check that every job that ran has a row)."""
+    d, s = f"results/{ds}/benchmarks", f"{SHARED}/benchmarks"
+    jobs = [("random_se", f"{s}/random_se.tsv")]
+    if config["se"]["model_folder"]:
+        jobs.append(("link_se_checkpoint", f"{s}/link_se_checkpoint.tsv"))
+    else:
+        jobs += [("build_vocab", f"{s}/build_vocab.tsv"), ("pretrain_se", f"{s}/pretrain_se.tsv")]
+    if dataset_cfg(ds).get("path") == rules.demo_data.output[0]:
+        jobs.insert(0, ("demo_data", f"{s}/demo_data.tsv"))
+    jobs += [("qc", f"{d}/qc.tsv"), ("tokenize", f"{d}/tokenize.tsv")]
+    shards = config["embed"]["shards"]
+    for model in SE_MODELS:
+        if shards > 1:
+            jobs += [("embed", f"{d}/embed_{model}.{i}.tsv") for i in range(shards)]
+            jobs.append(("embed_gather", f"{d}/embed_gather_{model}.tsv"))
+        else:
+            jobs.append(("embed", f"{d}/embed_{model}.tsv"))
+        jobs.append(("embed_umap", f"{d}/embed_umap_{model}.tsv"))
+    names = ["embed_knn", "xpressor_train", "xpressor_encode", "evaluate_embeddings", "evaluate_xpressor"]
+    # optional stages: each rule with one of its outputs that rule all asks for
+    targets = set(all_input())
+    optional = {
+        "diffusion_train": "diffusion/samples.h5ad",
+        "diffusion_sample": "diffusion/samples.h5ad",
+        "evaluate_generation": "eval/generation.tsv",
+        "evaluate_prediction": "eval/prediction.tsv",
+    }
+    names += [name for name, target in optional.items() if f"results/{ds}/{target}" in targets]
+    return jobs + [(name, f"{d}/{name}.tsv") for name in names]

@@ -3,6 +3,8 @@ rule demo_data:
         "results/demo/pbmc68k_reduced.h5ad",
     log:
         "logs/demo/demo_data.log",
+    benchmark:
+        "results/shared/benchmarks/demo_data.tsv",
     resources:
         **cpu_resources(),
     conda:

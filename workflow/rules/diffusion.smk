@@ -20,6 +20,8 @@ rule diffusion_train:
         ckpt="results/{dataset}/diffusion/model.ckpt",
     log:
         "logs/{dataset}/diffusion_train.log",
+    benchmark:
+        "results/{dataset}/benchmarks/diffusion_train.tsv",
     params:
         # training depends on everything but the sampling settings
         settings={k: v for k, v in config["diffusion"].items() if k not in ("sample", "enabled")},
@@ -51,6 +53,8 @@ rule diffusion_sample:
         ),
     log:
         "logs/{dataset}/diffusion_sample.log",
+    benchmark:
+        "results/{dataset}/benchmarks/diffusion_sample.tsv",
     params:
         # batch_size is read by the script from the config: not a re-run trigger
         sample={k: v for k, v in config["diffusion"]["sample"].items() if k != "batch_size"},

@@ -22,6 +22,8 @@ if config["se"]["model_folder"]:
             f"{SE_DIR}/pretrained.ckpt",
         log:
             "logs/shared/link_se_checkpoint.log",
+        benchmark:
+            "results/shared/benchmarks/link_se_checkpoint.tsv",
         params:
             allow_unsafe_pickle=config["se"]["allow_unsafe_pickle"],
         resources:
@@ -50,6 +52,8 @@ else:
             datasets=training_record("se"),
         log:
             "logs/shared/pretrain_se.log",
+        benchmark:
+            "results/shared/benchmarks/pretrain_se.tsv",
         params:
             se={**config["se"], "pretrain": {k: v for k, v in config["se"]["pretrain"].items() if k != "datasets"}},
             datasets=training_datasets("se"),
@@ -73,6 +77,8 @@ rule random_se:
         ckpt=f"{SE_DIR}/random.ckpt",
     log:
         "logs/shared/random_se.log",
+    benchmark:
+        "results/shared/benchmarks/random_se.tsv",
     params:
         seed=config["seed"],
         allow_unsafe_pickle=config["se"]["allow_unsafe_pickle"],
@@ -98,6 +104,8 @@ if config["embed"]["shards"] > 1:
             temp("results/{dataset}/embed/shards/{model}.{shard}.npy"),
         log:
             "logs/{dataset}/embed_{model}.{shard}.log",
+        benchmark:
+            "results/{dataset}/benchmarks/embed_{model}.{shard}.tsv",
         params:
             device=config["device"],
             shards=config["embed"]["shards"],
@@ -122,6 +130,8 @@ if config["embed"]["shards"] > 1:
             "results/{dataset}/embed/{model}.h5ad",
         log:
             "logs/{dataset}/embed_gather_{model}.log",
+        benchmark:
+            "results/{dataset}/benchmarks/embed_gather_{model}.tsv",
         params:
             # recorded in the output's provenance (the shards do not carry it)
             ckpt=lambda wc: SE_MODELS[wc.model],
@@ -146,6 +156,8 @@ else:
             "results/{dataset}/embed/{model}.h5ad",
         log:
             "logs/{dataset}/embed_{model}.log",
+        benchmark:
+            "results/{dataset}/benchmarks/embed_{model}.tsv",
         params:
             device=config["device"],
             shards=1,
@@ -174,6 +186,8 @@ rule embed_knn:
         ),
     log:
         "logs/{dataset}/embed_knn.log",
+    benchmark:
+        "results/{dataset}/benchmarks/embed_knn.tsv",
     params:
         models=list(SE_MODELS),
         label=lambda wc: dataset_cfg(wc.dataset).get("cell_type"),
@@ -202,6 +216,8 @@ rule embed_umap:
         ),
     log:
         "logs/{dataset}/embed_umap_{model}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/embed_umap_{model}.tsv",
     params:
         labels=lambda wc: [c for c in (dataset_cfg(wc.dataset)["cell_type"], dataset_cfg(wc.dataset)["batch"]) if c],
         max_cells=config["embed"]["report_max_cells"],

@@ -38,6 +38,8 @@ rule evaluate_embeddings:
         ),
     log:
         "logs/{dataset}/evaluate_embeddings.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_embeddings.tsv",
     params:
         evaluate=config["evaluate"],
         cell_type=lambda wc: dataset_cfg(wc.dataset).get("cell_type"),
@@ -90,6 +92,8 @@ rule evaluate_xpressor:
         ),
     log:
         "logs/{dataset}/evaluate_xpressor.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_xpressor.tsv",
     params:
         evaluate=config["evaluate"],
         device=config["device"],
@@ -137,6 +141,8 @@ rule evaluate_generation:
         ),
     log:
         "logs/{dataset}/evaluate_generation.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_generation.tsv",
     params:
         evaluate=config["evaluate"],
         cell_type=lambda wc: dataset_cfg(wc.dataset).get("cell_type"),

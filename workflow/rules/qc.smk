@@ -30,6 +30,8 @@ rule qc:
         ),
     log:
         "logs/{dataset}/qc.log",
+    benchmark:
+        "results/{dataset}/benchmarks/qc.tsv",
     params:
         dataset=lambda wc: dataset_cfg(wc.dataset),
         qc=lambda wc: qc_cfg(wc.dataset),

@@ -12,6 +12,8 @@ rule build_vocab:
         datasets=training_record("vocab"),
     log:
         "logs/shared/build_vocab.log",
+    benchmark:
+        "results/shared/benchmarks/build_vocab.tsv",
     params:
         # the datasets are the inputs: a null list resolved to the same names is no change
         vocab={k: v for k, v in config["vocab"].items() if k != "datasets"},
@@ -40,6 +42,8 @@ rule tokenize:
         ),
     log:
         "logs/{dataset}/tokenize.log",
+    benchmark:
+        "results/{dataset}/benchmarks/tokenize.tsv",
     params:
         # workers (threads) and chunk_size do not change the tokens: the script reads them from
         # the config so that changing them schedules no re-run

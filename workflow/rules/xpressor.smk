@@ -20,6 +20,8 @@ rule xpressor_train:
         ),
     log:
         "logs/{dataset}/xpressor_train.log",
+    benchmark:
+        "results/{dataset}/benchmarks/xpressor_train.tsv",
     params:
         # inference_batch_size cannot change results: the script reads it from the config so
         # that changing it schedules no re-run
@@ -66,6 +68,8 @@ rule xpressor_encode:
         ),
     log:
         "logs/{dataset}/xpressor_encode.log",
+    benchmark:
+        "results/{dataset}/benchmarks/xpressor_encode.tsv",
     params:
         knn_k=config["xpressor"]["knn_k"],
         device=config["device"],
