@@ -36,6 +36,7 @@ result = run_qc(
     batch=ds["batch"] or ("sample" if samples else None),
     seed=snakemake.params.seed,
     sample_qc=ds.get("sample_qc"),
+    holdout=ds["split"]["holdout"],
 )
 result.summary["dataset"] = snakemake.wildcards.dataset
 if samples:

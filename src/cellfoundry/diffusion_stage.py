@@ -311,8 +311,11 @@ def requests_to_obs(requests: Sequence[Mapping[str, Any]], codec: ConditionCodec
 
 
 def default_request_obs(obs: pd.DataFrame, codec: ConditionCodec) -> pd.DataFrame:
-    """The condition labels of the test split (one generated cell per test cell)."""
+    """The condition labels of the test split (one generated cell per test cell); with held-out
+    combinations (QC's obs["holdout"]), of the held-out cells only: the cells to predict."""
     test = obs[obs["split"].astype(str) == "test"]
+    if "holdout" in obs and obs["holdout"].astype(bool).any():
+        test = obs[obs["holdout"].astype(bool)]
     if len(test) == 0:
         raise UserError("the test split is empty; set diffusion.sample.requests or qc.test_fraction > 0.")
     out = pd.DataFrame(index=range(len(test)))
@@ -579,7 +582,9 @@ def run_sample(
         strict = True
     else:
         request_obs = default_request_obs(adata.obs, codec)
-        strict = False  # a test-only label (never seen in training) is sampled unconditionally
+        # a test-only label (never seen in training) is sampled unconditionally; a held-out
+        # combination's parts are all seen in training (QC checks), so an unknown one is an error
+        strict = "holdout" in adata.obs and adata.obs["holdout"].astype(bool).any()
     if settings["token_space"] == "latent":
         if xpressor_ckpt is None or vocab_path is None:
             raise ValueError("latent token space needs the Xpressor checkpoint and the vocabulary")
@@ -618,7 +623,7 @@ def run_sample(
         "eta": float(sample_cfg["eta"]),
         "guidance_scale": scale,
         "conditions": codec.names,
-        "requests": "config" if sample_cfg["requests"] else "test split labels",
+        "requests": "config" if sample_cfg["requests"] else "held-out combinations" if "holdout" in adata.obs and adata.obs["holdout"].astype(bool).any() else "test split labels",
     }
     spec = guidance_check_condition(codec)
     if sample_cfg["guidance_check"] and spec is not None:

@@ -1,5 +1,5 @@
 """Quality control: per-cell metrics, cell filters (fixed or MAD), doublets, gene filter, and the
-stratified train/test split."""
+stratified train/test split (held-out condition combinations: test only)."""
 
 from __future__ import annotations
 
@@ -197,6 +197,58 @@ def stratified_split(labels: pd.Series | None, n: int, test_fraction: float, see
     return split
 
 
+def combination_label(combo: dict) -> str:
+    """A held-out combination as one string, e.g. "cell_type=CD4T, condition=stimulated"."""
+    return ", ".join(f"{col}={value}" for col, value in combo.items())
+
+
+def combination_mask(obs: pd.DataFrame, combo: dict) -> np.ndarray:
+    """Cells whose obs matches every column=value of `combo` (compared as strings)."""
+    mask = np.ones(len(obs), dtype=bool)
+    for col, value in combo.items():
+        mask &= obs[col].astype(str).to_numpy() == str(value)
+    return mask
+
+
+def holdout_split(
+    obs: pd.DataFrame, holdout: list[dict], labels: pd.Series | None, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(split, held_out): every cell of a held-out combination goes to test; the other cells are
+    split by stratified_split. Refuses a combination that matches no cell, and one whose parts
+    (column=value) are left with no training cell: the model could not learn that part, so the
+    composed prediction would be impossible."""
+    held = np.zeros(len(obs), dtype=bool)
+    for combo in holdout:
+        missing = [c for c in combo if c not in obs.columns]
+        if missing:
+            raise UserError(
+                f"split.holdout {{{combination_label(combo)}}} names obs column(s) {missing}; obs columns are "
+                f"{list(obs.columns)}. Fix the column names under datasets.<name>.split.holdout."
+            )
+        mask = combination_mask(obs, combo)
+        if not mask.any():
+            values = {c: sorted(obs[c].astype(str).unique())[:20] for c in combo}
+            raise UserError(
+                f"split.holdout {{{combination_label(combo)}}} matches no cell after QC (values: {values}); "
+                "fix the labels under datasets.<name>.split.holdout."
+            )
+        held |= mask
+    split = np.full(len(obs), "test", dtype=object)
+    rest = np.flatnonzero(~held)
+    split[rest] = stratified_split(None if labels is None else labels.iloc[rest], len(rest), test_fraction, seed)
+    train = split == "train"
+    for combo in holdout:
+        for col, value in combo.items():
+            if not (train & (obs[col].astype(str).to_numpy() == str(value))).any():
+                raise UserError(
+                    f"split.holdout {{{combination_label(combo)}}}: its part {col}={value} is in no training cell "
+                    "outside the held-out combinations, so the model cannot learn it and the combination cannot "
+                    f"be predicted. Hold out a combination whose every part ({col}={value} included) is also seen "
+                    "in another combination, or remove it from datasets.<name>.split.holdout."
+                )
+    return split, held
+
+
 def sample_configs(
     obs: pd.DataFrame, cfg: dict, sample_qc: dict[str, dict] | None, sample_key: str, batch: str | None
 ) -> dict[str, dict]:
@@ -265,6 +317,7 @@ def run_qc(
     seed: int = 0,
     sample_qc: dict[str, dict] | None = None,
     sample_key: str = "sample",
+    holdout: list[dict] | None = None,
 ) -> QCResult:
     """Filter cells and genes of a raw-count AnnData and split it; nothing in `adata` is changed.
 
@@ -272,6 +325,8 @@ def run_qc(
     for each filter, how many cells (or genes) it removes on its own and how many remain after it.
     `sample_qc` maps a value of obs[sample_key] to overrides of the cell filters for its cells
     (SAMPLE_QC_KEYS; mad and doublets overrides need the batch column to be sample_key).
+    `holdout`: combinations {obs column: value} whose cells all go to the test split
+    (holdout_split); obs["holdout"] marks them.
     """
     for key, role in ((cell_type, "cell_type"), (batch, "batch")):
         if key is not None and key not in adata.obs.columns:
@@ -356,9 +411,18 @@ def run_qc(
     labels = filtered.obs[cell_type] if cell_type else None
     if labels is not None:
         summary["unlabelled_cells"] = int(unlabelled(labels).sum())
-    filtered.obs["split"] = pd.Categorical(
-        stratified_split(labels, filtered.n_obs, cfg["test_fraction"], seed), categories=["train", "test"]
-    )
+    if holdout:
+        split, held = holdout_split(filtered.obs, holdout, labels, cfg["test_fraction"], seed)
+        filtered.obs["holdout"] = held
+        summary["holdout"] = [
+            {"combination": {k: str(v) for k, v in combo.items()}, "cells": int(combination_mask(filtered.obs, combo).sum())}
+            for combo in holdout
+        ]
+        for entry in summary["holdout"]:
+            log.info("held out %d cells of %s (test split only)", entry["cells"], combination_label(entry["combination"]))
+    else:
+        split = stratified_split(labels, filtered.n_obs, cfg["test_fraction"], seed)
+    filtered.obs["split"] = pd.Categorical(split, categories=["train", "test"])
     obs["split"] = pd.Series(filtered.obs["split"].astype(str), index=filtered.obs_names).reindex(obs.index)
     summary.update(
         cells_after=int(filtered.n_obs),

@@ -170,6 +170,7 @@ def training_record(stage):
 EVAL_EMBEDDING_OUTPUTS = ["embeddings.tsv", "embeddings.json", "embeddings_metrics.png", "embeddings_umap.png"]
 EVAL_RECONSTRUCTION_OUTPUTS = ["reconstruction.tsv", "reconstruction.json", "reconstruction_metrics.png", "reconstruction_scatter.png"]
 EVAL_GENERATION_OUTPUTS = ["generation.tsv", "generation.json", "generation_metrics.png", "generation_umap.png"]
+EVAL_PREDICTION_OUTPUTS = ["prediction.tsv", "prediction.json", "prediction_scatter.png"]
 
 
 def all_input():
@@ -200,6 +201,8 @@ def all_input():
                 f"results/{ds}/diffusion/summary.json",
             ]
             targets += [f"results/{ds}/eval/{name}" for name in EVAL_GENERATION_OUTPUTS]
+            if dataset_cfg(ds)["split"]["holdout"]:  # held-out combinations: their prediction scored
+                targets += [f"results/{ds}/eval/{name}" for name in EVAL_PREDICTION_OUTPUTS]
         targets.append(f"results/{ds}/eval/costs.tsv")  # stage_costs (costs.smk)
     return targets
 

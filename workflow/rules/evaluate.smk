@@ -110,6 +110,8 @@ rule evaluate_generation:
     input:
         qc="results/{dataset}/qc/filtered.h5ad",
         samples="results/{dataset}/diffusion/samples.h5ad",
+        # latent space: the real test cells' latents, decoded as samples are (the ceiling row)
+        **{k: v for k, v in DIFFUSION_INPUTS.items() if k != "h5ad"},
     output:
         table=report(
             "results/{dataset}/eval/generation.tsv",
@@ -158,3 +160,29 @@ rule evaluate_generation:
         "../../envs/evaluate.yaml"
     script:
         "../../scripts/evaluate_generation.py"
+
+
+rule evaluate_prediction:
+    # only for datasets with datasets.<name>.split.holdout (all_input asks for it then)
+    input:
+        qc="results/{dataset}/qc/filtered.h5ad",
+        samples="results/{dataset}/diffusion/samples.h5ad",
+    output:
+        table=report("results/{dataset}/eval/prediction.tsv", caption="../report/evaluate_prediction_table.rst", category="6. Evaluation", subcategory="{dataset}: held-out conditions", labels={"dataset": "{dataset}", "figure": "prediction metrics (table)"}),
+        json="results/{dataset}/eval/prediction.json",
+        scatter=report("results/{dataset}/eval/prediction_scatter.png", caption="../report/evaluate_prediction_scatter.rst", category="6. Evaluation", subcategory="{dataset}: held-out conditions", labels={"dataset": "{dataset}", "figure": "predicted vs real means"}),
+    log:
+        "logs/{dataset}/evaluate_prediction.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_prediction.tsv",
+    params:
+        evaluate=config["evaluate"],
+        holdout=lambda wc: dataset_cfg(wc.dataset)["split"]["holdout"],
+        conditions=lambda wc: dataset_cfg(wc.dataset)["conditions"],
+        seed=config["seed"],
+    resources:
+        **cpu_resources(),
+    conda:
+        "../../envs/evaluate.yaml"
+    script:
+        "../../scripts/evaluate_prediction.py"

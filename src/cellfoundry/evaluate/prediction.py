@@ -1,0 +1,223 @@
+"""Prediction of held-out condition combinations (scGen / CPA protocol).
+
+A held-out combination (QC's `split.holdout`, e.g. cell_type=CD4T + condition=stimulated) is
+never trained on; the diffusion model composes it from its parts. Its prediction is scored on
+the real held-out cells, beside three baselines on the same cells:
+
+- no change: the combination's control cells (same labels, stimulus columns at their condition's
+  none_value, e.g. CD4T + control) stand in for the stimulated cells;
+- linear shift: those control cells plus the mean (stimulated - control) shift of the other
+  groups (e.g. cell types) in log1p(CP10k) space, clipped at 0;
+- split-half ceiling: half of the real held-out cells predicting the other half.
+
+All expression is log1p(CP10k) over all genes of qc/filtered.h5ad. Metrics (higher is better
+unless said): `r2_*` = coefficient of determination of the real per-gene means by the predicted
+ones (sklearn r2_score, the identity line, as CPA) and `pearson_*` their Pearson r, over all genes
+(`_all`) and over the top DE genes (`_de`: scanpy Wilcoxon of held-out vs control cells, the first
+n by score, as scGen); `delta_pearson_*` = Pearson r of the predicted change (predicted - control
+mean) with the real change (NaN for no change, which predicts none); energy, mmd_rbf (lower
+better) and knn_auc (0.5 best) on PCs of the real held-out cells' HVGs, as evaluate_generation.
+Cells used by the control and the shift: every non-held-out cell (train and test split).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.metrics import r2_score
+
+from cellfoundry.evaluate import generation as gen
+from cellfoundry.utils import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL = "diffusion"
+NO_CHANGE = "no change (control cells)"
+LINEAR = "linear shift"
+CEILING = "split-half (ceiling)"
+METHODS = (MODEL, NO_CHANGE, LINEAR, CEILING)
+MEAN_METRICS = ("r2_all", "pearson_all", "r2_de", "pearson_de", "delta_pearson_all", "delta_pearson_de")
+DIST_METRICS = ("energy", "mmd_rbf", "knn_auc")
+
+
+def combination_label(combo: Mapping) -> str:
+    return ", ".join(f"{c}={v}" for c, v in combo.items())
+
+
+def lognorm(counts) -> np.ndarray:
+    """Counts [n, G] -> log1p(counts / total * 1e4), dense float64."""
+    x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1.0) * 1e4)
+
+
+def matches(obs: pd.DataFrame, labels: Mapping) -> np.ndarray:
+    mask = np.ones(len(obs), dtype=bool)
+    for col, value in labels.items():
+        mask &= obs[col].astype(str).to_numpy() == str(value)
+    return mask
+
+
+def control_labels(obs: pd.DataFrame, combo: Mapping, none_values: Mapping[str, str]) -> dict:
+    """The labels of the combination's control cells: its stimulus columns (those whose condition
+    has a none_value that occurs among the column's labels) at that none_value, the others as in
+    the combination. UserError when the combination has no stimulus column."""
+    control = {}
+    for col, value in combo.items():
+        none = none_values.get(col)
+        stimulus = none is not None and str(value) != none and (obs[col].astype(str) == none).any()
+        control[col] = none if stimulus else str(value)
+    if control == {c: str(v) for c, v in combo.items()}:
+        raise UserError(
+            f"held-out combination {{{combination_label(combo)}}} has no control to predict from: none of its columns "
+            "belongs to a multi_component condition whose none_value (e.g. control) labels cells of that column. "
+            "Set none_value on the condition holding the stimulus column."
+        )
+    return control
+
+
+def de_genes(heldout: np.ndarray, control: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the top `n` genes of held-out vs control cells (log1p [*, G]): scanpy's Wilcoxon
+    rank_genes_groups for the held-out group, in its score order (scGen's choice)."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.AnnData(np.vstack([heldout, control]).astype(np.float32))
+    adata.var_names = [str(i) for i in range(adata.n_vars)]
+    adata.obs["group"] = pd.Categorical(["heldout"] * len(heldout) + ["control"] * len(control))
+    sc.tl.rank_genes_groups(adata, "group", groups=["heldout"], reference="control", method="wilcoxon", n_genes=n)
+    return np.array([int(g) for g in adata.uns["rank_genes_groups"]["names"]["heldout"][:n]])
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def mean_metrics(predicted: np.ndarray, real: np.ndarray, control_mean: np.ndarray, de: np.ndarray) -> dict[str, float]:
+    """R2 / Pearson of per-gene means and Pearson of the change vs control (see module doc)."""
+    p, r = predicted.mean(0), real.mean(0)
+    out = {}
+    for scope, genes in (("all", slice(None)), ("de", de)):
+        out[f"r2_{scope}"] = float(r2_score(r[genes], p[genes]))
+        out[f"pearson_{scope}"] = _pearson(r[genes], p[genes])
+        out[f"delta_pearson_{scope}"] = _pearson(r[genes] - control_mean[genes], p[genes] - control_mean[genes])
+    return out
+
+
+def linear_shift(logx: np.ndarray, obs: pd.DataFrame, combo: Mapping, control: Mapping, usable: np.ndarray) -> np.ndarray:
+    """Control cells of the combination plus the mean (stimulated - control) shift of the other
+    groups (the values of the non-stimulus columns), each group with both kinds of cells."""
+    stimulus = [c for c in combo if str(control[c]) != str(combo[c])]
+    group_cols = [c for c in combo if c not in stimulus]
+    if group_cols:
+        groups = obs[group_cols].astype(str).agg("|".join, axis=1).to_numpy()
+        own = "|".join(str(combo[c]) for c in group_cols)
+    else:
+        groups, own = np.full(len(obs), ""), None
+    stim = matches(obs, {c: combo[c] for c in stimulus}) & usable
+    ctrl = matches(obs, {c: control[c] for c in stimulus}) & usable
+    shifts = [
+        logx[stim & (groups == g)].mean(0) - logx[ctrl & (groups == g)].mean(0)
+        for g in np.unique(groups)
+        if g != own and (stim & (groups == g)).any() and (ctrl & (groups == g)).any()
+    ]
+    if not shifts:
+        raise UserError(
+            f"held-out combination {{{combination_label(combo)}}}: no other group has both stimulated and control "
+            "cells, so the linear-shift baseline cannot be formed; the stimulus must be seen in another group."
+        )
+    return np.clip(logx[matches(obs, control) & usable] + np.mean(shifts, axis=0), 0.0, None)
+
+
+def evaluate_combination(
+    real_counts,
+    real_obs: pd.DataFrame,
+    heldout: np.ndarray,
+    generated_counts,
+    generated_obs: pd.DataFrame,
+    combo: Mapping,
+    none_values: Mapping[str, str],
+    *,
+    n_de_genes: int = 100,
+    n_hvg: int = 2000,
+    n_pcs: int = 30,
+    k_auc: int = 5,
+    max_cells: int = 2000,
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
+    """Rows (combination, method, metric, value, n_cells) for the model and the three baselines,
+    and the per-gene means for the plot (real, control and each method's prediction, DE genes)."""
+    label = combination_label(combo)
+    real_cells = heldout & matches(real_obs, combo)
+    generated = matches(generated_obs, combo)
+    if real_cells.sum() < 4 or generated.sum() < 4:
+        raise UserError(
+            f"held-out combination {{{label}}}: {int(real_cells.sum())} real and {int(generated.sum())} generated cells; "
+            "4 of each are needed. Re-run diffusion_sample with default requests (held-out cell counts)."
+        )
+    control = control_labels(real_obs, combo, none_values)
+    usable = ~heldout
+    control_cells = matches(real_obs, control) & usable
+    if control_cells.sum() < 2:
+        raise UserError(f"held-out combination {{{label}}}: fewer than 2 control cells ({combination_label(control)}).")
+    logx = lognorm(real_counts)
+    real = logx[real_cells]
+    ctrl = logx[control_cells]
+    de = de_genes(real, ctrl, n_de_genes)
+    rng = np.random.default_rng(seed)
+    half_a, half_b = np.array_split(rng.permutation(len(real)), 2)
+    predictions = {
+        MODEL: (lognorm(generated_counts[np.flatnonzero(generated)]), real),
+        NO_CHANGE: (ctrl, real),
+        LINEAR: (linear_shift(logx, real_obs, combo, control, usable), real),
+        CEILING: (real[half_a], real[half_b]),
+    }
+    space = gen.fit_cfgen_space(real_counts[np.flatnonzero(usable)], real_counts[np.flatnonzero(real_cells)], n_hvg, n_pcs, seed)
+
+    def project(x):
+        x = x[gen._subsample(len(x), max_cells, np.random.default_rng(seed))]
+        return (x[:, space.genes] - space.center) @ space.components.T
+
+    rows, means = [], {"real": real.mean(0), "control": ctrl.mean(0), "de": de}
+    control_mean = ctrl.mean(0)
+    for method, (pred, target) in predictions.items():
+        values = mean_metrics(pred, target, control_mean, de)
+        px, tx = project(pred), project(target)
+        values.update(energy=gen.energy_distance(px, tx), mmd_rbf=gen.mmd_rbf(px, tx),
+                      knn_auc=gen.knn_real_vs_generated_auc(tx, px, k=k_auc, seed=seed))  # fmt: skip
+        rows += [{"combination": label, "method": method, "metric": m, "value": v, "n_cells": len(pred)} for m, v in values.items()]
+        means[method] = pred.mean(0)
+        log.info("%s / %s: r2_de %.3f, r2_all %.3f, delta_pearson_de %.3f", label, method, values["r2_de"], values["r2_all"], values["delta_pearson_de"])
+    return rows, means
+
+
+def plot_prediction(path, per_combination: Mapping[str, dict], gene_names: Sequence[str], title: str | None = None) -> None:
+    """One row per combination, one panel per method: predicted vs real per-gene mean log1p over
+    all genes (grey) and the top DE genes (colour; the five first named), with R2 of each."""
+    import matplotlib.pyplot as plt
+
+    from cellfoundry.plots import save_figure
+
+    rows = len(per_combination)
+    fig, axes = plt.subplots(rows, len(METHODS), figsize=(3.1 * len(METHODS), 3.0 * rows), squeeze=False)
+    for row, (label, means) in zip(axes, per_combination.items()):
+        real, de = means["real"], means["de"]
+        for ax, method in zip(row, METHODS):
+            pred = means[method]
+            ax.scatter(real, pred, s=3, c="lightgrey", linewidths=0, rasterized=True)
+            ax.scatter(real[de], pred[de], s=6, c="tab:red", linewidths=0)
+            for g in de[:5]:
+                ax.annotate(str(gene_names[g]), (real[g], pred[g]), fontsize=5)
+            hi = float(max(real.max(), pred.max()))
+            ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+            ax.set_title(f"{method}\nR2 all {r2_score(real, pred):.2f}, DE {r2_score(real[de], pred[de]):.2f}", fontsize=7)
+            ax.set_xlabel(f"real mean ({label})", fontsize=6)
+            ax.set_ylabel("predicted mean", fontsize=6)
+            ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
