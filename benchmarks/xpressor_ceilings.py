@@ -56,13 +56,14 @@ def main() -> None:
     res = Path(args.results)
     base, _, vocab = load_se(res / "shared/se/pretrained.ckpt", gene_embeddings=res / "shared/vocab/gene_embeddings.pt")
     data = load_cell_data(str(res / args.dataset / "qc/filtered.h5ad"), str(res / args.dataset / "tokens"), vocab, [args.label])
-    cache = compute_base_cache(base, vocab.table, data, 64, "cpu")
+    # the input tokens (layer 0: gene vector + count encoding) and the last layer's outputs
+    cache = compute_base_cache(base, vocab.table, data, 64, "cpu", layers=[0, -1])
 
     counts = data.counts.toarray().astype(np.float64)
     target = np.log1p(counts / counts.sum(1, keepdims=True).clip(min=1) * 1e4)
     train, test = data.split == "train", data.split != "train"
-    tokens = cache.tokens.numpy()
-    tokens = (tokens - tokens.mean((0, 1))) / tokens.std((0, 1))
+    standardise = lambda t: (t - t.mean((0, 1))) / t.std((0, 1))  # noqa: E731
+    inputs, tokens = standardise(cache.tokens[:, 0].numpy()), standardise(cache.tokens[:, -1].numpy())
     rng = np.random.default_rng(0)
     projection, shift = rng.standard_normal((tokens.shape[-1], 1024)) / np.sqrt(tokens.shape[-1]), rng.standard_normal(1024)
 
@@ -74,6 +75,7 @@ def main() -> None:
         rows[f"PCA-{k} of the target itself"] = reconstruction_metrics(pca.inverse_transform(pca.transform(target[test])), target[test])
     rows["ridge on CLS (cls baseline input)"] = ridge_scores(cache.cls.numpy(), target, train, test)
     rows["ridge on mean gene token (mean baseline input)"] = ridge_scores(tokens.mean(1), target, train, test)
+    rows["ridge on mean input token (layer 0, the mean baseline's extra input)"] = ridge_scores(inputs.mean(1), target, train, test)
     rows["ridge on mean of 1024 random ReLU token features"] = ridge_scores(
         np.maximum(tokens @ projection + shift, 0).mean(1), target, train, test
     )

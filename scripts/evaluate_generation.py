@@ -17,6 +17,8 @@ cfg, seed = params.evaluate, params.seed
 seed_everything(seed)
 
 real = read_h5ad(inp.qc, "qc")
+# Library sizes over all QC'd genes, as the diffusion stage draws them for its samples.
+library = np.asarray(real.X.sum(axis=1)).ravel().astype(np.float32)
 samples = read_h5ad(inp.samples, "diffusion_sample")
 generated_genes = set(samples.var_names)
 shared = [g for g in real.var_names if g in generated_genes]
@@ -49,6 +51,19 @@ if not group_columns:
 
 split = real.obs["split"].astype(str).to_numpy()
 train, test = real[split == "train"], real[split == "test"]
+ceiling = None
+if "latents" in inp.keys():
+    from cellfoundry.diffusion_stage import xpressor_decoder
+
+    # The ceiling: the real test cells' own Xpressor latents, decoded to sampled counts with
+    # each cell's library size, exactly as the diffusion samples are decoded.
+    latents = np.load(inp.latents, mmap_mode="r")
+    if latents.shape[0] != real.n_obs:
+        raise UserError(f"{inp.latents} holds {latents.shape[0]} cells but {inp.qc} has {real.n_obs}; re-run xpressor_encode.")
+    decode = xpressor_decoder(inp.xpressor, inp.vocab, list(real.var_names))
+    ceiling = decode(np.asarray(latents[split == "test"]), library[split == "test"], seed).counts
+else:
+    skipped[gen.CEILING] = "gene token space: no Xpressor latents to decode (diffusion.token_space: gene)"
 log.info("real train %d, real test %d, generated %d cells; conditions by %s", train.n_obs, test.n_obs, samples.n_obs, group_columns or "none")
 g = cfg["generation"]
 rows, embedding = gen.compare_sets(
@@ -56,10 +71,11 @@ rows, embedding = gen.compare_sets(
     group_columns=group_columns,
     label_column=label_col,
     n_hvg=g["n_hvg"], n_pcs=g["n_pcs"], k_auc=g["knn_auc_k"], k_label=cfg["knn_k"],
-    min_cells_per_group=g["min_cells_per_group"], max_cells=g["max_cells"], seed=seed,
+    min_cells_per_group=g["min_cells_per_group"], max_cells=g["max_cells"], seed=seed, ceiling_counts=ceiling,
 )  # fmt: skip
-skipped_rows = [dict(method=m, condition="all", metric=metric, value=np.nan, n_cells=0, skipped=reason)
-                for metric, reason in skipped.items() for m in (gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK)]
+scored = (gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK) + ((gen.CEILING,) if ceiling is not None else ())
+skipped_rows = [dict(method=gen.CEILING if metric == gen.CEILING else m, condition="all", metric=metric, value=np.nan, n_cells=0, skipped=reason)
+                for metric, reason in skipped.items() for m in ((gen.CEILING,) if metric == gen.CEILING else scored)]
 write_table(rows + skipped_rows, out.table)
 table = pd.DataFrame(rows)
 

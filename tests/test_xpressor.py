@@ -30,8 +30,11 @@ from cellfoundry.xpressor import (
     collate,
     CellBatches,
     knn_accuracy,
+    base_layer_outputs,
     masked_mean,
     reconstruction_metrics,
+    resolve_layers,
+    split_outputs,
     split_indices,
 )
 
@@ -81,6 +84,48 @@ def test_shapes_encode_decode_labels():
     assert not torch.allclose(model.encode(tokens2, mask)[1:], model.encode(tokens2 * 2, mask)[1:])
 
 
+def test_multi_layer_keys_and_pooled_baselines_read_the_same_layers():
+    base = tiny_base()
+    gene_ids, values, _, _ = tiny_cells(n=3)
+    ids, vals, table = torch.from_numpy(gene_ids.astype(np.int64)), torch.from_numpy(values), torch.randn(V, E)
+    with torch.no_grad():
+        stack, final, padding = base_layer_outputs(base, ids, vals, table, [0, 1, -1])
+        h0, _ = base.token_inputs(ids, vals, table)
+        full, _ = base.encode(ids, vals, table)
+    assert stack.shape == (3, 3, L + 1, D_BASE)
+    assert torch.allclose(stack[:, 0], h0) and torch.allclose(stack[:, -1], full) and torch.equal(final, full)
+    tokens, mask, cls = split_outputs(stack, final, padding)
+    assert tokens.shape == (3, 3, L - 1, D_BASE) and torch.equal(cls, full[:, 0])
+    model = Xpressor(xcfg(base_layers=[0, 1, 2]))
+    with count_attention_scores() as n:
+        latents = model.encode(tokens, mask)
+    one = Xpressor(xcfg())
+    with count_attention_scores() as n1:
+        one.encode(tokens[:, -1], mask)
+    # each layer read adds T keys to the cross-attention (self-attention among latents unchanged)
+    cross_one = 3 * 2 * 4 * (L - 1) * 2  # cells x heads x latents x keys x blocks
+    assert n[0] - n1[0] == 2 * cross_one
+    assert latents.shape == (3, 4, 16)
+    # the layer embedding marks where a key comes from: swapping two layers' tokens changes the latents
+    assert not torch.allclose(model.encode(tokens[:, [1, 0, 2]], mask), latents)
+    # the mean baseline averages every layer read, concatenated
+    pooled = masked_mean(tokens, mask)
+    assert pooled.shape == (3, 3 * D_BASE) and torch.allclose(pooled[:, :D_BASE], tokens[:, 0].mean(1))
+    assert Xpressor(xcfg(pooling="mean", base_layers=[0, 1, 2])).encode(pooled).shape == (3, 4, 16)
+    with pytest.raises(UserError, match="base_layers"):
+        resolve_layers([3], 2)
+
+
+def test_gene_dispersion_depends_on_the_gene_only():
+    model = Xpressor(xcfg(dispersion="gene"))
+    genes = torch.randn(6, E)
+    out = model.decode(torch.randn(4, 5, 16), genes)
+    assert out.theta.shape == (4, 6) and torch.allclose(out.theta, out.theta[:1].expand(4, -1))
+    assert not torch.allclose(out.theta[0, 0], out.theta[0, 1])
+    cell = Xpressor(xcfg(dispersion="gene-cell")).decode(torch.randn(4, 5, 16), genes)
+    assert not torch.allclose(cell.theta, cell.theta[:1].expand(4, -1))
+
+
 def test_pooled_baseline_shapes():
     model = Xpressor(xcfg(pooling="mean"))
     latents = model.encode(torch.randn(5, D_BASE))
@@ -116,8 +161,9 @@ def _module(cfg=None, unfreeze=False, labels=None):
     return module, batch
 
 
-def test_frozen_base_gets_no_gradient_and_stays_in_eval():
-    module, batch = _module()
+@pytest.mark.parametrize("layers", [[-1], [0, 1, -1]])
+def test_frozen_base_gets_no_gradient_and_stays_in_eval(layers):
+    module, batch = _module(xcfg(base_layers=layers))
     module.train()
     assert not module.base.training  # dropout of the base stays off while training
     loss = module.losses(batch)["loss"]
@@ -293,3 +339,30 @@ def test_split_indices_keep_test_apart():
     assert set(test) == set(range(20, 25))
     assert len(val) == 4 and not set(fit) & set(val) and set(fit) | set(val) == set(range(20))
     assert np.array_equal(split_indices(split, 0.2, seed=0)[1], val)
+
+
+@pytest.mark.parametrize("log1p_head", [True, False])
+def test_log1p_head_keeps_the_nb_mean_in_count_space(log1p_head):
+    """The MSE term pulls log1p of the NB mean towards the mean of log1p, far lower for sparse
+    genes; its own read-out leaves the NB mean at the count-space mean that sampling needs."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    means = np.geomspace(0.2, 20.0, 12)
+    counts = torch.from_numpy(rng.poisson(rng.gamma(2.0, means / 2.0, size=(256, 12))).astype(np.float32))
+    library = counts.sum(1)
+    model = Xpressor(xcfg(dispersion="gene", log1p_head=log1p_head))
+    latents, genes = torch.randn(1, 4, 16).expand(256, -1, -1), torch.randn(12, E)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        model.reconstruction_loss(model.decode(latents, genes), counts, library)["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        out = model.decode(latents, genes)
+    ratio = (expected_counts(out, library, "nb").mean(0) / counts.mean(0)).numpy()
+    if log1p_head:
+        assert np.all(np.abs(ratio - 1) < 0.15), ratio
+        target = torch.log1p(counts / library[:, None] * 1e4).mean(0)
+        assert torch.allclose(out.log1p[0], target, atol=0.1)  # the read-out is the mean of log1p
+    else:
+        assert ratio[:3].max() < 0.8, ratio  # sparse genes decoded well below their count mean

@@ -169,23 +169,63 @@ class CellBatches(Dataset):
 # -- base model outputs ---------------------------------------------------------------------------
 @dataclass
 class BaseCache:
-    """Frozen base outputs of every cell: gene tokens [N, T, d], padding mask [N, T], CLS [N, d]."""
+    """Frozen base outputs of every cell: gene tokens of the K layers read [N, K, T, d], padding
+    mask [N, T], CLS of the last layer [N, d]."""
 
     tokens: Tensor
     mask: Tensor
     cls: Tensor
 
 
-def split_outputs(outputs: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """encode() outputs [B, L+1, d] + mask [B, L+1] -> gene tokens [B, T, d], their mask, CLS [B, d].
-    Position 0 is CLS and the last is the dataset token; both are left out of the gene tokens."""
-    return outputs[:, 1:-1], padding[:, 1:-1], outputs[:, 0]
+def resolve_layers(layers: list[int], n_layers: int) -> list[int]:
+    """Config xpressor.base_layers -> indices in 0..n_layers (0 = the input token vectors after the
+    count encoding, i = output of transformer layer i, negative = counted from the last)."""
+    out = []
+    for i in layers:
+        j = i + n_layers + 1 if i < 0 else i
+        if not 0 <= j <= n_layers:
+            raise UserError(
+                f"xpressor.base_layers holds {i}, but the base model has {n_layers} layers; use 0 (input tokens) "
+                f"to {n_layers}, or -1 to -{n_layers + 1} counted from the last."
+            )
+        out.append(j)
+    if len(set(out)) < len(out):
+        raise UserError(f"xpressor.base_layers {layers} names a layer twice (resolved: {out}); list each layer once.")
+    return out
+
+
+def base_layer_outputs(base: nn.Module, gene_ids: Tensor, values: Tensor, gene_table: Tensor, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the base and keep the token states of `layers` (resolved indices): ([B, K, L+1, d],
+    final outputs [B, L+1, d], key-padding mask [B, L+1]). Only the last layer alone needs no
+    access to the base's inner layers."""
+    layers = resolve_layers(list(layers), base.cfg.nlayers)
+    if layers == [base.cfg.nlayers]:
+        outputs, padding = base.encode(gene_ids, values, gene_table)
+        return outputs.unsqueeze(1), outputs, padding
+    h, padding = base.token_inputs(gene_ids, values, gene_table)
+    attn_mask = (~padding)[:, None, None, :] if padding.any() else None
+    kept = [h] if 0 in layers else []
+    for i, layer in enumerate(base.transformer_encoder.layers, start=1):
+        h = layer(h, attn_mask)
+        if i in layers:
+            kept.append(h)
+    return torch.stack(kept, dim=1), h, padding
+
+
+def split_outputs(stack: Tensor, outputs: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer states [B, K, L+1, d], final outputs [B, L+1, d], mask [B, L+1] -> gene tokens
+    [B, K, T, d], their mask [B, T], CLS of the last layer [B, d]. Position 0 is CLS and the last
+    is the dataset token; both are left out of the gene tokens."""
+    return stack[:, :, 1:-1], padding[:, 1:-1], outputs[:, 0]
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the non-padding tokens: [B, T, d] -> [B, d]."""
+    """Mean over the non-padding tokens: [B, T, d] -> [B, d], or per layer [B, K, T, d] -> [B, K*d]."""
     keep = (~mask).to(tokens.dtype).unsqueeze(-1)
-    return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+    if tokens.dim() == 4:
+        keep = keep.unsqueeze(1)
+    mean = (tokens * keep).sum(-2) / keep.sum(-2).clamp(min=1.0)
+    return mean.flatten(1)
 
 
 def autocast(device: str):
@@ -196,9 +236,9 @@ def autocast(device: str):
 
 
 @torch.inference_mode()
-def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
     """The frozen base over every cell's tokens (memmapped, read batch by batch), inference mode:
-    yields (lo, hi, outputs [hi - lo, L+1, d], padding [hi - lo, L+1])."""
+    yields (lo, hi, layer states [n, K, L+1, d], final outputs [n, L+1, d], padding [n, L+1])."""
     base = base.to(device).eval()
     table = gene_table.to(device)
     for lo in range(0, data.n_cells, batch_size):
@@ -206,19 +246,19 @@ def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size
         ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
         vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
         with autocast(device):
-            outputs, padding = base.encode(ids, vals, table)
-        yield lo, hi, outputs, padding
+            stack, outputs, padding = base_layer_outputs(base, ids, vals, table, layers)
+        yield lo, hi, stack, outputs, padding
 
 
 @torch.inference_mode()
-def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str) -> BaseCache:
+def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)) -> BaseCache:
     """Run the frozen base once over all cells (inference mode), logging a rate line."""
     n = data.n_cells
     tokens, masks, cls = [], [], []
     start = time.perf_counter()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    for _, _, outputs, padding in base_batches(base, gene_table, data, batch_size, device):
-        t, m, c = split_outputs(outputs, padding)
+    for _, _, stack, outputs, padding in base_batches(base, gene_table, data, batch_size, device, layers):
+        t, m, c = split_outputs(stack, outputs, padding)
         tokens.append(t.to(dtype).cpu())
         masks.append(m.cpu())
         cls.append(c.float().cpu())
@@ -227,10 +267,10 @@ def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batc
     return BaseCache(torch.cat(tokens), torch.cat(masks), torch.cat(cls))
 
 
-def cache_bytes(data: CellData, d_base: int, device: str) -> int:
-    """Memory the base cache of `data` would take."""
+def cache_bytes(data: CellData, d_base: int, device: str, n_layers: int = 1) -> int:
+    """Memory the base cache of `data` would take (K = n_layers layers read)."""
     per = 2 if device.startswith("cuda") else 4
-    return data.n_cells * (data.gene_ids.shape[1] - 1) * (d_base * per + 1)
+    return data.n_cells * (data.gene_ids.shape[1] - 1) * (n_layers * d_base * per + 1)
 
 
 # -- Lightning module -----------------------------------------------------------------------------
@@ -288,15 +328,17 @@ class XpressorModule(pl.LightningModule):
             return batch["tokens"], batch["mask"], batch["cls"]
         grad = self.settings.unfreeze_last_layer and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
-            outputs, padding = self.base.encode(batch["gene_ids"], batch["values"], self.gene_table)
-        return split_outputs(outputs, padding)
+            stack, outputs, padding = base_layer_outputs(
+                self.base, batch["gene_ids"], batch["values"], self.gene_table, self.xpressor.cfg.base_layers
+            )
+        return split_outputs(stack, outputs, padding)
 
     def forward_latents(self, batch: dict) -> Tensor:
         tokens, mask, cls = self.base_features(batch)
         pooling = self.xpressor.cfg.pooling
         if pooling == "cls":
             return self.xpressor.encode(cls)
-        if pooling == "mean":
+        if pooling == "mean":  # the mean of each layer read, concatenated
             return self.xpressor.encode(masked_mean(tokens, mask))
         return self.xpressor.encode(tokens, mask)
 
@@ -528,7 +570,7 @@ def stage_settings(cfg: dict) -> StageSettings:
     """Settings from config["xpressor"] (schema defaults already filled)."""
     model_keys = (
         "n_latent", "d_model", "n_blocks", "n_decoder_blocks", "n_heads", "mlp_ratio", "decoder_mlp_ratio", "dropout",
-        "attention", "loss", "mse_weight", "label_dim", "label_weight", "gene_adapter", "adapter_hidden",
+        "attention", "base_layers", "loss", "dispersion", "log1p_head", "mse_weight", "label_dim", "label_weight", "gene_adapter", "adapter_hidden",
     )  # fmt: skip
     train = TrainSettings(
         lr=cfg["lr"],
@@ -573,16 +615,17 @@ def run_training(
     from cellfoundry.train import is_global_zero
 
     d_base = int(base.cfg.d_model) if hasattr(base, "cfg") else int(gene_table.shape[1])
-    xcfg = XpressorConfig(d_base=d_base, gene_dim=int(gene_table.shape[1]), labels=data.label_classes, **stage.model)
+    model = dict(stage.model)
+    model["base_layers"] = resolve_layers(model.get("base_layers", [-1]), int(base.cfg.nlayers))
+    xcfg = XpressorConfig(d_base=d_base, gene_dim=int(gene_table.shape[1]), labels=data.label_classes, **model)
+    log.info("reading base layers %s (0 = input tokens) of %d", xcfg.base_layers, base.cfg.nlayers)
     use_cache = stage.cache_base_outputs and not stage.train.unfreeze_last_layer
-    if use_cache and cache_bytes(data, d_base, device) > stage.cache_max_gb * 2**30:
-        log.warning(
-            "base outputs would take %.1f GB > xpressor.cache_max_gb; running the base every step instead",
-            cache_bytes(data, d_base, device) / 2**30,
-        )
+    n_cache = cache_bytes(data, d_base, device, xcfg.n_base_layers)
+    if use_cache and n_cache > stage.cache_max_gb * 2**30:
+        log.warning("base outputs would take %.1f GB > xpressor.cache_max_gb; running the base every step instead", n_cache / 2**30)
         use_cache = False
     freeze_base(base, False)
-    cache = compute_base_cache(base, gene_table, data, stage.inference_batch_size, device) if use_cache else None
+    cache = compute_base_cache(base, gene_table, data, stage.inference_batch_size, device, xcfg.base_layers) if use_cache else None
 
     methods = METHODS if stage.baselines else METHODS[:1]
     _, _, test_idx = split_indices(data.split, stage.train.val_fraction, seed)
@@ -673,9 +716,9 @@ def encode_cells(
     with atomic_output(latents_path) as tmp:
         tmp_npy = tmp.with_name(tmp.name + ".npy")  # open_memmap keeps the given name
         out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, m, dx))
-        for lo, hi, outputs, padding in base_batches(base, gene_table, data, batch_size, device):
+        for lo, hi, stack, outputs, padding in base_batches(base, gene_table, data, batch_size, device, xpressor.cfg.base_layers):
             with autocast(device):
-                tokens, mask, _ = split_outputs(outputs, padding)
+                tokens, mask, _ = split_outputs(stack, outputs, padding)
                 latents = xpressor.encode(tokens, mask)
                 emb = xpressor.embedding(latents)
                 cell = base.embed_from_outputs(outputs) if hasattr(base, "embed_from_outputs") else outputs[:, 0]

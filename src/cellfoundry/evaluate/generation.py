@@ -223,6 +223,9 @@ def groups_of(obs, columns: Sequence[str]) -> np.ndarray:
 
 REFERENCE_REAL = "real_train (floor)"
 REFERENCE_WEAK = "independent_genes (weak)"
+#: The real test cells' own latents decoded exactly as samples are: what a perfect diffusion
+#: model could reach through this autoencoder.
+CEILING = "decoded_real (ceiling)"
 MODEL = "diffusion"
 
 
@@ -246,8 +249,11 @@ def compare_sets(
     min_cells_per_group: int = 10,
     max_cells: int = 2000,
     seed: int = 0,
+    ceiling_counts=None,
 ):
-    """Score the generated cells and the two reference generators against the real test cells.
+    """Score the generated cells and the two reference generators against the real test cells,
+    and with `ceiling_counts` [n_test, G] (the real test cells' latents decoded as samples are)
+    the ceiling row `CEILING`.
 
     Counts are [n, G] on the same genes (raw or sampled counts); obs are DataFrames with the
     `group_columns` (condition source columns) and `label_column`. Returns (rows, embedding):
@@ -269,6 +275,8 @@ def compare_sets(
         REFERENCE_REAL: (real_train_counts, real_train_obs, train_groups),
         REFERENCE_WEAK: (weak_counts, generated_obs, gen_groups),
     }
+    if ceiling_counts is not None:
+        methods[CEILING] = (ceiling_counts, real_test_obs, test_groups)
     test_log = space.lognorm(real_test_counts)
     test_pc = (test_log - space.center) @ space.components.T
     train_pc = space.project(real_train_counts)

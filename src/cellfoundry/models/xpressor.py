@@ -8,7 +8,8 @@ width (the vocabulary's table).
 Public API (kept stable; the diffusion stage depends on it):
 
 - `XpressorConfig`, `Xpressor` (nn.Module):
-  `encode(tokens [B, T, d], key_padding_mask [B, T] | None) -> latents [B, M, D]`,
+  `encode(tokens [B, K, T, d] (or [B, T, d] for one layer), key_padding_mask [B, T] | None)
+  -> latents [B, M, D]` over the K base layers of `cfg.base_layers`,
   `decode(latents [B, M, D], gene_vectors [G, E]) -> DecoderOutput` (per-gene expression
   parameters), `classify(latents) -> {label: logits [B, classes]}`, `embedding(latents) -> [B, k]`.
 - `decode_expression(model, latents, gene_ids, gene_table, library_size=None)`: latents ->
@@ -17,6 +18,14 @@ Public API (kept stable; the diffusion stage depends on it):
 - `save_xpressor(path, model, base_sha256, meta)` / `load_xpressor(path, base_checkpoint=...)`:
   the small checkpoint (Xpressor weights + the base checkpoint's SHA-256) and its loader, which
   refuses another base.
+
+Base layers: the cross-attention reads the gene tokens of K layers of the frozen base (e.g. the
+input tokens after the count encoding and the last layer), each projected and marked by a learned
+layer embedding, as K*T keys. A small base's last layer blurs which genes the cell expresses; its
+input layer still holds it (benchmarks/RESULTS.md, issue 16).
+
+Dispersion: `gene` (theta from the gene's identity alone, so counts sampled from decoded latents
+keep the data's per-gene variance) or `gene-cell` (theta decoded per cell and gene).
 
 Attention: `standard` (the reference: latents cross-attend to the fixed base tokens, then attend
 among themselves) or `criss-cross` (additionally the tokens attend back to the latents in every
@@ -39,6 +48,9 @@ from torch import Tensor, nn
 from cellfoundry.utils import UserError, atomic_output, file_sha256
 
 LOSSES = ("nb", "zinb", "mse")
+#: NB/ZINB dispersion: one theta per gene (a function of the gene's identity alone, so sampled
+#: counts keep the residual variance of the data) or per cell and gene (decoded from the latents).
+DISPERSIONS = ("gene", "gene-cell")
 ATTENTIONS = ("standard", "criss-cross")
 POOLINGS = (None, "cls", "mean")
 CHECKPOINT_FORMAT = "cellfoundry-xpressor/1"
@@ -60,7 +72,10 @@ class XpressorConfig:
     decoder_mlp_ratio: int = 1  # MLP width of the decoder blocks (runs per cell x gene: keep small)
     dropout: float = 0.0
     attention: str = "standard"  # standard | criss-cross
+    base_layers: list[int] = field(default_factory=lambda: [-1])  # base layers read (0 = input tokens)
     loss: str = "nb"  # nb | zinb | mse
+    dispersion: str = "gene-cell"  # gene | gene-cell (checkpoints from before the key: gene-cell)
+    log1p_head: bool = False  # the MSE term trains its own log1p read-out (before the key: False)
     mse_weight: float = 1.0  # weight of the MSE-on-log1p term added to NB/ZINB
     labels: dict[str, list[str]] = field(default_factory=dict)  # obs column -> class names
     label_dim: int = 16  # bottleneck width of each label token
@@ -75,6 +90,10 @@ class XpressorConfig:
             raise UserError(f"xpressor.loss must be one of {LOSSES}, got {self.loss!r}.")
         if self.attention not in ATTENTIONS:
             raise UserError(f"xpressor.attention must be one of {ATTENTIONS}, got {self.attention!r}.")
+        if self.dispersion not in DISPERSIONS:
+            raise UserError(f"xpressor.dispersion must be one of {DISPERSIONS}, got {self.dispersion!r}.")
+        if not self.base_layers:
+            raise UserError("xpressor.base_layers is empty; give at least one layer, e.g. [-1] for the last.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.d_model % self.n_heads:
@@ -84,6 +103,11 @@ class XpressorConfig:
         for name, classes in self.labels.items():
             if len(classes) < 2:
                 raise UserError(f"xpressor label column {name!r} has {len(classes)} class(es); it needs at least 2.")
+
+    @property
+    def n_base_layers(self) -> int:
+        """Base layers K read by the cross-attention (and by the mean-pooled baseline)."""
+        return len(self.base_layers)
 
     @property
     def n_tokens(self) -> int:
@@ -202,9 +226,10 @@ class DecoderOutput(NamedTuple):
 
     scale: fraction of the cell's library per gene (softmax over the requested genes);
     theta: NB inverse dispersion; pi_logit: zero-inflation logit (ZINB; ignored otherwise);
-    log1p: predicted log1p-normalised mean expression, log1p(scale * target_sum), with the
-    ZINB mean scale * (1 - pi) for loss "zinb" (so the MSE term and the metrics see the
-    zero-inflation too).
+    log1p: predicted log1p-normalised expression. With `log1p_head` its own read-out trained by
+    the MSE term (the mean of log1p, which is far below log1p of the mean for sparse genes), so
+    that the NB/ZINB mean stays the count-space mean that sampled counts need; without, log1p of
+    the decoded mean, log1p(scale * target_sum), with scale * (1 - pi) for loss "zinb".
     """
 
     scale: Tensor
@@ -220,13 +245,19 @@ class Xpressor(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
+        k = cfg.n_base_layers
         if cfg.pooling is None:
-            self.token_proj = nn.Linear(cfg.d_base, d)  # base tokens d -> d_x
+            # base tokens d -> d_x, one projection per layer read; a learned embedding marks the layer
+            self.token_proj = nn.Linear(cfg.d_base, d) if k == 1 else nn.ModuleList(nn.Linear(cfg.d_base, d) for _ in range(k))
+            if k > 1:
+                self.layer_embed = nn.Parameter(torch.randn(k, d) * 0.02)
             self.latents = nn.Parameter(torch.randn(cfg.n_tokens, d) * 0.02)
             self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_blocks))
         else:
-            # Baseline: one pooled vector [B, d] spread into the same number of latent tokens.
-            self.pooled_proj = nn.Linear(cfg.d_base, cfg.n_tokens * d)
+            # Baseline: one pooled vector spread into the same number of latent tokens; [B, d] for
+            # CLS (last layer), [B, K*d] for the mean over each layer read.
+            d_in = cfg.d_base * (k if cfg.pooling == "mean" else 1)
+            self.pooled_proj = nn.Linear(d_in, cfg.n_tokens * d)
         self.final_norm = nn.LayerNorm(d)
         if cfg.gene_adapter:
             self.gene_proj = nn.Sequential(
@@ -236,19 +267,32 @@ class Xpressor(nn.Module):
             self.gene_proj = nn.Linear(cfg.gene_dim, d)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_blocks))
         self.head_norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 3)  # scale logit, theta, zero-inflation logit
+        self.head = nn.Linear(d, 3)  # scale logit, theta (gene-cell), zero-inflation logit
+        if cfg.dispersion == "gene":
+            self.theta_head = nn.Linear(d, 1)  # theta from the gene query alone
+        if cfg.log1p_head:
+            self.log1p_out = nn.Linear(d, 1)
         self.bottlenecks = nn.ModuleDict({name: nn.Linear(d, cfg.label_dim) for name in cfg.labels})
         self.classifiers = nn.ModuleDict({name: nn.Linear(cfg.label_dim, len(c)) for name, c in cfg.labels.items()})
 
     # -- encoder ---------------------------------------------------------------------------------
     def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Base gene tokens [B, T, d] (mask [B, T], True = padding) -> latents [B, M, D].
+        """Base gene tokens [B, K, T, d] of the K layers read ([B, T, d] when K = 1; mask [B, T],
+        True = padding) -> latents [B, M, D]. The layers' tokens are projected each, marked by
+        their layer embedding and concatenated into K*T keys.
 
-        For a pooled baseline `tokens` is the pooled vector [B, d] (mask ignored)."""
+        For a pooled baseline `tokens` is the pooled vector [B, d] or [B, K*d] (mask ignored)."""
         if self.cfg.pooling is not None:
             b = tokens.shape[0]
             return self.final_norm(self.pooled_proj(tokens).view(b, self.cfg.n_tokens, self.cfg.d_model))
-        x = self.token_proj(tokens)
+        if tokens.dim() == 4 and self.cfg.n_base_layers == 1:
+            tokens = tokens[:, 0]
+        if self.cfg.n_base_layers == 1:
+            x = self.token_proj(tokens)
+        else:
+            x = torch.cat([proj(tokens[:, i]) + self.layer_embed[i] for i, proj in enumerate(self.token_proj)], dim=1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.repeat(1, self.cfg.n_base_layers)
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
         for block in self.blocks:
             latents, x = block(latents, x, key_padding_mask)
@@ -261,16 +305,23 @@ class Xpressor(nn.Module):
 
     def decode(self, latents: Tensor, gene_vectors: Tensor) -> DecoderOutput:
         """Latents [B, M, D] + gene vectors [G, E] -> DecoderOutput with [B, G] fields."""
-        q = self.gene_queries(gene_vectors.to(latents.dtype))  # [G, D], broadcast in block 1
+        q = q0 = self.gene_queries(gene_vectors.to(latents.dtype))  # [G, D], broadcast in block 1
         if not self.decoder_blocks:
             q = q.unsqueeze(0).expand(latents.shape[0], -1, -1)
         for block in self.decoder_blocks:
             q = block(q, latents)
         raw = self.head(self.head_norm(q)).float()  # [B, G, 3]; losses in fp32
         scale = torch.softmax(raw[..., 0], dim=-1)
-        theta = F.softplus(raw[..., 1]) + 1e-4
-        mean = mean_fraction(scale, raw[..., 2], self.cfg.loss)
-        return DecoderOutput(scale, theta, raw[..., 2], torch.log1p(mean * self.cfg.target_sum))
+        if self.cfg.dispersion == "gene":
+            theta_logit = self.theta_head(q0).float()[:, 0]
+            theta = (F.softplus(theta_logit) + 1e-4).expand_as(scale)
+        else:
+            theta = F.softplus(raw[..., 1]) + 1e-4
+        if self.cfg.log1p_head:
+            log1p = self.log1p_out(self.head_norm(q)).float()[..., 0]
+        else:
+            log1p = torch.log1p(mean_fraction(scale, raw[..., 2], self.cfg.loss) * self.cfg.target_sum)
+        return DecoderOutput(scale, theta, raw[..., 2], log1p)
 
     # -- labels and embedding --------------------------------------------------------------------
     def label_vectors(self, latents: Tensor) -> dict[str, Tensor]:
@@ -300,7 +351,10 @@ class Xpressor(nn.Module):
         observed = counts.sum(1)
         share = (observed / library_size.clamp(min=1.0))[:, None]
         target = log1p_normalize(counts, library_size, self.cfg.target_sum)
-        predicted = torch.log1p(mean_fraction(out.scale, out.pi_logit, self.cfg.loss) * share * self.cfg.target_sum)
+        if self.cfg.log1p_head:  # a per-gene read-out of the whole library's log1p expression
+            predicted = out.log1p
+        else:
+            predicted = torch.log1p(mean_fraction(out.scale, out.pi_logit, self.cfg.loss) * share * self.cfg.target_sum)
         terms = {"mse": F.mse_loss(predicted, target)}
         if self.cfg.loss in ("nb", "zinb"):
             mu = out.scale * observed[:, None]
