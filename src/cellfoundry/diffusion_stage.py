@@ -446,13 +446,14 @@ def xpressor_decoder(xpressor_ckpt: str | os.PathLike, vocab_path: str | os.Path
 
 def samples_anndata(decoded: Decoded, request_obs: pd.DataFrame, codec: ConditionCodec, var_names: Sequence[str], library: np.ndarray) -> ad.AnnData:
     """samples.h5ad: X = sampled counts (CSR float32), layers["mean"], obs = condition columns,
-    obs["condition"] (readable label) and obs["library_size"]."""
+    obs["condition"] (readable label; obs["condition_label"] when a condition column is itself
+    named "condition", e.g. Kang 2018's stimulus) and obs["library_size"]."""
     obs = pd.DataFrame(index=[f"sample_{i}" for i in range(len(request_obs))])
     for col in codec.columns:
         values = request_obs[col].tolist()
         values = ["+".join(map(str, v)) if isinstance(v, (list, tuple, np.ndarray)) else v for v in values]
         obs[col] = pd.Categorical([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values])
-    obs["condition"] = pd.Categorical(codec.labels(request_obs))
+    obs["condition_label" if "condition" in codec.columns else "condition"] = pd.Categorical(codec.labels(request_obs))
     obs["library_size"] = library.astype(np.float32)
     out = ad.AnnData(X=sp.csr_matrix(decoded.counts), obs=obs, var=pd.DataFrame(index=list(var_names)))
     out.layers["mean"] = decoded.mean
