@@ -4,16 +4,18 @@
 # change (tests/test_container.py compares it with them). Build: docker build -t cellfoundry:TAG .
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="73864a836448fdc9b5e4f0226a2a322763676fd65ec827d986fd4d19a30142ce"
+LABEL io.github.snakemake.conda_env_hash="26e313bae4912b179043a9863e5a31a42333bad396c096ca7175eac150ff32ce"
 # conda-forge's CUDA builds need the __cuda virtual package, which a build machine without a GPU
 # lacks: declare the CUDA of envs/gpu.yaml's cuda-version pin (the nodes' driver must support it).
 ENV CONDA_OVERRIDE_CUDA=12.9
 # Conda environment:
 #   source: envs/evaluate.yaml
-#   prefix: /conda-envs/91b0f12ffbbc1702ee3082ea9f664167
+#   prefix: /conda-envs/1387a716c6b2560a0603b03823d35323
 #   # Evaluation rules (evaluate_*): metrics (scikit-learn, scanpy Leiden, POT), UMAPs, and torch for
 #   # decoding Xpressor latents. scikit-misc backs scanpy's seurat_v3 HVGs; leidenalg and igraph its
 #   # Leiden clustering. CPU is enough; on CPU-only nodes conda-forge resolves the CPU build of torch.
+#   # scib-metrics (the scIB embedding metrics) and its JAX come from PyPI with exact pins, the same as
+#   # requirements.lock (jaxlib's PyPI wheel is the CPU build).
 #   channels:
 #     - conda-forge
 #     - nodefaults
@@ -38,8 +40,23 @@ ENV CONDA_OVERRIDE_CUDA=12.9
 #     - leidenalg=0.12.0
 #     - python-igraph=1.0.0
 #     - pot=0.9.7
-RUN mkdir -p /conda-envs/91b0f12ffbbc1702ee3082ea9f664167
-COPY envs/evaluate.yaml /conda-envs/91b0f12ffbbc1702ee3082ea9f664167/environment.yaml
+#     - pip
+#     - pip:
+#         - scib-metrics==0.5.10
+#         - jax==0.10.2
+#         - jaxlib==0.10.2
+#         - chex==0.1.92
+#         - absl-py==2.5.1
+#         - ml_dtypes==0.7.0
+#         - opt_einsum==3.4.0
+#         - toolz==1.2.0
+#         - plottable==0.1.5
+#         - rich==15.0.0
+#         - markdown-it-py==4.3.0
+#         - mdurl==0.1.2
+#         - pygments==2.21.0
+RUN mkdir -p /conda-envs/1387a716c6b2560a0603b03823d35323
+COPY envs/evaluate.yaml /conda-envs/1387a716c6b2560a0603b03823d35323/environment.yaml
 # Conda environment:
 #   source: envs/gpu.yaml
 #   prefix: /conda-envs/f72af7f273599a326625df7e6b4045fe
@@ -116,7 +133,7 @@ COPY envs/qc.yaml /conda-envs/f6749d06c515585885f1ce6ca8e44458/environment.yaml
 RUN mkdir -p /conda-envs/f48b2912ce64d421b42ca1c91b24f37a
 COPY envs/tokenize.yaml /conda-envs/f48b2912ce64d421b42ca1c91b24f37a/environment.yaml
 
-RUN conda env create --prefix /conda-envs/91b0f12ffbbc1702ee3082ea9f664167 --file /conda-envs/91b0f12ffbbc1702ee3082ea9f664167/environment.yaml && \
+RUN conda env create --prefix /conda-envs/1387a716c6b2560a0603b03823d35323 --file /conda-envs/1387a716c6b2560a0603b03823d35323/environment.yaml && \
     conda env create --prefix /conda-envs/f72af7f273599a326625df7e6b4045fe --file /conda-envs/f72af7f273599a326625df7e6b4045fe/environment.yaml && \
     conda env create --prefix /conda-envs/f6749d06c515585885f1ce6ca8e44458 --file /conda-envs/f6749d06c515585885f1ce6ca8e44458/environment.yaml && \
     conda env create --prefix /conda-envs/f48b2912ce64d421b42ca1c91b24f37a --file /conda-envs/f48b2912ce64d421b42ca1c91b24f37a/environment.yaml && \

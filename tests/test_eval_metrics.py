@@ -21,12 +21,13 @@ def gaussian_blobs(n_per=40, n_labels=3, dim=8, spread=20.0, seed=0):
 
 def test_perfectly_separated_labels_score_one():
     X, labels = gaussian_blobs()
-    out = emb.embedding_metrics(X, labels, k=5, resolutions=(0.1, 0.5, 1.0))
+    out = emb.embedding_metrics(X, labels, k=5, resolutions=(0.2, 0.5, 1.0))
     assert out["knn_accuracy"] == 1.0
     assert out["knn_macro_f1"] == 1.0
     assert out["asw_label"] > 0.9
     assert out["nmi"] == pytest.approx(1.0)
     assert out["ari"] == pytest.approx(1.0)
+    assert out["clisi"] == pytest.approx(1.0)  # every neighbourhood holds one label
 
 
 def test_random_labels_score_chance():
@@ -34,29 +35,140 @@ def test_random_labels_score_chance():
     labels = np.random.default_rng(1).choice(["a", "b", "c"], size=len(X))
     out = emb.knn_label_transfer(X, labels, k=15)
     assert 0.15 < out["knn_accuracy"] < 0.55
-    assert emb.asw_label(X, labels) == pytest.approx(0.5, abs=0.05)
+    assert emb.embedding_metrics(X, labels)["asw_label"] == pytest.approx(0.5, abs=0.05)
 
 
 def test_batch_scores_mixed_vs_separated():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 5))
     labels = np.repeat(["a", "b"], 100)
-    batch_mixed = np.tile(["b1", "b2"], 100)
-    assert emb.ilisi(X, batch_mixed) > 0.8
-    assert emb.kbet_acceptance(X, batch_mixed) > 0.8
-    assert emb.asw_batch(X, batch_mixed, labels) > 0.9
-    # Batches far apart: no neighbourhood is mixed.
+    # Every cell twice, once per batch (the LISIs leave out self, not its twin: not exactly 1)
+    twins = emb.embedding_metrics(np.vstack([X, X]), np.tile(labels, 2), np.repeat(["b1", "b2"], 200))
+    assert twins["ilisi"] > 0.75 and twins["asw_batch"] > 0.98 and twins["kbet_acceptance"] > 0.9
+    mixed = emb.embedding_metrics(X, labels, np.tile(["b1", "b2"], 100), X_pre=X)
+    assert mixed["ilisi"] > 0.8 and mixed["kbet_acceptance"] > 0.8 and mixed["asw_batch"] > 0.9
+    assert mixed["pcr_comparison"] == 0.0  # the embedding is its own pre-integration embedding
+    # Batches far apart: no neighbourhood is mixed; the PCA-like pre-embedding mixed them.
     batch_split = np.where(np.arange(200) % 2 == 0, "b1", "b2")
     X_split = X + np.where(batch_split == "b1", 0.0, 100.0)[:, None]
-    assert emb.ilisi(X_split, batch_split) == pytest.approx(0.0, abs=1e-6)
-    assert emb.kbet_acceptance(X_split, batch_split) == 0.0
-    assert emb.asw_batch(X_split, batch_split, labels) < 0.05
+    split = emb.embedding_metrics(X_split, labels, batch_split, X_pre=X)
+    assert split["ilisi"] == pytest.approx(0.0, abs=1e-6)
+    assert split["graph_connectivity"] <= 0.5  # each label's graph falls into its two batches
+    # scib-metrics' kBET runs on a diffusion map of each label's graph, whose two components
+    # blur a little there: not exactly 0
+    assert split["kbet_acceptance"] < 0.3 < mixed["kbet_acceptance"]
+    assert split["asw_batch"] < 0.05
+    assert split["pcr_comparison"] == 0.0  # batch explains more variance than before: floored at 0
+
+
+def test_lisi_of_batch_balanced_distance_shells_is_known():
+    # Each cell's 90 other neighbours come in shells at one distance per shell (1, 2, ...), each
+    # shell holding the same batch mix: whatever precision the perplexity search settles on, the
+    # batch weights equal that mix. Shells of b1+b2 -> inverse Simpson 2, scaled iLISI 1; shells
+    # of b1+b1+b2 among three batches -> 1 / (4/9 + 1/9) = 1.8, scaled (1.8 - 1) / 2 = 0.4.
+    import scib_metrics
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    batches = np.repeat(["b1", "b2", "b3"], 100)
+    pools = {b: np.flatnonzero(batches == b) for b in ("b1", "b2", "b3")}
+
+    def shells(mix):
+        idx, dist = [], []
+        for i in range(len(batches)):
+            others = {b: iter(pools[b][pools[b] != i]) for b in pools}
+            row = [i] + [next(others[b]) for _ in range(90 // len(mix)) for b in mix]
+            idx.append(row)
+            dist.append([0.0] + [float(d) for d in range(1, 90 // len(mix) + 1) for _ in mix])
+        return NeighborsResults(indices=np.array(idx), distances=np.array(dist, dtype=np.float32))
+
+    assert scib_metrics.ilisi_knn(shells(("b1", "b2")), batches) == pytest.approx(0.5, abs=1e-4)  # 3 batches: (2 - 1) / 2
+    two = batches != "b3"
+    assert scib_metrics.lisi_knn(shells(("b1", "b2")), batches)[two] == pytest.approx(2.0, abs=1e-4)
+    assert scib_metrics.ilisi_knn(shells(("b1", "b1", "b2")), batches) == pytest.approx(0.4, abs=1e-4)
 
 
 def test_embedding_metrics_skip_batch_without_batches():
     X, labels = gaussian_blobs(n_per=20)
     out = emb.embedding_metrics(X, labels, batches=None, k=5, resolutions=(0.5,))
-    assert "ilisi" not in out and "asw_batch" not in out
+    assert not {"ilisi", "asw_batch", "kbet_acceptance", "graph_connectivity", "pcr_comparison", "isolated_labels"} & set(out)
+    assert {"nmi", "ari", "asw_label", "clisi"} <= set(out)
+
+
+def _reference_lisi(X, categories, n_neighbors=90, perplexity=30.0):
+    """Harmony's LISI written out (Korsunsky et al. 2019): per cell, Gaussian weights of the
+    Euclidean distances to its n_neighbors - 1 nearest other cells, precision bisected to the
+    perplexity, then 1 / sum over categories of the squared weight sums."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(X).kneighbors(X)
+    dist, idx = dist[:, 1:], idx[:, 1:]
+    _, codes = np.unique(categories, return_inverse=True)
+    lisi = []
+    for d, c in zip(dist, codes[idx]):
+        lo, hi, beta = 0.0, np.inf, 1.0
+        for _ in range(100):
+            p = np.exp(-d * beta)
+            p /= p.sum()
+            entropy = -np.sum(p * np.log(np.clip(p, 1e-300, None)))
+            if abs(entropy - np.log(perplexity)) < 1e-8:
+                break
+            lo, hi = (beta, hi) if entropy > np.log(perplexity) else (lo, beta)
+            beta = beta * 2 if np.isinf(hi) else (lo + hi) / 2
+        lisi.append(1.0 / np.sum(np.bincount(c, weights=p, minlength=codes.max() + 1) ** 2))
+    return np.asarray(lisi)
+
+
+def test_scib_metrics_agree_with_reference_computations():
+    """The numbers scib-metrics gives equal the definitions written out independently: label ASW =
+    (scikit-learn silhouette + 1) / 2; batch ASW = per label, mean of 1 - |silhouette by batch|,
+    then the mean over labels; LISI = Harmony's. cellfoundry's earlier iLISI weighted squared
+    distances and left self out of 90 neighbours (not 89 others): about 0.02 higher here."""
+    from sklearn.metrics import silhouette_samples, silhouette_score
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 6)).astype(np.float32)
+    X[:50] += 3
+    labels, batches = np.repeat(["a", "b", "c"], 50), rng.choice(["b1", "b2", "b3"], 150)
+    out = emb.embedding_metrics(X, labels, batches)
+    assert out["asw_label"] == pytest.approx((silhouette_score(X, labels) + 1) / 2, abs=1e-5)
+    per_label = [np.mean(1 - np.abs(silhouette_samples(X[labels == g], batches[labels == g]))) for g in "abc"]
+    assert out["asw_batch"] == pytest.approx(np.mean(per_label), abs=1e-5)
+    assert out["ilisi"] == pytest.approx((np.median(_reference_lisi(X, batches)) - 1) / 2, abs=1e-4)
+    assert out["clisi"] == pytest.approx((3 - np.median(_reference_lisi(X, labels))) / 2, abs=1e-4)
+
+
+def test_scores_and_aggregates_equal_scib_metrics_benchmarker():
+    """Benchmarker run on the same cells and neighbours (its scIB-paper metric set: Leiden, not
+    k-means; its BRAS left out, as here) gives the same values; the aggregates follow its
+    get_results, the batch silhouette being the one metric it lacks."""
+    import anndata as ad
+    from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(150, 6)).astype(np.float32)
+    X[:50] += 3
+    labels, batches = np.repeat(["a", "b", "c"], 50), rng.choice(["b1", "b2"], 150)
+    X_pre = X + 2 * rng.normal(size=X.shape).astype(np.float32)
+    adata = ad.AnnData(np.zeros((150, 1), np.float32), obs=pd.DataFrame({"ct": labels, "batch": batches}, index=map(str, range(150))))
+    adata.obsm["emb"], adata.obsm["pre"] = X, X_pre
+    bench = Benchmarker(adata, "batch", "ct", ["emb"], BioConservation(nmi_ari_cluster_labels_leiden=True, nmi_ari_cluster_labels_kmeans=False),
+                        BatchCorrection(bras=False), pre_integrated_embedding_obsm_key="pre", progress_bar=False)  # fmt: skip
+    bench.prepare(neighbor_computer=emb.neighbors)
+    with emb._exact_diffusion_neighbors():
+        bench.benchmark()
+    want = bench.get_results(min_max_scale=False).loc["emb"]
+    # seed 42 and scib-metrics' resolution grid: its own optimize_resolution
+    ours = emb.embedding_metrics(X, labels, batches, X_pre=X_pre, seed=42)
+    names = {"isolated_labels": "Isolated labels", "nmi": "Leiden NMI", "ari": "Leiden ARI", "asw_label": "Silhouette label", "clisi": "cLISI",
+             "ilisi": "iLISI", "kbet_acceptance": "KBET", "graph_connectivity": "Graph connectivity", "pcr_comparison": "PCR comparison"}  # fmt: skip
+    for ours_name, theirs in names.items():
+        assert ours[ours_name] == pytest.approx(float(want[theirs]), abs=1e-6), ours_name
+    agg = emb.aggregates(ours)
+    assert agg["bio_conservation"] == pytest.approx(float(want["Bio conservation"]), abs=1e-6)
+    assert agg["batch_correction"] == pytest.approx((4 * float(want["Batch correction"]) + ours["asw_batch"]) / 5, abs=1e-6)
+    assert agg["scib_total"] == pytest.approx(0.6 * agg["bio_conservation"] + 0.4 * agg["batch_correction"])
+    # kBET with its diffusion-map neighbours from pynndescent (unpatched) is checked in
+    # benchmarks/bench_eval_metrics.py: its numba compilation alone takes over a minute.
 
 
 # --- generated cells ----------------------------------------------------------------------
@@ -203,16 +315,33 @@ def test_nan_labels_are_left_out_of_label_metrics():
 def test_unlabelled_data_skips_label_metrics_with_reasons():
     X, labels = gaussian_blobs(n_per=20)
     batches = np.tile(["b1", "b2"], len(X) // 2)
-    rows, summary = emb.compare_embeddings({"se": X, "pca": X[:, :4]}, None, batches, model_methods=("se",), k=5, resolutions=(0.5,))
-    assert {"knn_accuracy", "asw_label", "nmi", "bio_conservation"} <= set(summary["skipped"])
+    rows, summary = emb.compare_embeddings({"se": X, "pca": X[:, :4]}, None, batches, model_methods=("se",), pre_integration="pca", k=5)
+    assert {"knn_accuracy", "asw_label", "nmi", "clisi", "isolated_labels", "bio_conservation", "scib_total"} <= set(summary["skipped"])
     assert "cell_type is null" in summary["skipped"]["nmi"]
     assert summary["n_unlabelled"] == len(X) and summary["n_labelled"] == 0
     table = pd.DataFrame(rows)
     assert table.query("metric == 'nmi'")["value"].isna().all() and len(table.query("metric == 'nmi'")) == 2
-    assert np.isfinite(summary["scores"]["se"]["ilisi"])  # batch metrics need no labels
+    # batch metrics need no labels: the label-stratified ones take all cells as one group
+    assert set(emb.BATCH_METRICS) <= set(summary["scores"]["se"]) and np.isfinite(list(summary["scores"]["se"].values())).all()
+    assert summary["aggregated"] == {"bio_conservation": [], "batch_correction": list(emb.BATCH_METRICS)}
+    assert set(table.query("metric == 'ilisi'")["source"]) == {"scib-metrics"} and set(table.query("metric == 'knn_accuracy'")["source"]) == {"cellfoundry"}
+    # without a pre-integration embedding the PCR comparison is skipped, with its reason
+    _, summary = emb.compare_embeddings({"se": X}, None, batches, k=5)
+    assert "pre-integration" in summary["skipped"]["pcr_comparison"] and "pcr_comparison" not in summary["scores"]["se"]
     # all labels NaN: the same skip, with the reason counting the cells
     _, summary = emb.compare_embeddings({"se": X}, np.full(len(X), np.nan, dtype=object), None, k=5)
     assert "0 labelled cells" in summary["skipped"]["knn_accuracy"] and "ilisi" in summary["skipped"]
+
+
+def test_labels_without_batches_skip_batch_metrics_and_the_total():
+    X, labels = gaussian_blobs(n_per=20)
+    rows, summary = emb.compare_embeddings({"se": X}, labels, None, k=5, resolutions=(0.5,))
+    for metric in (*emb.BATCH_METRICS, "isolated_labels", "batch_correction", "scib_total"):
+        assert "batch is null" in summary["skipped"][metric], metric
+    scores = summary["scores"]["se"]
+    assert summary["aggregated"]["bio_conservation"] == ["nmi", "ari", "asw_label", "clisi"]
+    assert scores["bio_conservation"] == pytest.approx(np.mean([scores[m] for m in ("nmi", "ari", "asw_label", "clisi")]))
+    assert pd.DataFrame(rows).query("metric == 'scib_total'")["value"].isna().all()
 
 
 def test_nan_conditions_form_no_group_and_no_condition_mean():

@@ -1,44 +1,63 @@
-"""Embedding metrics: label transfer, bio conservation, batch mixing.
+"""Embedding metrics: kNN label transfer (cellfoundry's) and the scIB metrics through scib-metrics.
 
 Every function takes an embedding `X` [N, D] (float) and per-cell labels [N] (any hashable);
-scores are floats where higher is better unless said otherwise. Definitions follow scIB
-(Luecken et al. 2022) / scib-metrics so that numbers read the same way:
-- `asw_label`: (silhouette + 1) / 2 of the labels, Euclidean; 1 = compact separated labels.
-- `nmi` / `ari`: Leiden clusters of the kNN graph vs labels, resolution chosen by NMI.
-- `asw_batch`: per label, mean of 1 - |silhouette of batch|; averaged over labels; 1 = mixed.
-- `ilisi`: graph iLISI (perplexity 30), scaled (median - 1) / (n_batches - 1); 1 = mixed.
-- `kbet_acceptance`: kBET-style fraction of neighbourhoods whose batch composition passes a
-  chi-square test against the global composition (alpha 0.05); 1 = mixed.
+scores are floats where higher is better. The scIB metrics (Luecken et al. 2022) are computed by
+the scib-metrics package, so they can be set beside published scIB / scib-metrics tables:
+
+- bio conservation: `isolated_labels` (label ASW of the labels in the fewest batches), `nmi` /
+  `ari` (Leiden clusters vs labels at the NMI-best resolution), `asw_label` (silhouette of the
+  labels, rescaled to [0, 1]), `clisi` (scaled cell-type LISI);
+- batch correction: `asw_batch` (per label, 1 - |silhouette of batch|), `ilisi` (scaled
+  integration LISI), `kbet_acceptance` (scib-metrics' kbet_per_label), `graph_connectivity`,
+  `pcr_comparison` (batch variance explained in the pre-integration embedding vs this one).
+
+Neighbour graphs are exact (scikit-learn), self included, as scib-metrics' Benchmarker builds them
+with pynndescent: 15 neighbours for Leiden and graph connectivity, 50 for kBET, 90 for the LISIs.
+The aggregates follow Benchmarker.get_results (no min-max scaling): `bio_conservation` and
+`batch_correction` are the means of their class's computed metrics, `scib_total` = 0.6 bio +
+0.4 batch. Benchmarker's default batch set uses BRAS in place of the batch silhouette; here the
+batch silhouette of the scIB paper is kept, so the aggregates read as in its tables.
 
 Unlabelled cells (label None, NaN, empty, or pandas' "nan" rendering of NaN) take no part in the
-label metrics; a metric that cannot be computed (no labels, fewer than two distinct labels, one
-batch) is listed with its reason in `compare_embeddings`' summary["skipped"] and as a row with
-value NaN, never silently dropped.
+label metrics nor in the label-stratified batch metrics; without any labels those batch metrics
+treat all cells as one group. A metric that cannot be computed (no labels, fewer than two labels,
+no or one batch, no pre-integration embedding) is listed with its reason in `compare_embeddings`'
+summary["skipped"] and as a row with value NaN, never silently dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from sklearn.metrics import (
-    accuracy_score,
-    adjusted_rand_score,
-    f1_score,
-    normalized_mutual_info_score,
-    silhouette_samples,
-    silhouette_score,
-)
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESOLUTIONS = tuple(np.round(np.arange(0.1, 2.01, 0.1), 2))
+#: scib-metrics' Leiden resolution grid (nmi_ari_cluster_labels_leiden, optimize_resolution).
+DEFAULT_RESOLUTIONS = tuple(np.round(np.arange(1, 11) * 0.2, 2))
+#: Neighbour counts of scib-metrics' Benchmarker (self included): Leiden and graph
+#: connectivity, kBET, LISI.
+N_GRAPH, N_KBET, N_LISI = 15, 50, 90
+
+BIO_METRICS = ("isolated_labels", "nmi", "ari", "asw_label", "clisi")
+BATCH_METRICS = ("asw_batch", "ilisi", "kbet_acceptance", "graph_connectivity", "pcr_comparison")
+AGGREGATES = ("bio_conservation", "batch_correction", "scib_total")
+#: Reported per embedding but not a score (no "higher is better").
+INFO_METRICS = ("leiden_resolution",)
+#: Metrics that need cell-type labels (with the aggregates built on them).
+LABEL_METRICS = ("knn_accuracy", "knn_macro_f1", *BIO_METRICS, "bio_conservation", "scib_total")
+#: Where each number comes from (the TSV's "source" column).
+SOURCE = {m: "scib-metrics" for m in (*BIO_METRICS, *BATCH_METRICS)} | {
+    "knn_accuracy": "cellfoundry", "knn_macro_f1": "cellfoundry", "leiden_resolution": "scib-metrics",
+    **dict.fromkeys(AGGREGATES, "as scib-metrics Benchmarker"),
+}  # fmt: skip
 
 
 def _labels(labels: Sequence) -> np.ndarray:
@@ -88,144 +107,56 @@ def knn_label_transfer(X: np.ndarray, labels: Sequence, k: int = 15, n_folds: in
     }
 
 
-def asw_label(X: np.ndarray, labels: Sequence, max_cells: int | None = None, seed: int = 0) -> float:
-    """(silhouette(X, labels) + 1) / 2, the scIB-scaled label ASW in [0, 1].
+def neighbors(X: np.ndarray, n_neighbors: int = N_LISI):
+    """Exact Euclidean kNN of `X` [N, D] as scib-metrics' NeighborsResults ([N, k], self first),
+    k = min(n_neighbors, N). Exact, unlike Benchmarker's pynndescent: deterministic, and no numba
+    compilation per job."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
 
-    Silhouettes cost O(N^2): above `max_cells` cells a seeded random subsample is scored."""
-    y = _labels(labels)
-    if len(np.unique(y)) < 2:
-        raise ValueError("silhouette needs at least two distinct labels")
-    sample = max_cells if max_cells is not None and len(y) > max_cells else None
-    return float((silhouette_score(np.asarray(X, dtype=np.float64), y, sample_size=sample, random_state=seed) + 1.0) / 2.0)
-
-
-def knn_graph_adata(X: np.ndarray, n_neighbors: int = 15, seed: int = 0):
-    """An AnnData holding `X` [N, D] in obsm["X_emb"] with scanpy's kNN graph computed on it.
-
-    Exact neighbours (scikit-learn) with Gaussian-kernel connectivities: the same Leiden
-    partitions as the UMAP-kernel graph in practice, without the ~15 s of numba compilation that
-    pynndescent and UMAP's fuzzy set cost in every job."""
-    import anndata as ad
-    import scanpy as sc
-
-    adata = ad.AnnData(np.zeros((len(X), 0), dtype=np.float32))
-    adata.obsm["X_emb"] = np.asarray(X, dtype=np.float32)
-    sc.pp.neighbors(
-        adata, n_neighbors=min(n_neighbors, len(X) - 1), use_rep="X_emb", method="gauss", transformer="sklearn", random_state=seed
-    )
-    return adata
+    X = np.asarray(X, dtype=np.float32)
+    dist, idx = NearestNeighbors(n_neighbors=min(n_neighbors, len(X))).fit(X).kneighbors(X)
+    return NeighborsResults(indices=idx, distances=dist)
 
 
-def leiden_nmi_ari(
-    X: np.ndarray,
-    labels: Sequence,
-    resolutions: Sequence[float] = DEFAULT_RESOLUTIONS,
-    n_neighbors: int = 15,
-    seed: int = 0,
-    graph=None,
-) -> dict[str, float]:
-    """NMI and ARI of Leiden clusters vs labels at the resolution with the best NMI (as scIB).
+@contextmanager
+def _exact_diffusion_neighbors():
+    """Inside, scib-metrics' kbet_per_label finds its diffusion-map neighbours with `neighbors`
+    (exact) instead of pynndescent, whose numba compilation costs 60-90 s in every process on a
+    2-core machine; pynndescent approximates the same exact neighbours."""
+    import scib_metrics.nearest_neighbors as module
 
-    X: [N, D]. `graph`: an AnnData from `knn_graph_adata` to reuse. Returns {"nmi", "ari",
-    "leiden_resolution", "leiden_n_clusters"}.
-    """
-    import scanpy as sc
+    original = module.pynndescent
+    module.pynndescent = lambda X, n_neighbors, random_state=0, n_jobs=1: neighbors(X, n_neighbors)
+    try:
+        yield
+    finally:
+        module.pynndescent = original
 
-    y = _labels(labels)
-    adata = graph if graph is not None else knn_graph_adata(X, n_neighbors=n_neighbors, seed=seed)
+
+def _subset(nn, n: int):
+    return nn.subset_neighbors(min(n, nn.n_neighbors))
+
+
+def leiden_nmi_ari(nn, labels: Sequence, resolutions: Sequence[float] = DEFAULT_RESOLUTIONS, seed: int = 0) -> dict[str, float]:
+    """scib-metrics' Leiden NMI/ARI on the 15-neighbour graph of `nn` (from `neighbors`): the
+    resolution with the best NMI (first on ties) among `resolutions`, as its optimize_resolution
+    does over DEFAULT_RESOLUTIONS. Returns {"nmi", "ari", "leiden_resolution"}."""
+    import scib_metrics
+
+    graph, y = _subset(nn, N_GRAPH), _labels(labels)
     best = None
     for res in resolutions:
-        sc.tl.leiden(adata, resolution=float(res), key_added="_leiden", random_state=seed, flavor="igraph", n_iterations=2, directed=False)
-        clusters = adata.obs["_leiden"].to_numpy()
-        nmi = normalized_mutual_info_score(y, clusters)
-        if best is None or nmi > best[0]:
-            best = (nmi, adjusted_rand_score(y, clusters), float(res), len(np.unique(clusters)))
-    nmi, ari, res, n_clusters = best
-    return {"nmi": float(nmi), "ari": float(ari), "leiden_resolution": res, "leiden_n_clusters": float(n_clusters)}
-
-
-def asw_batch(X: np.ndarray, batches: Sequence, labels: Sequence, max_cells: int | None = None, seed: int = 0) -> float:
-    """scIB batch ASW: for each label, mean over its cells of 1 - |silhouette by batch|; then the
-    mean over labels. Labels with one cell or one batch are skipped. 1 = batches well mixed.
-    Above `max_cells` cells a seeded random subsample is scored (silhouettes are O(N^2))."""
-    X = np.asarray(X, dtype=np.float64)
-    b, y = _labels(batches), _labels(labels)
-    if max_cells is not None and len(X) > max_cells:
-        keep = np.sort(np.random.default_rng(seed).choice(len(X), max_cells, replace=False))
-        X, b, y = X[keep], b[keep], y[keep]
-    scores = []
-    for label in np.unique(y):
-        mask = y == label
-        n_batches = len(np.unique(b[mask]))
-        if mask.sum() < 3 or n_batches < 2 or n_batches >= mask.sum():
-            continue
-        sil = silhouette_samples(X[mask], b[mask])
-        scores.append(np.mean(1.0 - np.abs(sil)))
-    if not scores:
-        return float("nan")
-    return float(np.mean(scores))
-
-
-def _simpson_from_distances(dist: np.ndarray, codes: np.ndarray, n_cats: int, perplexity: float, n_iter: int = 50) -> np.ndarray:
-    """Inverse Simpson index per row of kNN distances [N, k] with neighbour categories [N, k],
-    Gaussian weights calibrated to `perplexity` by bisection on the precision (as Harmony's LISI),
-    all rows at once."""
-    n = len(dist)
-    target = np.log(perplexity)
-    d = dist - dist.min(1, keepdims=True)
-    beta = np.ones(n)
-    lo, hi = np.zeros(n), np.full(n, np.inf)
-    for _ in range(n_iter):
-        p = np.exp(-d * beta[:, None])
-        p /= p.sum(1, keepdims=True)
-        entropy = -np.sum(p * np.log(np.clip(p, 1e-300, None)), axis=1)
-        too_flat = entropy > target  # sharpen: larger precision
-        lo = np.where(too_flat, beta, lo)
-        hi = np.where(too_flat, hi, beta)
-        beta = np.where(np.isinf(hi), beta * 2, (lo + hi) / 2)
-    p = np.exp(-d * beta[:, None])
-    p /= p.sum(1, keepdims=True)
-    probs = np.zeros((n, n_cats))
-    np.add.at(probs, (np.repeat(np.arange(n), codes.shape[1]), codes.ravel()), p.ravel())
-    return 1.0 / np.sum(probs**2, axis=1)
-
-
-def ilisi(X: np.ndarray, batches: Sequence, perplexity: float = 30.0) -> float:
-    """Graph iLISI scaled to [0, 1]: (median inverse Simpson of batches in each cell's
-    perplexity-weighted neighbourhood - 1) / (n_batches - 1). 1 = every neighbourhood mixed."""
-    X = np.asarray(X, dtype=np.float64)
-    _, codes = np.unique(_labels(batches), return_inverse=True)
-    n_cats = codes.max() + 1
-    if n_cats < 2:
-        return float("nan")
-    k = int(min(3 * perplexity, len(X) - 1))
-    perplexity = min(perplexity, k / 3)
-    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
-    dist, idx = dist[:, 1:] ** 2, idx[:, 1:]  # drop self; Harmony weights squared distances
-    simpson = _simpson_from_distances(dist, codes[idx], n_cats, perplexity)
-    return float((np.median(simpson) - 1.0) / (n_cats - 1))
-
-
-def kbet_acceptance(X: np.ndarray, batches: Sequence, k: int = 25, alpha: float = 0.05) -> float:
-    """kBET-style acceptance rate: fraction of cells whose k-neighbourhood batch counts pass a
-    chi-square goodness-of-fit test against the global batch frequencies at level `alpha`."""
-    X = np.asarray(X, dtype=np.float64)
-    _, codes = np.unique(_labels(batches), return_inverse=True)
-    n_cats = codes.max() + 1
-    if n_cats < 2:
-        return float("nan")
-    k = min(k, len(X) - 1)
-    idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X, return_distance=False)
-    observed = np.stack([np.bincount(codes[row], minlength=n_cats) for row in idx])
-    expected = np.bincount(codes, minlength=n_cats) / len(codes) * k
-    pvalues = stats.chisquare(observed, f_exp=np.broadcast_to(expected, observed.shape), axis=1).pvalue
-    return float(np.mean(pvalues >= alpha))
+        got = scib_metrics.nmi_ari_cluster_labels_leiden(graph, y, optimize_resolution=False, resolution=float(res), seed=seed)
+        if best is None or got["nmi"] > best[0]:
+            best = (float(got["nmi"]), float(got["ari"]), float(res))
+    return dict(zip(("nmi", "ari", "leiden_resolution"), best))
 
 
 def embedding_metrics(
     X: np.ndarray,
     labels: Sequence | None,
     batches: Sequence | None = None,
+    X_pre: np.ndarray | None = None,
     k: int = 15,
     n_folds: int = 5,
     resolutions: Sequence[float] = DEFAULT_RESOLUTIONS,
@@ -234,43 +165,74 @@ def embedding_metrics(
 ) -> dict[str, float]:
     """All embedding metrics of `X` [N, D] that the given labels/batches allow, as name -> value.
 
-    Label metrics use the labelled cells only (see `unlabelled`); so does the label-stratified
-    batch ASW when there are labels (without labels it treats all cells as one group)."""
+    `X_pre` [N, D']: the pre-integration embedding of the same cells for `pcr_comparison` (the
+    PCA baseline in the workflow). Label metrics use the labelled cells only (see `unlabelled`);
+    so do the label-stratified batch metrics when there are labels (without labels they treat all
+    cells as one group). Silhouettes (O(N^2)) score a seeded subsample above
+    `silhouette_max_cells` cells."""
+    import scib_metrics
+
     out: dict[str, float] = {}
-    X = np.asarray(X)
-    if label_skip_reason(labels) is None:
-        keep = ~unlabelled(labels)
-        Xl, yl = X[keep], np.asarray(labels, dtype=object)[keep]
-        out.update(knn_label_transfer(Xl, yl, k=k, n_folds=n_folds, seed=seed))
-        out["asw_label"] = asw_label(Xl, yl, max_cells=silhouette_max_cells, seed=seed)
-        out.update(leiden_nmi_ari(Xl, yl, resolutions=resolutions, n_neighbors=k, seed=seed))
-    else:
-        keep, yl = np.ones(len(X), bool), np.zeros(len(X))
-    if batches is not None and len(np.unique(_labels(batches))) > 1:
-        out["asw_batch"] = asw_batch(X[keep], np.asarray(batches, dtype=object)[keep], yl, max_cells=silhouette_max_cells, seed=seed)
-        out["ilisi"] = ilisi(X, batches)
-        out["kbet_acceptance"] = kbet_acceptance(X, batches)
+    X = np.asarray(X, dtype=np.float32)
+    has_labels = label_skip_reason(labels) is None
+    has_batches = batches is not None and len(np.unique(_labels(batches))) > 1
+    keep = ~unlabelled(labels) if has_labels else np.ones(len(X), bool)
+    Xl = X[keep]
+    y = _labels(np.asarray(labels, dtype=object)[keep]) if has_labels else np.full(len(Xl), "all cells")
+    b = _labels(batches) if has_batches else None
+    nn = neighbors(Xl)
+    sub = np.arange(len(Xl))  # cells scored by the silhouettes
+    if silhouette_max_cells is not None and len(Xl) > silhouette_max_cells:
+        sub = np.sort(np.random.default_rng(seed).choice(len(Xl), silhouette_max_cells, replace=False))
+    if has_labels:
+        out.update(knn_label_transfer(Xl, y, k=k, n_folds=n_folds, seed=seed))
+        out.update(leiden_nmi_ari(nn, y, resolutions=resolutions, seed=seed))
+        out["asw_label"] = scib_metrics.silhouette_label(Xl[sub], y[sub])
+        out["clisi"] = scib_metrics.clisi_knn(_subset(nn, N_LISI), y)
+        if has_batches:
+            out["isolated_labels"] = scib_metrics.isolated_labels(Xl[sub], y[sub], b[keep][sub])
+    if has_batches:
+        bl = b[keep]
+        try:
+            out["asw_batch"] = scib_metrics.silhouette_batch(Xl[sub], y[sub], bl[sub])
+        except ValueError:  # no label spans two batches with more cells than batches
+            out["asw_batch"] = np.nan
+        with warnings.catch_warnings(), _exact_diffusion_neighbors():
+            warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+            out["kbet_acceptance"] = scib_metrics.kbet_per_label(_subset(nn, N_KBET), bl, y)
+        out["graph_connectivity"] = scib_metrics.graph_connectivity(_subset(nn, N_GRAPH), y)
+        out["ilisi"] = scib_metrics.ilisi_knn(_subset(nn if keep.all() else neighbors(X), N_LISI), b)
+        if X_pre is not None:
+            with warnings.catch_warnings():  # a negative score is set to 0 by scib-metrics; the warning says so
+                warnings.filterwarnings("ignore", message="PCR comparison score is negative")
+                out["pcr_comparison"] = scib_metrics.pcr_comparison(np.asarray(X_pre, dtype=np.float32), X, b, categorical=True)
+    return {key: float(value) for key, value in out.items()}
+
+
+def aggregates(values: dict[str, float]) -> dict[str, float]:
+    """bio_conservation / batch_correction = mean of the finite metrics of each class,
+    scib_total = 0.6 bio + 0.4 batch, as scib-metrics' Benchmarker.get_results (unscaled)."""
+    out = {}
+    for name, members in (("bio_conservation", BIO_METRICS), ("batch_correction", BATCH_METRICS)):
+        finite = [values[m] for m in members if np.isfinite(values.get(m, np.nan))]
+        if finite:
+            out[name] = float(np.mean(finite))
+    if len(out) == 2:
+        out["scib_total"] = 0.6 * out["bio_conservation"] + 0.4 * out["batch_correction"]
     return out
 
 
-BIO_METRICS = ("asw_label", "nmi", "ari")
-BATCH_METRICS = ("asw_batch", "ilisi", "kbet_acceptance")
-#: Reported per embedding but not a score (no "higher is better").
-INFO_METRICS = ("leiden_resolution", "leiden_n_clusters")
-#: Metrics that need cell-type labels (with the aggregates built on them).
-LABEL_METRICS = ("knn_accuracy", "knn_macro_f1", *BIO_METRICS, "bio_conservation", "overall_scib_style")
-
-
-def skipped_metrics(labels: Sequence | None, batches: Sequence | None) -> dict[str, str]:
+def skipped_metrics(labels: Sequence | None, batches: Sequence | None, has_pre: bool = True) -> dict[str, str]:
     """metric -> why it is not computed, for the label and batch metrics that cannot be."""
     skipped = {}
+    if batches is None or len(np.unique(_labels(batches))) < 2:
+        why = "no batch labels: datasets.<name>.batch is null" if batches is None else "a single batch"
+        skipped.update(dict.fromkeys((*BATCH_METRICS, "isolated_labels", "batch_correction", "scib_total"), why))
+    elif not has_pre:
+        skipped["pcr_comparison"] = "no pre-integration embedding to compare with"
     reason = label_skip_reason(labels)
     if reason:
         skipped.update(dict.fromkeys(LABEL_METRICS, reason))
-    if batches is None:
-        skipped.update(dict.fromkeys((*BATCH_METRICS, "batch_correction", "overall_scib_style"), "no batch labels: datasets.<name>.batch is null"))
-    elif len(np.unique(_labels(batches))) < 2:
-        skipped.update(dict.fromkeys((*BATCH_METRICS, "batch_correction", "overall_scib_style"), "a single batch"))
     return skipped
 
 
@@ -279,41 +241,42 @@ def compare_embeddings(
     labels: Sequence | None,
     batches: Sequence | None = None,
     model_methods: Sequence[str] = (),
+    pre_integration: str | None = None,
     **kwargs,
 ) -> tuple[list[dict], dict]:
     """Score each embedding (name -> [N, D], same cells in the same order) with
-    `embedding_metrics`. Returns (rows, summary): rows = long-format dicts (method, metric,
-    value, skipped); summary = per metric the best method and, for each of `model_methods`, the
+    `embedding_metrics`, `pre_integration` (a key of `embeddings`) being the X_pre of
+    pcr_comparison. Returns (rows, summary): rows = long-format dicts (method, metric, value, dim,
+    source, skipped); summary = per metric the best method and, for each of `model_methods`, the
     baselines (the other methods) that beat it, so a loss is stated rather than hidden; the
-    labelled / unlabelled cell counts; "skipped": metric -> reason for every metric not computed
-    (each also a row per method with value NaN and the reason in "skipped").
-
-    Aggregates as scIB weights them (mean of the bio metrics; mean of the batch metrics;
-    overall = 0.6 bio + 0.4 batch) are added as "bio_conservation", "batch_correction" and
-    "overall_scib_style"; they average cellfoundry's own implementations, not scib-metrics'.
-    """
+    labelled / unlabelled cell counts; "aggregated": the metrics averaged into each aggregate;
+    "skipped": metric -> reason for every metric not computed (each also a row per method with
+    value NaN and the reason in "skipped")."""
     rows: list[dict] = []
     scores: dict[str, dict[str, float]] = {}
-    skipped = skipped_metrics(labels, batches)
-    n_unlabelled = int(unlabelled(labels).sum()) if labels is not None else int(len(next(iter(embeddings.values()))))
+    X_pre = embeddings.get(pre_integration) if pre_integration else None
+    skipped = skipped_metrics(labels, batches, has_pre=X_pre is not None)
     for method, X in embeddings.items():
-        values = embedding_metrics(X, labels, batches, **kwargs)
-        bio = [values[m] for m in BIO_METRICS if m in values]
-        batch = [values[m] for m in BATCH_METRICS if m in values and np.isfinite(values[m])]
-        if bio:
-            values["bio_conservation"] = float(np.mean(bio))
-        if batch:
-            values["batch_correction"] = float(np.mean(batch))
-            if bio:
-                values["overall_scib_style"] = 0.6 * values["bio_conservation"] + 0.4 * values["batch_correction"]
+        values = embedding_metrics(X, labels, batches, X_pre=X_pre, **kwargs)
+        for metric in [m for m in BATCH_METRICS if m in values and not np.isfinite(values[m])]:
+            # kBET / batch ASW are undefined when no label has enough cells in two batches
+            skipped.setdefault(metric, "undefined here: no label has enough cells in two or more batches")
+            del values[metric]
+        values.update(aggregates(values))
         scores[method] = values
-        rows += [dict(method=method, metric=k, value=v, dim=X.shape[1], skipped="") for k, v in values.items()]
-        rows += [dict(method=method, metric=k, value=np.nan, dim=X.shape[1], skipped=r) for k, r in skipped.items() if k not in values]
-        log.info("%s (%d dims): %s", method, X.shape[1], ", ".join(f"{k}={v:.3f}" for k, v in values.items()))
+        rows += [dict(method=method, metric=m, value=v, dim=X.shape[1], source=SOURCE[m], skipped="") for m, v in values.items()]
+        log.info("%s (%d dims): %s", method, X.shape[1], ", ".join(f"{m}={v:.3f}" for m, v in values.items()))
+    for method, X in embeddings.items():
+        rows += [dict(method=method, metric=m, value=np.nan, dim=X.shape[1], source=SOURCE[m], skipped=r) for m, r in skipped.items() if m not in scores[method]]
     n_cells = int(len(next(iter(embeddings.values()))))
-    summary: dict = {"n_cells": n_cells, "n_labelled": n_cells - n_unlabelled, "n_unlabelled": n_unlabelled, "skipped": skipped, "best": {}, "model_loses_to": {}}
-    metrics = [m for m in next(iter(scores.values())) if m not in INFO_METRICS]
-    for metric in metrics:
+    n_unlabelled = int(unlabelled(labels).sum()) if labels is not None else n_cells
+    first = next(iter(scores.values()))
+    summary: dict = {
+        "n_cells": n_cells, "n_labelled": n_cells - n_unlabelled, "n_unlabelled": n_unlabelled,
+        "aggregated": {"bio_conservation": [m for m in BIO_METRICS if m in first], "batch_correction": [m for m in BATCH_METRICS if m in first]},
+        "skipped": skipped, "best": {}, "model_loses_to": {},
+    }  # fmt: skip
+    for metric in [m for m in first if m not in INFO_METRICS]:
         ranked = sorted(scores, key=lambda m: -np.nan_to_num(scores[m].get(metric, np.nan), nan=-np.inf))
         summary["best"][metric] = ranked[0]
         for model in model_methods:
