@@ -57,9 +57,9 @@ def test_xpressor_stage_on_demo(xpressor_demo):
 @pytest.mark.workflow
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue 5): on the demo Xpressor and both pooled baselines reach the ceiling of smooth "
-    "pooled features (Pearson ~0.66, benchmarks/xpressor_ceilings.py); beating them needs gene-sharp "
-    "attention that 542 training cells do not teach",
+    reason="open (issues 5, 16): on the demo Xpressor and both pooled baselines reach the ceiling of smooth "
+    "pooled features (Pearson ~0.66, benchmarks/xpressor_ceilings.py); reading the SE's input layer too "
+    "(xpressor.base_layers) did not help either (benchmarks/RESULTS.md, issue 16)",
 )
 def test_xpressor_reconstructs_better_than_pooled_baselines(xpressor_demo):
     """The issue's acceptance criterion, on held-out demo cells. Strict: an XPASS fails the run,

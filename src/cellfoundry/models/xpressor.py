@@ -416,8 +416,9 @@ def decode_expression(
     """Latent tokens [B, M, D] -> mean expression [B, G] of the genes `gene_ids` [G] (vocabulary
     indices into gene_table [V, E]).
 
-    Without `library_size`: log1p-normalised mean (the scale of the training targets). With a
-    library size [B]: expected counts (times 1 - pi for ZINB). Fractions are normalised over
+    Without `library_size`: log1p-normalised expression, the scale of the training targets (with
+    `log1p_head` the read-out trained on them, else log1p of the decoded mean). With a library
+    size [B]: expected counts of the decoded NB/ZINB (times 1 - pi for ZINB). Fractions are normalised over
     the requested genes, so request the gene set the model was trained on to match training.
     """
     out = model.decode(latents, gene_table[gene_ids])
