@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. diffusion.sample.guidance_scale=1")
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args()
+    args.workdir = args.workdir.resolve()  # snakemake runs inside it
     if not args.data.exists():
         print(f"skipped: the Kang 2018 counts are not at {args.data} (pass --data)")
         return 0
