@@ -73,3 +73,15 @@ def test_a_combination_without_a_control_label_is_refused():
     with pytest.raises(UserError, match="has no control to predict from"):
         pred.control_labels(obs, COMBO, {})
     assert pred.control_labels(obs, COMBO, NONE) == {"cell_type": "A", "condition": "ctrl"}
+
+
+def test_the_plot_has_a_row_per_combination(tmp_path):
+    counts, obs, held = dataset()
+    gen_obs = pd.DataFrame({"cell_type": ["A"] * int(held.sum()), "condition": ["stim"] * int(held.sum())})
+    _, means = pred.evaluate_combination(counts, obs, held, counts[held], gen_obs, COMBO, NONE, n_de_genes=10, n_pcs=10)
+    path = tmp_path / "scatter.png"
+    pred.plot_prediction(path, {"A stim": means, "A stim again": means}, [f"g{i}" for i in range(counts.shape[1])])
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert path.read_bytes()[:4] == b"\x89PNG" and height > 0.4 * width  # 2 rows of 4 panels
