@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-EMBEDDING_METRICS = ["knn_accuracy", "knn_macro_f1", "asw_label", "nmi", "ari", "asw_batch", "ilisi", "kbet_acceptance", "bio_conservation"]
+EMBEDDING_METRICS = [
+    "knn_accuracy", "knn_macro_f1", "asw_label", "nmi", "ari", "clisi", "isolated_labels", "asw_batch", "ilisi",
+    "kbet_acceptance", "graph_connectivity", "pcr_comparison", "bio_conservation", "batch_correction", "scib_total",
+]
 EMBEDDING_MODELS = ("se", "xpressor")
 RECONSTRUCTION_METRICS = ["pearson_mean", "spearman_mean", "mse", "gene_pearson_mean", "trainable_fraction"]
 GENERATION_METRICS = ["w1", "w2", "mmd_rbf", "mmd_linear", "energy", "knn_auc", "r2_mean", "r2_var", "pearson_mean", "label_accuracy"]
