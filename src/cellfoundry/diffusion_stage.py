@@ -516,6 +516,7 @@ def run_train(
     from cellfoundry.train import build_trainer, fit
     from cellfoundry.utils import file_sha256, resolve_device
 
+    device = resolve_device(device)  # a GPU job whose torch sees no GPU stops here, before any work
     settings = dict(settings)
     pl.seed_everything(seed, workers=True)
     data = read_training_data(filtered_h5ad, settings["token_space"], conditions, latents_npy)
@@ -537,7 +538,7 @@ def run_train(
         max_steps=settings["max_steps"],
         devices=trainer_cfg.get("devices", 1),
         num_nodes=trainer_cfg.get("num_nodes", 1),
-        device=resolve_device(device),
+        device=device,
         checkpoint_every_n_steps=trainer_cfg.get("checkpoint_every_n_steps", 50),
         gradient_clip_val=settings["grad_clip"],
         log_every_n_steps=settings["log_every_n_steps"],
