@@ -20,10 +20,20 @@ from cellfoundry.utils import file_sha256
 from conftest import run_snakemake
 
 
+def test_paths_below_the_working_directory_are_recorded_relative(tmp_path, monkeypatch):
+    """The same run in another clone records the same bytes (QC's filtered.h5ad feeds the
+    tokens' source hash); a path elsewhere stays absolute."""
+    (tmp_path / "wf" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "wf")
+    assert prov.recorded_path(tmp_path / "wf" / "data" / "x.h5ad") == "data/x.h5ad"
+    assert prov.recorded_path("data/x.h5ad") == "data/x.h5ad"
+    assert prov.recorded_path(tmp_path / "elsewhere.h5ad") == str(tmp_path / "elsewhere.h5ad")
+
+
 def test_record_is_h5ad_safe_and_reads_back(tmp_path):
     config = {"batch_size": 64, "missing": None, "nested": {"steps": [1, 2]}}
     record = provenance("embed", config, checkpoints={"se": CKPT, "other": None}, vocab=GENES, inputs={"cells": FIXTURE})
-    assert record["checkpoints"] == {"se": {"path": os.path.abspath(CKPT), "sha256": file_sha256(CKPT)}}  # None left out
+    assert record["checkpoints"] == {"se": {"path": prov.recorded_path(CKPT), "sha256": file_sha256(CKPT)}}  # None left out
     assert record["inputs"]["cells"]["size_bytes"] == sum(f.stat().st_size for f in FIXTURE.rglob("*") if f.is_file())
     adata = ad.AnnData(np.zeros((2, 3), np.float32))
     adata.uns["cellfoundry"] = record

@@ -41,6 +41,16 @@ def path_size(path: PathLike) -> int:
     return path.stat().st_size
 
 
+def recorded_path(path: PathLike) -> str:
+    """A path as the record keeps it: relative to the working directory (the workflow's root) when
+    it lies below it, so the same run in another clone writes the same bytes; else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
 def _check_names(kind: str, items: Mapping[str, Any]) -> dict[str, Any]:
     # the names become HDF5 group names, where "/" would nest groups
     bad = [name for name in items if not name or "/" in name]
@@ -60,23 +70,23 @@ def provenance(
     """The provenance record of an output of `stage` (h5ad-safe; store it as uns["cellfoundry"]).
 
     checkpoints and inputs map a role ("se", "xpressor", "cells", ...) to a path; None entries
-    are left out. Paths are recorded absolute; inputs with their size in bytes, checkpoints and
+    are left out. Paths are recorded as `recorded_path` gives them; inputs with their size in bytes, checkpoints and
     the vocabulary with their SHA-256."""
     record: dict[str, Any] = {
         "stage": stage,
         "version": __version__,
         "config": json.dumps(config_section or {}, sort_keys=True, default=str),
         "checkpoints": {
-            name: {"path": os.path.abspath(p), "sha256": sha256(p)}
+            name: {"path": recorded_path(p), "sha256": sha256(p)}
             for name, p in _check_names("checkpoint", checkpoints or {}).items()
         },
         "inputs": {
-            name: {"path": os.path.abspath(p), "size_bytes": path_size(p)}
+            name: {"path": recorded_path(p), "size_bytes": path_size(p)}
             for name, p in _check_names("input", inputs or {}).items()
         },
     }
     if vocab is not None:
-        record["vocab"] = {"path": os.path.abspath(vocab), "sha256": sha256(vocab)}
+        record["vocab"] = {"path": recorded_path(vocab), "sha256": sha256(vocab)}
     return record
 
 
