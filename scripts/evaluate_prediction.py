@@ -7,6 +7,7 @@ import numpy as np
 
 from cellfoundry.evaluate import prediction as pred
 from cellfoundry.evaluate.inputs import read_h5ad, write_json, write_table
+from cellfoundry.plots import plot_prediction
 from cellfoundry.utils import UserError, seed_everything, setup_logging
 
 setup_logging(snakemake.log[0])
@@ -44,5 +45,5 @@ summary = {
     },
 }
 write_json(summary, out.json)
-pred.plot_prediction(out.scatter, means, list(real.var_names), title=f"{snakemake.wildcards.dataset}: predicted vs real mean expression of held-out cells")
+plot_prediction(out.scatter, means, list(real.var_names), pred.METHODS, title=f"{snakemake.wildcards.dataset}: predicted vs real mean expression of held-out cells")
 log.info("wrote %s", out.table)

@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 from cellfoundry.evaluate import prediction as pred
+from cellfoundry.plots import plot_prediction
 from cellfoundry.utils import UserError
 
 COMBO = {"cell_type": "A", "condition": "stim"}
@@ -80,7 +81,7 @@ def test_the_plot_has_a_row_per_combination(tmp_path):
     gen_obs = pd.DataFrame({"cell_type": ["A"] * int(held.sum()), "condition": ["stim"] * int(held.sum())})
     _, means = pred.evaluate_combination(counts, obs, held, counts[held], gen_obs, COMBO, NONE, n_de_genes=10, n_pcs=10)
     path = tmp_path / "scatter.png"
-    pred.plot_prediction(path, {"A stim": means, "A stim again": means}, [f"g{i}" for i in range(counts.shape[1])])
+    plot_prediction(path, {"A stim": means, "A stim again": means}, [f"g{i}" for i in range(counts.shape[1])], pred.METHODS)
     from PIL import Image
 
     width, height = Image.open(path).size

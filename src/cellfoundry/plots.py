@@ -6,7 +6,7 @@ Functions take plain arrays so any stage can use them; none reads the Snakemake 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -144,5 +144,35 @@ def metric_bars(path: str | os.PathLike, table, metrics: Sequence[str], title: s
         ax.set_title(metric + (" (lower better)" if metric in lower_is_better else ""), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_prediction(
+    path, per_combination: Mapping[str, dict], gene_names: Sequence[str], methods: Sequence[str], title: str | None = None
+) -> None:
+    """One row per combination, one panel per method: predicted vs real per-gene mean log1p over
+    all genes (grey) and the top DE genes (colour; the five first named), titled with the table's
+    R2 (split-half: against the other half). `per_combination` is evaluate.prediction's
+    per-gene means; `methods` its methods."""
+    rows = len(per_combination)
+    fig, axes = plt.subplots(rows, len(methods), figsize=(3.1 * len(methods), 3.0 * rows), squeeze=False)
+    for row, (label, means) in zip(axes, per_combination.items()):
+        real, de = means["real"], means["de"]
+        for ax, method in zip(row, methods):
+            pred = means[method]
+            ax.scatter(real, pred, s=3, c="lightgrey", linewidths=0, rasterized=True)
+            ax.scatter(real[de], pred[de], s=6, c="tab:red", linewidths=0)
+            for g in de[:5]:
+                ax.annotate(str(gene_names[g]), (real[g], pred[g]), fontsize=5)
+            hi = float(max(real.max(), pred.max()))
+            ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+            r2_all, r2_de = means[f"{method} r2"]
+            ax.set_title(f"{method}\nR2 all {r2_all:.2f}, DE {r2_de:.2f}", fontsize=7)
+            ax.set_xlabel(f"real mean ({label})", fontsize=6)
+            ax.set_ylabel("predicted mean", fontsize=6)
+            ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

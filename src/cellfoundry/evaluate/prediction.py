@@ -23,7 +23,7 @@ Cells used by the control and the shift: every non-held-out cell (train and test
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -193,34 +193,3 @@ def evaluate_combination(
         means[f"{method} r2"] = (values["r2_all"], values["r2_de"])  # the plot's titles: the table's figures
         log.info("%s / %s: r2_de %.3f, r2_all %.3f, delta_pearson_de %.3f", label, method, values["r2_de"], values["r2_all"], values["delta_pearson_de"])
     return rows, means
-
-
-def plot_prediction(path, per_combination: Mapping[str, dict], gene_names: Sequence[str], title: str | None = None) -> None:
-    """One row per combination, one panel per method: predicted vs real per-gene mean log1p over
-    all genes (grey) and the top DE genes (colour; the five first named), titled with the table's
-    R2 (split-half: against the other half)."""
-    import matplotlib.pyplot as plt
-
-    from cellfoundry.plots import save_figure
-
-    rows = len(per_combination)
-    fig, axes = plt.subplots(rows, len(METHODS), figsize=(3.1 * len(METHODS), 3.0 * rows), squeeze=False)
-    for row, (label, means) in zip(axes, per_combination.items()):
-        real, de = means["real"], means["de"]
-        for ax, method in zip(row, METHODS):
-            pred = means[method]
-            ax.scatter(real, pred, s=3, c="lightgrey", linewidths=0, rasterized=True)
-            ax.scatter(real[de], pred[de], s=6, c="tab:red", linewidths=0)
-            for g in de[:5]:
-                ax.annotate(str(gene_names[g]), (real[g], pred[g]), fontsize=5)
-            hi = float(max(real.max(), pred.max()))
-            ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
-            r2_all, r2_de = means[f"{method} r2"]
-            ax.set_title(f"{method}\nR2 all {r2_all:.2f}, DE {r2_de:.2f}", fontsize=7)
-            ax.set_xlabel(f"real mean ({label})", fontsize=6)
-            ax.set_ylabel("predicted mean", fontsize=6)
-            ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)
