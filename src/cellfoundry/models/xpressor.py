@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellfoundry.utils import UserError, atomic_output, file_sha256
+from cellfoundry.provenance import sha256
+from cellfoundry.utils import UserError, atomic_output
 
 LOSSES = ("nb", "zinb", "mse")
 #: NB/ZINB dispersion: one theta per gene (a function of the gene's identity alone, so sampled
@@ -535,7 +536,8 @@ def load_xpressor(
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a cellfoundry Xpressor checkpoint (expected format {CHECKPOINT_FORMAT}).")
     if base_checkpoint is not None:
-        base_sha256 = file_sha256(base_checkpoint)
+        # cached per process: xpressor_encode hashes the same (SE-600M: several GB) base again for provenance
+        base_sha256 = sha256(base_checkpoint)
     if base_sha256 is not None and base_sha256 != payload["base_sha256"]:
         where = f" ({base_checkpoint})" if base_checkpoint is not None else ""
         raise UserError(
