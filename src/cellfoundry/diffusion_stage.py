@@ -484,7 +484,7 @@ def guidance_check_condition(codec: ConditionCodec) -> ConditionSpec | None:
 
 def label_accuracy(predicted: np.ndarray, requested: pd.Series) -> float | None:
     """Fraction of cells whose predicted label equals the requested one (rows with a label)."""
-    from cellfoundry.evaluate.embedding import unlabelled
+    from cellfoundry.utils import unlabelled
 
     mask = ~unlabelled(requested.to_numpy(dtype=object))
     if not mask.any():
@@ -665,7 +665,7 @@ def guidance_check(
 
     column = spec.columns[0]
     split = adata.obs["split"].astype(str).to_numpy()
-    from cellfoundry.evaluate.embedding import unlabelled
+    from cellfoundry.utils import unlabelled
 
     labels = adata.obs[column].astype(str).to_numpy()
     known = ~unlabelled(adata.obs[column].to_numpy(dtype=object))  # the codec's "missing" (NaN, empty)

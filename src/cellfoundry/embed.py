@@ -332,7 +332,8 @@ def knn_report(
     the JSON says why the accuracy was skipped ("skipped")."""
     import json
 
-    from cellfoundry.evaluate.embedding import label_skip_reason, unlabelled
+    from cellfoundry.evaluate.embedding import label_skip_reason
+    from cellfoundry.utils import unlabelled
 
     cells = ad.read_h5ad(cells_h5ad, backed="r")
     rows = report_rows(cells.n_obs, max_cells, seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from cellfoundry.utils import UserError
+from cellfoundry.utils import UserError, unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,6 @@ def detect_doublets(
         adata.obs.iloc[rows, adata.obs.columns.get_loc("doublet_score")] = part.obs["doublet_score"].to_numpy()
         adata.obs.iloc[rows, adata.obs.columns.get_loc("predicted_doublet")] = part.obs["predicted_doublet"].to_numpy(bool)
     return adata.obs["predicted_doublet"].to_numpy(dtype=bool)
-
-
-def unlabelled(labels: pd.Series) -> np.ndarray:
-    """Cells without a label: NaN / None or an empty (blank) string."""
-    return (labels.isna() | labels.astype(str).str.strip().eq("")).to_numpy()
 
 
 def stratified_split(labels: pd.Series | None, n: int, test_fraction: float, seed: int) -> np.ndarray:

@@ -143,3 +143,13 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def unlabelled(labels) -> np.ndarray:
+    """[N] bool, True where a label is missing: None, NaN, empty, or "nan" (pandas' rendering of
+    NaN after astype(str)). The one definition for QC's split, condition groups and label metrics."""
+    import pandas as pd
+
+    values = pd.Series(np.asarray(labels, dtype=object))
+    text = values.astype(str).str.strip().str.lower()
+    return (values.isna() | text.isin(["", "nan"])).to_numpy()

@@ -33,10 +33,11 @@ from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+from cellfoundry.utils import unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ SOURCE = {m: "scib-metrics" for m in (*BIO_METRICS, *BATCH_METRICS)} | {
 
 def _labels(labels: Sequence) -> np.ndarray:
     return np.asarray([str(v) for v in labels])
-
-
-def unlabelled(labels: Sequence) -> np.ndarray:
-    """[N] bool, True where a label is missing: None, NaN, empty, or "nan" (pandas' rendering
-    of NaN after astype(str))."""
-    values = pd.Series(np.asarray(labels, dtype=object))
-    text = values.astype(str).str.strip().str.lower()
-    return (values.isna() | text.isin(["", "nan"])).to_numpy()
 
 
 def label_skip_reason(labels: Sequence | None) -> str | None:

@@ -21,7 +21,7 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import r2_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellfoundry.evaluate.embedding import unlabelled
+from cellfoundry.utils import unlabelled
 
 log = logging.getLogger(__name__)
 
