@@ -119,6 +119,7 @@ class CheckpointOnSignal(Callback):
         self.path = Path(path)
         self.signum: int | None = None
         self._previous_usr1: Any = None
+        self._stopped_before_batch = False
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -148,6 +149,14 @@ class CheckpointOnSignal(Callback):
                 # counters; reset them as that would, or the resumed run takes the finished
                 # epoch's batches for part of the next epoch
                 loop.epoch_loop.batch_progress.reset_on_run()
+            if self._stopped_before_batch:
+                # on_train_batch_start stops after Lightning counted the next batch as ready;
+                # uncount it, or the resumed run takes the stop for one mid-batch and logs every
+                # later step one too high
+                batches = loop.epoch_loop.batch_progress
+                batches.total.ready -= 1
+                batches.current.ready -= 1
+                batches.is_last_batch = False
             trainer.save_checkpoint(self.path)
             log.warning("signal %d: saved %s at step %d; a re-run resumes from it", self.signum, self.path, trainer.global_step)
 
@@ -187,6 +196,7 @@ class CheckpointOnSignal(Callback):
         stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
         if stop:
             self.signum = self.signum or (signal.SIGTERM if trainer.received_sigterm else signal.SIGUSR1)
+            self._stopped_before_batch = True
             raise SIGTERMException()  # Lightning's own stop path; on_exception saves
 
 
