@@ -137,7 +137,8 @@ def _open_counts(args: argparse.Namespace):
 
 
 def run_embed(args: argparse.Namespace) -> None:
-    from cellfoundry.embed import METHOD_FOR_ENCODING, Progress, iter_embeddings, write_embedding_h5ad
+    from cellfoundry.embed import METHOD_FOR_ENCODING, iter_embeddings, write_embedding_h5ad
+    from cellfoundry.progress import Progress
     from cellfoundry.models.se_checkpoint import _resolve_paths, load_se
     from cellfoundry.provenance import KEY, provenance
     from cellfoundry.tokenize import tokenize_csr

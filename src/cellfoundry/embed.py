@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -22,6 +21,7 @@ import pandas as pd
 import torch
 
 from cellfoundry.models.se import StateEmbedding
+from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, atomic_output
 
 log = logging.getLogger(__name__)
@@ -46,42 +46,6 @@ def autocast_context(device: str):
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _duration(seconds: float) -> str:
-    """12s, 1m43s, 2h05m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Progress:
-    """Progress of a whole run, however its cells are split into calls: one log line every
-    `every_s` seconds and one at the end, e.g.
-    "embedded 12,288 / 100,000 cells (12%), 850 cells/s, ETA 1m43s"."""
-
-    def __init__(self, total: int, every_s: float = 30.0) -> None:
-        self.total, self.every_s, self.done = total, every_s, 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done >= self.total:
-            self.last = now
-            log.info("%s", self.line(now))
-
-    def line(self, now: float | None = None) -> str:
-        elapsed = max((now or time.perf_counter()) - self.start, 1e-9)
-        rate = self.done / elapsed
-        # floor, so 100% is only shown once every cell is done
-        head = f"embedded {self.done:,} / {self.total:,} cells ({100 * self.done // max(self.total, 1)}%), {rate:,.0f} cells/s"
-        if self.done >= self.total:
-            return f"{head}, done in {_duration(elapsed)}"
-        return f"{head}, ETA {_duration((self.total - self.done) / rate) if rate > 0 else '?'}"
 
 
 def iter_embeddings(

@@ -59,6 +59,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cellfoundry import slurm
+from cellfoundry.progress import LogProgress
 from cellfoundry.utils import UserError, set_torch_threads
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,10 @@ def build_trainer(
     """
     out_dir = Path(out_dir)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    # Lightning's bar redraws with carriage returns, which fill a log file or a SLURM job's
+    # output; there, progress is a plain line every 30 s instead
+    show_bar = enable_progress_bar and sys.stderr.isatty()
+    callbacks = [*callbacks] if show_bar else [*callbacks, LogProgress()]
     accelerator = "gpu" if use_cuda else "cpu"
     checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints",
@@ -253,7 +258,7 @@ def build_trainer(
         logger=CSVLogger(out_dir, name="logs", version=0, flush_logs_every_n_steps=1),
         log_every_n_steps=log_every_n_steps,
         val_check_interval=val_check_interval,
-        enable_progress_bar=enable_progress_bar,
+        enable_progress_bar=show_bar,
         enable_model_summary=True,
         deterministic=not use_cuda,
         plugins=plugins,

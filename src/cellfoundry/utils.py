@@ -153,3 +153,27 @@ def unlabelled(labels) -> np.ndarray:
     values = pd.Series(np.asarray(labels, dtype=object))
     text = values.astype(str).str.strip().str.lower()
     return (values.isna() | text.isin(["", "nan"])).to_numpy()
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA, a no-op (fp32) elsewhere: the one mixed-precision rule of every
+    stage's inference."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def log1p_normalise(counts, library=None, target_sum: float = 1e4) -> np.ndarray:
+    """log1p(counts / library * target_sum), dense [n, G]: counts dense or sparse, `library` [n]
+    (default: the row sums of `counts`; pass the totals over all genes when `counts` holds a
+    subset), an empty cell's library taken as 1. Float inputs keep their dtype, others become
+    float64."""
+    import scipy.sparse as sp
+
+    dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    if not np.issubdtype(dense.dtype, np.floating):
+        dense = dense.astype(np.float64)
+    library = dense.sum(1) if library is None else np.asarray(library, dtype=dense.dtype)
+    return np.log1p(dense / np.maximum(library, 1.0)[:, None] * target_sum)
