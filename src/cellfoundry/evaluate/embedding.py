@@ -33,10 +33,9 @@ from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.neighbors import NearestNeighbors
 
+from cellfoundry.evaluate.knn import knn_label_transfer
 from cellfoundry.utils import unlabelled
 
 log = logging.getLogger(__name__)
@@ -73,31 +72,6 @@ def label_skip_reason(labels: Sequence | None) -> str | None:
     if len(np.unique(_labels(np.asarray(labels, dtype=object)[~missing]))) < 2:
         return f"fewer than two distinct labels among the {int((~missing).sum())} labelled cells ({int(missing.sum())} unlabelled)"
     return None
-
-
-def knn_label_transfer(X: np.ndarray, labels: Sequence, k: int = 15, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
-    """kNN (k neighbours, Euclidean) label prediction, stratified `n_folds`-fold cross-validation.
-
-    X: [N, D]; labels: [N]. Returns {"knn_accuracy", "knn_macro_f1"} over all out-of-fold
-    predictions. Labels with fewer members than `n_folds` still take part (scikit-learn warns).
-    """
-    X = np.asarray(X, dtype=np.float64)
-    y = _labels(labels)
-    if len(np.unique(y)) < 2:
-        raise ValueError("label transfer needs at least two distinct labels")
-    n_folds = max(2, min(n_folds, np.bincount(np.unique(y, return_inverse=True)[1]).max()))
-    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    pred = np.empty_like(y)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        for train, test in folds.split(X, y):
-            clf = KNeighborsClassifier(n_neighbors=min(k, len(train)))
-            clf.fit(X[train], y[train])
-            pred[test] = clf.predict(X[test])
-    return {
-        "knn_accuracy": float(accuracy_score(y, pred)),
-        "knn_macro_f1": float(f1_score(y, pred, average="macro")),
-    }
 
 
 def neighbors(X: np.ndarray, n_neighbors: int = N_LISI):
