@@ -1,5 +1,5 @@
 """Multi-process training: 2 gloo processes on the CPU train the real SE pretraining module
-through cellfoundry.train.build_trainer (devices=2 -> DDP), and the checkpoint loads.
+through cellfoundry.trainer.build_trainer (devices=2 -> DDP), and the checkpoint loads.
 Also the choice of cluster environment inside SLURM job steps."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cellfoundry.train import cluster_environment
+from cellfoundry.launch import cluster_environment
 from cellfoundry.utils import UserError
 
 TESTS = Path(__file__).resolve().parent

@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import BatchSampler
 
-import cellfoundry.train as train_module
+import cellfoundry.trainer as train_module
 from cellfoundry.pretrain import train_loader
-from cellfoundry.train import SETTINGS_FILE, AtomicCheckpointIO, ResumableSampler, read_metrics, resume_path, settings_fingerprint
+from cellfoundry.trainer import SETTINGS_FILE, AtomicCheckpointIO, ResumableSampler, read_metrics, resume_path, settings_fingerprint
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -135,7 +135,7 @@ def test_resume_path_prefers_the_newest_checkpoint(tmp_path):
 
 
 def test_resume_only_a_run_of_the_same_settings(tmp_path, caplog):
-    """cellfoundry.train.fit keys the resume on the stage's settings: unchanged settings continue
+    """cellfoundry.trainer.fit keys the resume on the stage's settings: unchanged settings continue
     from the checkpoint; changed settings (or a checkpoint without a recorded fingerprint, as
     older runs left) start over from step 0 and the stale checkpoint is removed."""
     out = tmp_path / "train"
@@ -208,7 +208,7 @@ class StopAt(Callback):
 
 
 def interrupted(monkeypatch, step: int, how: str, run: Callable[[], Any]) -> None:
-    """`run()` with a StopAt(step, how) in the trainers that cellfoundry.train.build_trainer
+    """`run()` with a StopAt(step, how) in the trainers that cellfoundry.trainer.build_trainer
     makes; asserts that it stopped as a preempted or crashed job does."""
     real = train_module.build_trainer
 

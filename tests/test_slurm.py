@@ -302,7 +302,7 @@ rule train:
         "train_script.py"
 """
 DDP_SCRIPT = """
-from cellfoundry.train import run_stage
+from cellfoundry.launch import run_stage
 from cellfoundry.utils import setup_logging
 from train_tiny_se import train
 

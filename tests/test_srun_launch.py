@@ -1,4 +1,4 @@
-"""Training on several GPUs and nodes inside ONE SLURM job (cellfoundry.slurm, cellfoundry.train):
+"""Training on several GPUs and nodes inside ONE SLURM job (cellfoundry.slurm, cellfoundry.launch):
 the resources a training rule asks for, the `srun` step that starts one process per GPU, and the
 launcher end to end with stand-in `srun`/`scontrol` commands (the real SLURM run is in
 tests/test_slurm.py)."""
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from cellfoundry import slurm
-from cellfoundry.train import entry_name, rank_command, run_stage
+from cellfoundry.launch import entry_name, rank_command, run_stage
 from cellfoundry.utils import UserError
 
 TESTS = Path(__file__).resolve().parent
@@ -25,17 +25,17 @@ from train_tiny_se import report_rank, train  # noqa: E402
 
 
 def test_srun_command_for_two_nodes_of_two_gpus():
-    command = slurm.srun_command(2, 2, ["python", "-m", "cellfoundry.train", "--entry", "m:f"])
+    command = slurm.srun_command(2, 2, ["python", "-m", "cellfoundry.launch", "--entry", "m:f"])
     assert command == [
         "srun", "--overlap", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "--export=ALL",
-        "python", "-m", "cellfoundry.train", "--entry", "m:f",
+        "python", "-m", "cellfoundry.launch", "--entry", "m:f",
     ]
     assert slurm.srun_command(4, 1, ["x"])[1:5] == ["--overlap", "--nodes=1", "--ntasks=4", "--ntasks-per-node=4"]
 
 
 def test_rank_command_re_executes_the_stage_entry_point():
     command = rank_command(entry_name(train), {"out_dir": "t", "max_steps": 3}, log_path="logs/x.log", threads=2)
-    assert command[:5] == [sys.executable, "-m", "cellfoundry.train", "--entry", "train_tiny_se:train"]
+    assert command[:5] == [sys.executable, "-m", "cellfoundry.launch", "--entry", "train_tiny_se:train"]
     assert json.loads(command[command.index("--kwargs") + 1]) == {"out_dir": "t", "max_steps": 3}
     assert command[-4:] == ["--log", "logs/x.log", "--threads", "2"]
     with pytest.raises(ValueError, match="module-level"):

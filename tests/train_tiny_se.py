@@ -1,5 +1,5 @@
 """Train a tiny SE model with the real SE pretraining LightningModule (cellfoundry.pretrain) through
-cellfoundry.train.build_trainer/fit, on synthetic cells. Run as a script by tests/test_ddp.py and
+cellfoundry.trainer.build_trainer/fit, on synthetic cells. Run as a script by tests/test_ddp.py and
 tests/test_preemption.py: DDP's launcher re-runs this file for the other ranks, and a killed run
 must be a separate process.
 
@@ -7,7 +7,7 @@ must be a separate process.
         [--checkpoint-every 5] [--settings JSON]
 
 `train(...)` is the same run as a function: tests/test_slurm.py starts it once per rank through
-cellfoundry.train.run_stage (entry point `train_tiny_se:train`).
+cellfoundry.launch.run_stage (entry point `train_tiny_se:train`).
 
 Writes OUT_DIR/rank{R}.json per rank: world size, the global step at which training started
 (0 for a fresh run, the checkpoint's step for a resumed one), the final step and a checksum of
@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from cellfoundry.models.se import SEConfig
 from cellfoundry.pretrain import PretrainCells, PretrainConfig, SEPretrainModule, train_loader
 from cellfoundry.tokenize import CLS_ID
-from cellfoundry.train import build_trainer, fit
+from cellfoundry.trainer import build_trainer, fit
 
 N_CELLS, N_GENES, LENGTH, TOKEN_DIM = 64, 40, 12, 16
 
@@ -90,7 +90,7 @@ class Report(Callback):
 
 def train(out_dir: str | os.PathLike, max_steps: int = 20, devices: int = 1, num_nodes: int = 1, step_delay: float = 0.0,
           checkpoint_every: int = 5, settings: dict | None = None) -> None:
-    """One training run (also the entry point that cellfoundry.train.run_stage starts per rank)."""
+    """One training run (also the entry point that cellfoundry.launch.run_stage starts per rank)."""
     out_dir = Path(out_dir)
     torch.set_num_threads(1)
     out_dir.mkdir(parents=True, exist_ok=True)

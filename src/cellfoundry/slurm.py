@@ -1,7 +1,7 @@
 """SLURM facts the workflow needs without torch: the resources a training rule asks for, the
 `srun` command that starts one process per GPU inside the job, and checks that name the config
 keys to fix. `workflow/rules/common.smk` imports this module while Snakemake parses the workflow
-(standard library only); `cellfoundry.train` uses it inside the job.
+(standard library only); `cellfoundry.launch` uses it inside the job.
 
 Why training starts its own job step: the Snakemake SLURM executor runs a rule's script as ONE
 task (`srun -n1 ...` inside the job), so there is a single process however many GPUs and nodes
