@@ -328,7 +328,7 @@ def test_tokenize_csr_writes_every_element_of_out():
 def test_direct_and_plain_writes_give_the_same_files(tmp_path, monkeypatch, L):
     """O_DIRECT for the aligned middle of each chunk (forced on small files here), plain writes
     for the rest, out-of-order chunks from two workers: the same bytes as plain writes only."""
-    import cellfoundry.tokenize as tok
+    import cellfoundry.tokenize.engine as tok
 
     X = synthetic(n_cells=300, n_genes=60, seed=3)
     adata = make_adata(X)
