@@ -31,7 +31,7 @@ from cellfoundry.vocab import GeneVocab, build_random_vocab
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "se_reference"
 
 
-# ------------------------------------------------------------------ per-cell references (spec/se.md)
+# ------------------------------------------------------------------ per-cell references (SE-600M's rules)
 
 
 def _cell_random(seed, cell, n_vocab):
@@ -43,7 +43,7 @@ def _cell_random(seed, cell, n_vocab):
 
 
 def reference_se(row, local_to_global, L, seed, cell):
-    """SE-600M's sentence for one cell, written plainly from spec/se.md."""
+    """SE-600M's sentence for one cell, written plainly from its rules."""
     x = np.maximum(np.asarray(row, dtype=np.float32), np.float32(0))
     if x.max(initial=0) > 35 or np.expm1(x.astype(np.float64)).sum() > 5e6:
         x = np.log1p(x)

@@ -3,7 +3,7 @@
 Slot 0 is the CLS slot (gene id CLS_ID); slots 1..L-1 hold global vocabulary ids of the cell's
 top expressed genes in rank order (expression descending), with a value per slot.
 
-Methods (exact rules in spec/se.md, "Tokenization"):
+Methods (the rules of SE-600M's cell sentence):
 
 - ``se`` (SE-600M's sentence): per cell, raw counts are detected (max > 35 or sum(expm1) > 5e6,
   over all the cell's genes) and log1p'd; weights w = x / sum(x) over vocabulary genes (uniform
@@ -37,7 +37,7 @@ CLS_ID = -2
 PAD_ID = -1
 METHODS = ("se", "topk")
 
-# SE-600M's raw-count detection and CLS-slot quirk (spec/se.md).
+# SE-600M's raw-count detection and CLS-slot quirk.
 RAW_MAX = 35.0
 RAW_EXPM1_SUM = 5e6
 CLS_WEIGHT_LOCAL_INDEX = 3
