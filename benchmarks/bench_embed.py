@@ -54,7 +54,7 @@ def measure(args) -> dict:
     """One measurement in this process (called in a subprocess by main)."""
     import torch
 
-    from cellfoundry.embed import autocast_context
+    from cellfoundry.utils import autocast
     from cellfoundry.models.se import SEConfig, StateEmbedding
 
     torch.set_num_threads(args.threads)
@@ -84,7 +84,7 @@ def measure(args) -> dict:
         def run(b_ids, b_counts):
             return model(b_ids, b_counts, table)
 
-    with torch.inference_mode(), autocast_context(device):
+    with torch.inference_mode(), autocast(device):
         run(*batch(0))  # warm-up (kernels, allocator)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -120,7 +120,7 @@ def reference_runner(model, cfg, table, device):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "m.ckpt"
-        from cellfoundry.pretrain import TrainingHeads
+        from cellfoundry.models.se import TrainingHeads
 
         save_se(ckpt, model.cpu(), cfg, training_state=TrainingHeads(cfg).state_dict(), gene_table=table.cpu())
         ref = StateEmbeddingModel.load_from_checkpoint(

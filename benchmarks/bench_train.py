@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parents[1] / "tests"))
 def worker(out_dir: Path, devices: int, steps: int) -> None:
     from lightning.pytorch.callbacks import Callback
 
-    from cellfoundry.pretrain import train_loader
+    from cellfoundry.se.data import train_loader
     from cellfoundry.train import build_trainer, fit
     from train_tiny_se import tiny_module
 

@@ -78,7 +78,7 @@ def main() -> int:
         own_cfg = SEConfig(**{**cfg.to_dict(), "num_datasets": 1})
         model = StateEmbedding(own_cfg)
         own = tmp / "own.ckpt"
-        from cellfoundry.pretrain import TrainingHeads
+        from cellfoundry.models.se import TrainingHeads
 
         save_se(own, model, own_cfg, training_state=TrainingHeads(own_cfg).state_dict(),
                 gene_embeddings=str(FIXTURE / "protein_embeddings.pt"), gene_table=vocab.table)

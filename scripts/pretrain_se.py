@@ -1,38 +1,25 @@
-"""Rule pretrain_se: train an SE-architecture model on the datasets' train splits.
+"""Rule pretrain_se: train an SE-architecture model on the datasets' train splits."""
 
-With se.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process per GPU
-(srun) that each run run_pretraining; otherwise it runs here."""
-
-import json
 import logging
 
-from cellfoundry.pretrain import run_pretraining
-from cellfoundry.train import run_stage
-from cellfoundry.utils import atomic_output, resolve_device, setup_logging
+from cellfoundry.se.stage import run_pretrain_se
+from cellfoundry.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 inp, out, params = snakemake.input, snakemake.output, snakemake.params
 logging.getLogger("cellfoundry").info("pretraining on datasets %s", params.datasets)
-
-run_stage(
-    run_pretraining,
-    dict(
-        tokens_dirs=[str(p) for p in inp.tokens],
-        h5ads=[str(p) for p in inp.h5ads],
-        vocab_path=str(inp.vocab),
-        out_ckpt=str(out.ckpt),
-        out_losses=str(out.losses),
-        work_dir=str(params.work_dir),
-        se=dict(params.se),
-        seed=params.seed,
-        device=resolve_device(params.device),
-    ),
-    trainer=params.se["trainer"],
-    log_path=snakemake.log[0],
+run_pretrain_se(
+    tokens=list(inp.tokens),
+    h5ad=list(inp.h5ads),
+    vocab=inp.vocab,
+    checkpoint=out.ckpt,
+    losses=out.losses,
+    work_dir=params.work_dir,
+    settings=dict(params.se),
+    seed=params.seed,
+    device=params.device,
     threads=snakemake.threads,
-    trainer_key="se.trainer",
-    resources_key="resources.pretrain_se",
+    datasets=list(params.datasets),
+    datasets_record=out.datasets,
+    log_path=snakemake.log[0],
 )
-# with se.pretrain.datasets null, later runs keep training on this list (workflow/rules/common.smk)
-with atomic_output(out.datasets) as tmp:
-    tmp.write_text(json.dumps(list(params.datasets)))

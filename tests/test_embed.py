@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from cellfoundry.cli import main as cli_main
-from cellfoundry.embed import (
-    gather_shards,
-    knn_accuracy,
-    knn_report,
-    read_obs,
-    run_embedding,
-    shard_rows,
-    write_embedding_h5ad,
-)
+from cellfoundry.se.embed import gather_shards, read_obs, shard_rows, write_embedding_h5ad
+from cellfoundry.se.stage import run_embed, run_embed_knn
 from cellfoundry.models.se_checkpoint import load_se
 from cellfoundry.tokenize import tokenize_h5ad
 from cellfoundry.utils import UserError
@@ -43,9 +36,9 @@ def fixture_tokens(tmp_path_factory) -> Path:
     return out
 
 
-def embed(tmp_path, tokens, **kw) -> Path:
+def embed(tmp_path, tokens, batch_size: int = 64, **kw) -> Path:
     out = tmp_path / f"emb_{len(list(tmp_path.iterdir()))}.h5ad"
-    run_embedding(CKPT, GENES, tokens, FIXTURE / "cells.h5ad", out, device="cpu", **kw)
+    run_embed(CKPT, GENES, tokens, FIXTURE / "cells.h5ad", out, {"batch_size": batch_size}, device="cpu", **kw)
     return out
 
 
@@ -65,7 +58,7 @@ def test_sharded_equals_unsharded(tmp_path, fixture_tokens, shards):
     parts = []
     for k in range(shards):
         part = tmp_path / f"part{k}.npy"
-        run_embedding(CKPT, GENES, fixture_tokens, FIXTURE / "cells.h5ad", part, batch_size=2, device="cpu", shards=shards, shard=k)
+        run_embed(CKPT, GENES, fixture_tokens, FIXTURE / "cells.h5ad", part, {"batch_size": 2}, device="cpu", shards=shards, shard=k)
         parts.append(part)
     out = tmp_path / "gathered.h5ad"
     gather_shards(parts, read_obs(FIXTURE / "cells.h5ad"), out, rows_per_chunk=3)
@@ -95,7 +88,7 @@ def test_tokens_of_another_vocabulary_are_refused(tmp_path, fixture_tokens):
     table = torch.load(GENES, weights_only=True)
     torch.save(dict(reversed(list(table.items()))), other)  # same genes, other order = other ids
     with pytest.raises(UserError, match="another gene vocabulary"):
-        run_embedding(CKPT, other, fixture_tokens, FIXTURE / "cells.h5ad", tmp_path / "x.h5ad")
+        run_embed(CKPT, other, fixture_tokens, FIXTURE / "cells.h5ad", tmp_path / "x.h5ad", {"batch_size": 64}, device="cpu")
 
 
 def test_cli_embeds_a_small_h5ad(tmp_path):
@@ -121,22 +114,14 @@ def test_cli_reports_user_errors(tmp_path, capsys):
         cli_main(["embed", "--input", "x.h5ad", "--output", "y.h5ad"])  # neither model nor checkpoint
 
 
-def test_knn_accuracy_separates_clear_clusters_from_noise():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(["a", "b", "c"], 30)
-    clustered = rng.normal(size=(90, 5)) + 10 * np.repeat(np.eye(3, 5), 30, axis=0)
-    assert knn_accuracy(clustered, labels, n_neighbors=5) == 1.0
-    assert knn_accuracy(rng.normal(size=(90, 5)), labels, n_neighbors=5) < 0.6
-
-
 def test_knn_report(tmp_path, fixture_tokens):
     emb = embed(tmp_path, fixture_tokens)
     cells = ad.read_h5ad(FIXTURE / "cells.h5ad")
     cells.obs["kind"] = np.repeat(["x", "y"], 4)
     labelled = tmp_path / "cells.h5ad"
     cells.write_h5ad(labelled)
-    result = knn_report({"se": emb}, labelled, tmp_path / "knn.json", "kind", knn_neighbors=2, pca_components=3)
-    assert set(result["accuracy"]) == {"se", "pca3"}
+    result = run_embed_knn({"se": emb}, labelled, tmp_path / "knn.json", "kind", k=2, pca_components=3)
+    assert set(result["accuracy"]) == set(result["macro_f1"]) == {"se", "pca3"}
     assert json.loads((tmp_path / "knn.json").read_text()) == result
     with pytest.raises(UserError, match="no column 'missing'"):
-        knn_report({"se": emb}, labelled, tmp_path / "k2.json", "missing")
+        run_embed_knn({"se": emb}, labelled, tmp_path / "k2.json", "missing")

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import BatchSampler
 
 import cellfoundry.trainer as train_module
-from cellfoundry.pretrain import train_loader
+from cellfoundry.se.data import train_loader
 from cellfoundry.trainer import SETTINGS_FILE, AtomicCheckpointIO, ResumableSampler, read_metrics, resume_path, settings_fingerprint
 
 TESTS = Path(__file__).resolve().parent

@@ -12,7 +12,9 @@ import scipy.sparse as sp
 import torch
 
 from cellfoundry.models.se_checkpoint import load_se, read_checkpoint_file
-from cellfoundry.pretrain import energy_distance, run_pretraining, sample_task_genes, subsample_sentence, write_random_model
+from cellfoundry.models.se import energy_distance
+from cellfoundry.se.data import sample_task_genes, subsample_sentence
+from cellfoundry.se.stage import run_pretrain_se, run_random_se
 from cellfoundry.tokenize import tokenize_h5ad
 from cellfoundry.vocab import build_random_vocab
 
@@ -77,7 +79,7 @@ def tiny_data(tmp_path_factory) -> dict:
 
 def pretrain(data: dict, out: Path, **overrides) -> Path:
     se = {**SE_CFG, "pretrain": {**SE_CFG["pretrain"], **overrides}}
-    run_pretraining([data["tokens"]], [data["cells"]], data["vocab"], out / "pretrained.ckpt", out / "losses.tsv", out / "work", se, 0, "cpu")
+    run_pretrain_se([data["tokens"]], [data["cells"]], data["vocab"], out / "pretrained.ckpt", out / "losses.tsv", out / "work", se, 0, "cpu")
     return out
 
 
@@ -107,7 +109,7 @@ def test_pretraining_is_deterministic_on_cpu(tiny_data, tmp_path):
 def test_random_model_has_the_same_architecture_and_seeded_weights(tiny_data, tmp_path):
     out = pretrain(tiny_data, tmp_path, max_steps=4)
     for name in ("r1", "r2"):
-        write_random_model(out / "pretrained.ckpt", tiny_data["vocab"], out / f"{name}.ckpt", seed=7)
+        run_random_se(out / "pretrained.ckpt", tiny_data["vocab"], out / f"{name}.ckpt", seed=7)
     trained = read_checkpoint_file(out / "pretrained.ckpt")["state_dict"]
     r1 = read_checkpoint_file(out / "r1.ckpt")["state_dict"]
     r2 = read_checkpoint_file(out / "r2.ckpt")["state_dict"]
@@ -128,7 +130,7 @@ def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(tiny_data, 
           "trainer": {**SE_CFG["trainer"], "checkpoint_every_n_steps": 4}}
 
     def run(out: Path) -> None:
-        run_pretraining([tiny_data["tokens"]], [tiny_data["cells"]], tiny_data["vocab"], out / "pretrained.ckpt",
+        run_pretrain_se([tiny_data["tokens"]], [tiny_data["cells"]], tiny_data["vocab"], out / "pretrained.ckpt",
                         out / "losses.tsv", out / "work", se, 0, "cpu")
 
     run(tmp_path / "reference")

@@ -13,7 +13,8 @@ from test_embed import CKPT, FIXTURE, GENES, fixture_tokens  # noqa: F401 - the 
 from test_xpressor_stage import _train, inputs  # noqa: F401 - the fixture
 
 from cellfoundry import __version__, provenance as prov
-from cellfoundry.embed import embed_provenance, gather_shards, read_obs, run_embedding
+from cellfoundry.se.embed import embed_provenance, gather_shards, read_obs
+from cellfoundry.se.stage import run_embed
 from cellfoundry.provenance import provenance, read_provenance
 from cellfoundry.utils import file_sha256
 
@@ -59,7 +60,7 @@ def test_a_checkpoint_is_hashed_once_per_process(tmp_path):
 
 def test_embed_outputs_carry_the_record(tmp_path, fixture_tokens):  # noqa: F811
     cells = FIXTURE / "cells.h5ad"
-    run_embedding(CKPT, GENES, fixture_tokens, cells, tmp_path / "se.h5ad", device="cpu", config={"batch_size": 64})
+    run_embed(CKPT, GENES, fixture_tokens, cells, tmp_path / "se.h5ad", {"batch_size": 64}, device="cpu")
     record = read_provenance(tmp_path / "se.h5ad")
     assert record["stage"] == "embed" and record["config"] == {"batch_size": 64}
     assert record["checkpoints"]["se"]["sha256"] == file_sha256(CKPT)
@@ -67,7 +68,7 @@ def test_embed_outputs_carry_the_record(tmp_path, fixture_tokens):  # noqa: F811
     assert set(record["inputs"]) == {"cells", "tokens"}
     # the gathered output of shards records the same
     part = tmp_path / "part.npy"
-    run_embedding(CKPT, GENES, fixture_tokens, cells, part, device="cpu", shards=1, shard=0)
+    run_embed(CKPT, GENES, fixture_tokens, cells, part, {"batch_size": 64}, device="cpu", shards=1, shard=0)
     gather_shards([part], read_obs(cells), tmp_path / "gathered.h5ad", uns=embed_provenance(CKPT, GENES, cells, fixture_tokens, {"batch_size": 64}))
     assert read_provenance(tmp_path / "gathered.h5ad") == record
 

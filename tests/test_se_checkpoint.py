@@ -19,7 +19,7 @@ from cellfoundry.models.se_checkpoint import (
     read_checkpoint_file,
     save_se,
 )
-from cellfoundry.pretrain import TrainingHeads
+from cellfoundry.models.se import TrainingHeads
 from cellfoundry.tokenize import tokenize_anndata
 from cellfoundry.utils import UserError
 

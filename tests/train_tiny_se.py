@@ -1,4 +1,4 @@
-"""Train a tiny SE model with the real SE pretraining LightningModule (cellfoundry.pretrain) through
+"""Train a tiny SE model with the real SE pretraining LightningModule (cellfoundry.se.module) through
 cellfoundry.trainer.build_trainer/fit, on synthetic cells. Run as a script by tests/test_ddp.py and
 tests/test_preemption.py: DDP's launcher re-runs this file for the other ranks, and a killed run
 must be a separate process.
@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cellfoundry.models.se import SEConfig
-from cellfoundry.pretrain import PretrainCells, PretrainConfig, SEPretrainModule, train_loader
+from cellfoundry.se.data import PretrainCells, train_loader
+from cellfoundry.se.module import PretrainConfig, SEPretrainModule
 from cellfoundry.tokenize import CLS_ID
 from cellfoundry.trainer import build_trainer, fit
 

@@ -137,7 +137,8 @@ def _open_counts(args: argparse.Namespace):
 
 
 def run_embed(args: argparse.Namespace) -> None:
-    from cellfoundry.embed import METHOD_FOR_ENCODING, iter_embeddings, write_embedding_h5ad
+    from cellfoundry.se.data import METHOD_FOR_ENCODING
+    from cellfoundry.se.embed import iter_embeddings, write_embedding_h5ad
     from cellfoundry.progress import Progress
     from cellfoundry.models.se_checkpoint import _resolve_paths, load_se
     from cellfoundry.provenance import KEY, provenance

@@ -201,3 +201,43 @@ def embedding_keys(cfg: SEConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = StateEmbedding(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------- training heads and losses
+
+
+class TrainingHeads(nn.Module):
+    """The reference's training-only heads, with its parameter names (binary_decoder.*,
+    dataset_encoder.*), so that checkpoints carry every key the reference builds."""
+
+    def __init__(self, cfg: SEConfig):
+        super().__init__()
+        width = cfg.d_model + cfg.output_dim + 1 + DATASET_DIM  # gene, cell, read depth, dataset
+        self.binary_decoder = nn.Sequential(SkipBlock(width, cfg.dropout), SkipBlock(width, cfg.dropout), nn.Linear(width, 1))
+        self.dataset_encoder = nn.Sequential(
+            nn.Linear(cfg.output_dim, cfg.d_model),
+            nn.ReLU(),
+            nn.LayerNorm(cfg.d_model),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, max(cfg.num_datasets, 1)),
+        )
+
+
+def energy_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Energy distance between 1-D sample sets, per row: x [R, n], y [R, m] -> [R].
+
+    2 E|x - y| - E|x - x'| - E|y - y'| (V-statistic, >= 0)."""
+    xy = (x[:, :, None] - y[:, None, :]).abs().mean(dim=(1, 2))
+    xx = (x[:, :, None] - x[:, None, :]).abs().mean(dim=(1, 2))
+    yy = (y[:, :, None] - y[:, None, :]).abs().mean(dim=(1, 2))
+    return 2 * xy - xx - yy
+
+
+def dataset_spread(ds_emb: Tensor, dataset: Tensor) -> Tensor:
+    """Mean squared distance of each cell's dataset embedding [B, 10] from its dataset's batch
+    mean. The dataset part of SE's output should identify the dataset, not the cell: without
+    this term a single-dataset model uses it as a second, unnormalised cell channel that swamps
+    the normalised CLS part in Euclidean distances."""
+    onehot = F.one_hot(dataset, int(dataset.max()) + 1).to(ds_emb.dtype)  # [B, K]
+    means = (onehot.T @ ds_emb) / onehot.sum(0).clamp(min=1)[:, None]  # [K, 10]
+    return ((ds_emb - means[dataset]) ** 2).sum(-1).mean()
