@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellfoundry.diffusion import ConditionalDenoiser, NoiseSchedule, diffusion_loss, guided_denoise_fn, sample
+from cellfoundry.diffusion.process import NoiseSchedule, diffusion_loss, guided_denoise_fn, sample
 from cellfoundry.models.conditions import ConditionCodec, ConditionModel, ConditionSpec, collate_conditions
+from cellfoundry.models.denoiser import ConditionalDenoiser
 from cellfoundry.models.dit import DiTConfig, GeneDiT, LatentDiT
 
 SIZES = {

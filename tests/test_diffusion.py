@@ -10,16 +10,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellfoundry.diffusion import (
-    EMA,
-    ConditionalDenoiser,
-    NoiseSchedule,
-    diffusion_loss,
-    guided_denoise_fn,
-    sample,
-    sampling_timesteps,
-)
+from cellfoundry.diffusion.process import EMA, NoiseSchedule, diffusion_loss, guided_denoise_fn, sample, sampling_timesteps
 from cellfoundry.models.conditions import ConditionCodec, ConditionModel, ConditionSpec, collate_conditions
+from cellfoundry.models.denoiser import ConditionalDenoiser
 from cellfoundry.models.dit import DiTConfig, LatentDiT
 from cellfoundry.utils import UserError
 
@@ -215,22 +208,23 @@ def synthetic(tmp_path_factory):
 
 @pytest.mark.parametrize("space", ["latent", "gene"])
 def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, space):
-    from cellfoundry.diffusion_stage import load_diffusion, run_sample, run_train
+    from cellfoundry.diffusion.module import load_diffusion
+    from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
     settings = {**SETTINGS, "token_space": space}
     latent = space == "latent"
-    run_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0,
-              device="cpu", latents_npy=synthetic / "latents.npy" if latent else None,
-              xpressor_ckpt=synthetic / "xpressor.ckpt" if latent else None)
+    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0,
+                        device="cpu", latents=synthetic / "latents.npy" if latent else None,
+                        xpressor_checkpoint=synthetic / "xpressor.ckpt" if latent else None)
     ckpt = load_diffusion(tmp_path / "model.ckpt")
     assert ckpt.payload["token_shape"] == ([3, 8] if latent else [30])
     assert ckpt.codec.vocab["cell_type"] == [["A", "B", "C"]]
     assert (tmp_path / "train" / "logs" / "version_0" / "metrics.csv").exists()
     assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
     paths = [tmp_path / "samples.h5ad", tmp_path / "summary.json"]
-    kwargs = dict(seed=0, device="cpu", xpressor_ckpt=synthetic / "xpressor.ckpt", vocab_path=synthetic / "vocab.pt",
-                  latents_npy=synthetic / "latents.npy")
-    summary = run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", *paths, SAMPLE, **kwargs)
+    kwargs = dict(seed=0, device="cpu", xpressor_checkpoint=synthetic / "xpressor.ckpt", vocab=synthetic / "vocab.pt",
+                  latents=synthetic / "latents.npy")
+    summary = run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", *paths, SAMPLE, **kwargs)
     samples = ad.read_h5ad(paths[0])
     real = ad.read_h5ad(synthetic / "filtered.h5ad")
     test = real.obs[real.obs.split == "test"]
@@ -249,51 +243,52 @@ def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, spac
     assert json.loads(paths[1].read_text()) == summary
     # same seed, same samples (CPU determinism)
     again = tmp_path / "again.h5ad"
-    run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", again, tmp_path / "s2.json", {**SAMPLE, "guidance_check": False}, **kwargs)
+    run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", again, tmp_path / "s2.json", {**SAMPLE, "guidance_check": False}, **kwargs)
     assert np.array_equal(ad.read_h5ad(again).layers["mean"], samples.layers["mean"])
 
 
 def test_sampling_requests_and_unknown_labels(synthetic, tmp_path):
-    from cellfoundry.diffusion_stage import run_sample, run_train
+    from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
     settings = {**SETTINGS, "token_space": "gene", "max_steps": 2}
-    run_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0, device="cpu")
+    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0, device="cpu")
     requests = [{"n": 5, "obs": {"ct": "B"}}, {"n": 3, "obs": {}}]
     cfg = {**SAMPLE, "requests": requests, "guidance_check": False}
-    run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
+    run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
     samples = ad.read_h5ad(tmp_path / "s.h5ad")
     assert samples.obs["ct"].astype(str).tolist() == ["B"] * 5 + ["nan"] * 3
     assert samples.obs["condition"].tolist()[-1] == "cell_type=none"
     bad = {**cfg, "requests": [{"n": 2, "obs": {"ct": "Z"}}]}
     with pytest.raises(UserError, match=r"unknown label 'Z'.*'A', 'B', 'C'"):
-        run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json", bad, seed=0, device="cpu")
+        run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json", bad, seed=0, device="cpu")
     assert not (tmp_path / "x.h5ad").exists()
     with pytest.raises(UserError, match="no condition uses"):
-        run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json",
-                   {**cfg, "requests": [{"n": 1, "obs": {"batch": "1"}}]}, seed=0, device="cpu")
+        run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json",
+                             {**cfg, "requests": [{"n": 1, "obs": {"batch": "1"}}]}, seed=0, device="cpu")
 
 
 def test_unconditional_model_samples_requests(synthetic, tmp_path):
-    from cellfoundry.diffusion_stage import run_sample, run_train
+    from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
     settings = {**SETTINGS, "token_space": "gene", "max_steps": 2, "cross_attention": True}
-    run_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, [], seed=0, device="cpu")
+    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, [], seed=0, device="cpu")
     cfg = {**SAMPLE, "requests": [{"n": 4, "obs": {}}], "sampler": "ddpm"}
-    summary = run_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
+    summary = run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
     samples = ad.read_h5ad(tmp_path / "s.h5ad")
     assert samples.n_obs == 4 and (samples.obs["condition"] == "unconditional").all()
     assert "guidance_check" not in summary and summary["conditions"] == []
 
 
 def test_changed_settings_do_not_resume_a_stale_checkpoint(synthetic, tmp_path):
-    from cellfoundry.diffusion_stage import load_diffusion, run_train
+    from cellfoundry.diffusion.module import load_diffusion
+    from cellfoundry.diffusion.stage import run_diffusion_train
 
     gene = {**SETTINGS, "token_space": "gene", "max_steps": 3}
-    run_train(synthetic / "filtered.h5ad", tmp_path / "a.ckpt", tmp_path / "train", gene, CONDITIONS, seed=0, device="cpu")
+    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "a.ckpt", tmp_path / "train", gene, CONDITIONS, seed=0, device="cpu")
     assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
     latent = {**SETTINGS, "token_space": "latent", "max_steps": 3}
-    run_train(synthetic / "filtered.h5ad", tmp_path / "b.ckpt", tmp_path / "train", latent, CONDITIONS, seed=0, device="cpu",
-              latents_npy=synthetic / "latents.npy")
+    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "b.ckpt", tmp_path / "train", latent, CONDITIONS, seed=0, device="cpu",
+                        latents=synthetic / "latents.npy")
     assert load_diffusion(tmp_path / "b.ckpt").payload["token_shape"] == [3, 8]
 
 
@@ -304,13 +299,13 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(synthetic, tmp
     its loss rows, each step once; noise, timesteps and condition dropout are per-step draws."""
     from test_preemption import assert_same_weights, interrupted
 
-    from cellfoundry.diffusion_stage import run_train
-    from cellfoundry.train import read_metrics
+    from cellfoundry.diffusion.stage import run_diffusion_train
+    from cellfoundry.trainer import read_metrics
 
     settings = {**SETTINGS, "token_space": "gene", "max_steps": 8, "log_every_n_steps": 1}  # 2 batches per epoch
 
     def run(out):
-        run_train(synthetic / "filtered.h5ad", out / "model.ckpt", out / "train", settings, CONDITIONS, seed=0, device="cpu")
+        run_diffusion_train(synthetic / "filtered.h5ad", out / "model.ckpt", out / "train", settings, CONDITIONS, seed=0, device="cpu")
 
     run(tmp_path / "reference")
     interrupted(monkeypatch, *stop, lambda: run(tmp_path / "resumed"))

@@ -69,7 +69,7 @@ def test_no_stage_reads_held_out_cells_for_training(tmp_path):
     """What each stage trains on, read from the QC file the way the stage reads it: the gene
     vocabulary's co-expression cells and the SE pretraining cells (split == train), Xpressor's fit
     and validation cells (split_indices) and the diffusion training cells (read_training_data)."""
-    from cellfoundry.diffusion_stage import read_training_data
+    from cellfoundry.diffusion.data import read_training_data
     from cellfoundry.vocab import read_training_counts
     from cellfoundry.xpressor import split_indices
 

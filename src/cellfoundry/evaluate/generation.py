@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 from sklearn.metrics import r2_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from cellfoundry.utils import unlabelled
+from cellfoundry.utils import log1p_normalise, unlabelled
+
+if TYPE_CHECKING:
+    from cellfoundry.models.conditions import ConditionCodec, ConditionSpec
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +146,7 @@ class CFGenSpace:
         Library sizes are taken over all genes, as scanpy's normalize_total on the full matrix."""
         counts = counts.tocsr() if sp.issparse(counts) else np.asarray(counts)
         lib = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
-        lib[lib == 0] = 1.0
-        sub = _dense(counts[:, self.genes])
-        return np.log1p(sub / lib[:, None] * self.target_sum)
+        return log1p_normalise(_dense(counts[:, self.genes]), library=lib, target_sum=self.target_sum)
 
     def project(self, counts) -> np.ndarray:
         """Counts [n, G_all] -> PCA coordinates [n, n_pcs]."""
@@ -324,3 +326,95 @@ def compare_sets(
         group=np.r_[test_groups, gen_groups],
     )
     return rows, embedding
+
+
+# -- guidance check of diffusion sampling (cellfoundry.diffusion.stage writes it to summary.json)
+
+
+def fit_label_classifier(real_counts, labels: np.ndarray, seed: int, n_pcs: int = 50):
+    """Logistic regression on PCA of log1p(CP10k) of real cells; returns predict(counts) -> labels.
+    Counts are float32 (CSR or dense; a dense input is taken as float32)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def features(counts):
+        return log1p_normalise(counts if sp.issparse(counts) else np.asarray(counts, dtype=np.float32))
+
+    x = features(real_counts)
+    n_pcs = int(min(n_pcs, x.shape[0] - 1, x.shape[1]))
+    clf = make_pipeline(StandardScaler(), PCA(n_pcs, random_state=seed), LogisticRegression(max_iter=2000))
+    clf.fit(x, labels)
+    return lambda counts: clf.predict(features(counts))
+
+
+def guidance_check_condition(codec: ConditionCodec) -> ConditionSpec | None:
+    """The first categorical condition (the label the guidance check classifies)."""
+    return next((s for s in codec.specs if s.kind == "categorical"), None)
+
+
+def requested_label_accuracy(predicted: np.ndarray, requested: pd.Series) -> float | None:
+    """Fraction of generated cells whose predicted label equals the label they were generated
+    for (rows with a requested label; None when none has one). Not `label_accuracy`, the kNN
+    score of real-cell labels above."""
+    mask = ~unlabelled(requested.to_numpy(dtype=object))
+    if not mask.any():
+        return None
+    return float(np.mean(predicted[mask] == requested.astype(str).to_numpy()[mask]))
+
+
+def guidance_check(
+    obs: pd.DataFrame,
+    counts: sp.csr_matrix,
+    spec: ConditionSpec,
+    request_obs: pd.DataFrame,
+    runs: Mapping[str, tuple[Any, np.ndarray]],
+    seed: int,
+    real_latents: np.ndarray | None = None,
+    decoder: Callable | None = None,
+) -> dict:
+    """Does guidance matter? Classifiers trained on real training cells (`obs` with its "split",
+    raw `counts` [N, G] float32 CSR) label the generated cells; reported is the fraction assigned
+    the label they were generated for, per run (name -> (decoded cells with `.mean` [n, G],
+    tokens): guided scale, scale 1 = plain conditional, scale 0 = unconditional with the same
+    requested labels).
+
+    expression: logistic regression on PCA of log1p(CP10k) of the decoded mean counts; with
+    `decoded_real_test_accuracy` (real test cells' latents through the same `decoder`) as the
+    ceiling the decoder allows. latent (latent space only): logistic regression on the flattened
+    latent tokens, which measures the diffusion model without the decoder in between.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    column = spec.columns[0]
+    split = obs["split"].astype(str).to_numpy()
+    labels = obs[column].astype(str).to_numpy()
+    known = ~unlabelled(obs[column].to_numpy(dtype=object))  # the codec's "missing" (NaN, empty)
+    train = (split == "train") & known
+    test = (split == "test") & known
+    requested = request_obs[column]
+    predict = fit_label_classifier(counts[train], labels[train], seed)
+    expression = {
+        "classifier": "logistic regression on 50 PCs of standardised log1p(CP10k) of real train cells; samples: decoded mean counts",
+        "real_test_accuracy": float(np.mean(predict(counts[test]) == labels[test])) if test.any() else None,
+        "accuracy": {name: requested_label_accuracy(predict(d.mean), requested) for name, (d, _) in runs.items()},
+    }
+    result: dict[str, Any] = {"condition": spec.name, "column": column, "expression": expression}
+    if real_latents is not None and test.any():
+        lib = np.asarray(counts[test].sum(1)).ravel().astype(np.float32)
+        decoded_real = decoder(np.asarray(real_latents[test], dtype=np.float32), lib, seed)
+        expression["decoded_real_test_accuracy"] = float(np.mean(predict(decoded_real.mean) == labels[test]))
+        flat = np.asarray(real_latents, dtype=np.float32).reshape(len(real_latents), -1)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(flat[train], labels[train])
+        result["latent"] = {
+            "classifier": "logistic regression on the standardised, flattened latent tokens of real train cells",
+            "real_test_accuracy": float(np.mean(clf.predict(flat[test]) == labels[test])),
+            "accuracy": {name: requested_label_accuracy(clf.predict(t.reshape(len(t), -1)), requested) for name, (_, t) in runs.items()},
+        }
+    for space in ("expression", "latent"):
+        for name, acc in result.get(space, {}).get("accuracy", {}).items():
+            log.info("guidance check (%s classifier): %s -> %.3f of samples classified as their requested %s", space, name, acc if acc is not None else float("nan"), column)
+    return result

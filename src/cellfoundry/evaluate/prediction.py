@@ -27,11 +27,10 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from sklearn.metrics import r2_score
 
 from cellfoundry.evaluate import generation as gen
-from cellfoundry.utils import UserError
+from cellfoundry.utils import UserError, log1p_normalise
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,6 @@ DIST_METRICS = ("energy", "mmd_rbf", "knn_auc")
 
 def combination_label(combo: Mapping) -> str:
     return ", ".join(f"{c}={v}" for c, v in combo.items())
-
-
-def lognorm(counts) -> np.ndarray:
-    """Counts [n, G] -> log1p(counts / total * 1e4), dense float64."""
-    x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
-    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1.0) * 1e4)
 
 
 def matches(obs: pd.DataFrame, labels: Mapping) -> np.ndarray:
@@ -163,14 +156,14 @@ def evaluate_combination(
     control_cells = matches(real_obs, control) & usable
     if control_cells.sum() < 2:
         raise UserError(f"held-out combination {{{label}}}: fewer than 2 control cells ({combination_label(control)}).")
-    logx = lognorm(real_counts)
+    logx = log1p_normalise(gen._dense(real_counts))  # float64, as the module doc says
     real = logx[real_cells]
     ctrl = logx[control_cells]
     de = de_genes(real, ctrl, n_de_genes)
     rng = np.random.default_rng(seed)
     half_a, half_b = np.array_split(rng.permutation(len(real)), 2)
     predictions = {
-        MODEL: (lognorm(generated_counts[np.flatnonzero(generated)]), real),
+        MODEL: (log1p_normalise(gen._dense(generated_counts[np.flatnonzero(generated)])), real),
         NO_CHANGE: (ctrl, real),
         LINEAR: (linear_shift(logx, real_obs, combo, control, usable), real),
         CEILING: (real[half_a], real[half_b]),

@@ -6,18 +6,14 @@ vectors [B, G]); the denoiser is any module `net(x_t, t, cond_vector, cond_token
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import time
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellfoundry.models.conditions import ConditionModel
-
-log = logging.getLogger(__name__)
+from cellfoundry.models.denoiser import ConditionalDenoiser
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
@@ -146,26 +142,6 @@ def sample(
     return x
 
 
-class ConditionalDenoiser(nn.Module):
-    """A denoiser net and its condition model: forward(x_t, t, cond_batch, keep) -> output.
-
-    keep [B, K] bool chooses per row and condition the real or the null embedding.
-    Condition tokens are passed to the net only when it uses cross-attention.
-    """
-
-    def __init__(self, net: nn.Module, conditions: ConditionModel, cross_attention: bool = False):
-        super().__init__()
-        self.net = net
-        self.conditions = conditions
-        self.cross_attention = cross_attention
-
-    def forward(self, x_t, t, cond_batch: Mapping[str, torch.Tensor] | None = None, keep: torch.Tensor | None = None):
-        vector = tokens = None
-        if cond_batch is not None and self.conditions.n_conditions:
-            vector, tokens = self.conditions(cond_batch, keep)
-        return self.net(x_t, t, vector, tokens if self.cross_attention else None)
-
-
 def _repeat_batch(cond_batch: Mapping[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in cond_batch.items():
@@ -243,20 +219,3 @@ class EMA(nn.Module):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1 - d)
         for ema_b, b in zip(self.shadow.buffers(), model.buffers()):
             ema_b.copy_(b)
-
-
-class RateLogger:
-    """Logs `what`/s every `every` seconds (progress in a rule's log)."""
-
-    def __init__(self, what: str, total: int, every: float = 10.0):
-        self.what, self.total, self.every = what, total, every
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            log.info("%d/%d %s (%.1f %s/s)", self.done, self.total, self.what, rate, self.what)
-            self.last = now

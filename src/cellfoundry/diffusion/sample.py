@@ -1,0 +1,200 @@
+"""Sampling of the diffusion stage: the cells to generate (config requests or the test split's
+labels), their tokens by guided DDIM/DDPM, decoding to genes and the samples AnnData.
+
+Decoded cells: `layers["mean"]` holds the mean counts of the decoded distribution for a library
+size drawn per cell from training cells with the same condition labels; `X` holds counts sampled
+from it (NB/ZINB for an Xpressor count decoder, Poisson in the gene token space).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from cellfoundry.diffusion.module import DiffusionCheckpoint, make_schedule
+from cellfoundry.diffusion.process import guided_denoise_fn, sample
+from cellfoundry.models.conditions import ConditionCodec, collate_conditions
+from cellfoundry.progress import Progress
+from cellfoundry.utils import UserError, autocast
+
+log = logging.getLogger(__name__)
+
+TARGET_SUM = 1e4
+
+
+def requests_to_obs(requests: Sequence[Mapping[str, Any]], codec: ConditionCodec) -> pd.DataFrame:
+    """Config sampling requests [{n, obs: {column: value}}] -> one obs row per cell to generate.
+    Columns not given are missing (the model is unconditional in that attribute)."""
+    rows = []
+    known = set(codec.columns)
+    for req in requests:
+        values = dict(req.get("obs", {}))
+        unknown_cols = set(values) - known
+        if unknown_cols:
+            raise UserError(
+                f"diffusion.sample.requests names obs column(s) {sorted(unknown_cols)} that no condition uses; "
+                f"condition columns: {sorted(known) or 'none (unconditional model)'}."
+            )
+        rows += [values] * int(req["n"])
+    obs = pd.DataFrame(rows, index=range(len(rows)))
+    for col in codec.columns:
+        if col not in obs.columns:
+            obs[col] = None
+    return obs.reset_index(drop=True)
+
+
+def default_request_obs(obs: pd.DataFrame, codec: ConditionCodec) -> pd.DataFrame:
+    """The condition labels of the test split (one generated cell per test cell); with held-out
+    combinations (QC's obs["holdout"]), of the held-out cells only: the cells to predict."""
+    test = obs[obs["split"].astype(str) == "test"]
+    if "holdout" in obs and obs["holdout"].astype(bool).any():
+        test = obs[obs["holdout"].astype(bool)]
+    if len(test) == 0:
+        raise UserError("the test split is empty; set diffusion.sample.requests or qc.test_fraction > 0.")
+    out = pd.DataFrame(index=range(len(test)))
+    for col in codec.columns:
+        values = test[col].astype(object)
+        out[col] = values.where(values.notna(), None).tolist()
+    return out
+
+
+def draw_library_sizes(request_obs: pd.DataFrame, payload: Mapping, rng: np.random.Generator) -> np.ndarray:
+    """One library size per requested cell, drawn from training cells with the same labels in the
+    requested (non-missing) columns; from all training cells when none match."""
+    library = payload["library"].numpy()
+    train = pd.DataFrame(payload["train_labels"]) if payload["train_labels"] else pd.DataFrame(index=range(len(library)))
+    out = np.empty(len(request_obs), dtype=np.float32)
+    cache: dict[tuple, np.ndarray] = {}
+    for i in range(len(request_obs)):
+        row = request_obs.iloc[i]
+        items = tuple(
+            (c, str(row[c])) for c in train.columns if c in row.index and row[c] is not None and not isinstance(row[c], (list, tuple, np.ndarray)) and not pd.isna(row[c])
+        )
+        if items not in cache:
+            mask = np.ones(len(library), dtype=bool)
+            for c, v in items:
+                mask &= train[c].astype(str).to_numpy() == v
+            cache[items] = library[mask] if mask.any() else library
+        out[i] = rng.choice(cache[items])
+    return out
+
+
+def generate_tokens(
+    ckpt: DiffusionCheckpoint,
+    request_obs: pd.DataFrame,
+    *,
+    guidance_scale: float,
+    sampler: str,
+    steps: int,
+    eta: float,
+    seed: int,
+    batch_size: int,
+    device: str = "cpu",
+    strict: bool = True,
+    clip_x0: bool = True,
+) -> np.ndarray:
+    """Denoised, de-normalised tokens of the requested cells: [n, M, D] latent or [n, G] log1p.
+
+    Per-attribute scales (condition `guidance_scale`) override `guidance_scale`.
+    """
+    arrays = ckpt.codec.encode(request_obs, strict=strict)
+    scales = [s.guidance_scale if s.guidance_scale is not None else guidance_scale for s in ckpt.codec.specs]
+    schedule = make_schedule(ckpt.settings)
+    model = ckpt.model.to(device)
+    shape = list(ckpt.payload["token_shape"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x0_range = tuple(r.to(device) for r in ckpt.payload["x0_range"]) if clip_x0 else None
+    n = len(request_obs)
+    out = np.empty([n, *shape], dtype=np.float32)
+    progress = Progress(n, verb="generated", unit="cells")
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        cond = {k: v.to(device) for k, v in collate_conditions(arrays, idx).items()}
+        with autocast(device):
+            x = sample(
+                guided_denoise_fn(model, cond, scales),
+                [len(idx), *shape],
+                schedule,
+                method=sampler,
+                steps=steps,
+                eta=eta,
+                prediction=ckpt.settings["prediction"],
+                generator=generator,
+                device=device,
+                x0_range=x0_range,
+            )
+        out[idx] = ckpt.normalizer.inverse(x.float().cpu().numpy())
+        progress.update(len(idx))
+    return out
+
+
+@dataclass
+class Decoded:
+    mean: np.ndarray  # [n, G] expected counts
+    counts: np.ndarray  # [n, G] sampled counts
+
+
+def decode_gene_space(log1p_expr: np.ndarray, library: np.ndarray, rng: np.random.Generator) -> Decoded:
+    """log1p(CP10k) [n, G] -> mean counts (fractions x library) and Poisson counts."""
+    expr = np.expm1(np.clip(log1p_expr, 0.0, np.log1p(TARGET_SUM)))
+    frac = expr / np.maximum(expr.sum(1, keepdims=True), 1e-8)
+    mean = (frac * library[:, None]).astype(np.float32)
+    return Decoded(mean, rng.poisson(mean).astype(np.float32))
+
+
+def xpressor_decoder(xpressor_ckpt: str | os.PathLike, vocab_path: str | os.PathLike, var_names: Sequence[str]):
+    """A function (latents [n, M, D], library [n], seed) -> Decoded over `var_names`, using the
+    Xpressor decoder. Genes absent from the vocabulary cannot be decoded and stay zero."""
+    from cellfoundry.models.xpressor import expected_counts, load_xpressor, sample_counts
+    from cellfoundry.vocab import GeneVocab
+
+    xp = load_xpressor(xpressor_ckpt)
+    vocab = GeneVocab.load(vocab_path)
+    index = vocab.index
+    cols = np.array([i for i, g in enumerate(var_names) if g in index], dtype=np.int64)
+    if len(cols) == 0:
+        raise UserError(f"none of the dataset's genes is in the vocabulary {vocab_path}; check the gene symbols.")
+    if len(cols) < len(var_names):
+        log.warning("%d of %d genes are not in the vocabulary and are left at zero", len(var_names) - len(cols), len(var_names))
+    gene_vectors = torch.as_tensor(vocab.table)[torch.as_tensor([index[var_names[i]] for i in cols])].float()
+    model, loss = xp.model, xp.config.loss
+
+    def decode(latents: np.ndarray, library: np.ndarray, seed: int, batch_size: int = 256) -> Decoded:
+        n = len(latents)
+        mean = np.zeros((n, len(var_names)), dtype=np.float32)
+        counts = np.zeros_like(mean)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for s in range(0, n, batch_size):
+                lat = torch.from_numpy(latents[s : s + batch_size]).float()
+                lib = torch.from_numpy(library[s : s + batch_size]).float()
+                out = model.decode(lat, gene_vectors)
+                mean[s : s + len(lat), cols] = expected_counts(out, lib, loss).numpy()
+                counts[s : s + len(lat), cols] = sample_counts(out, lib, loss, generator).numpy()
+        return Decoded(mean, counts)
+
+    return decode
+
+
+def samples_anndata(decoded: Decoded, request_obs: pd.DataFrame, codec: ConditionCodec, var_names: Sequence[str], library: np.ndarray) -> ad.AnnData:
+    """samples.h5ad: X = sampled counts (CSR float32), layers["mean"], obs = condition columns,
+    obs["condition"] (readable label; obs["condition_label"] when a condition column is itself
+    named "condition", e.g. Kang 2018's stimulus) and obs["library_size"]."""
+    obs = pd.DataFrame(index=[f"sample_{i}" for i in range(len(request_obs))])
+    for col in codec.columns:
+        values = request_obs[col].tolist()
+        values = ["+".join(map(str, v)) if isinstance(v, (list, tuple, np.ndarray)) else v for v in values]
+        obs[col] = pd.Categorical([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values])
+    obs["condition_label" if "condition" in codec.columns else "condition"] = pd.Categorical(codec.labels(request_obs))
+    obs["library_size"] = library.astype(np.float32)
+    out = ad.AnnData(X=sp.csr_matrix(decoded.counts), obs=obs, var=pd.DataFrame(index=list(var_names)))
+    out.layers["mean"] = decoded.mean
+    return out

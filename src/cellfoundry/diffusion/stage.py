@@ -1,0 +1,187 @@
+"""The diffusion stage's rule entry points: `run_diffusion_train` (the conditional denoiser on the
+train split -> model.ckpt) and `run_diffusion_sample` (generated cells -> samples.h5ad and
+summary.json with the guidance check). Token spaces, data and model: see the package's other
+modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import anndata as ad
+import numpy as np
+
+from cellfoundry.diffusion.data import counts_matrix, read_training_data, train_loader
+from cellfoundry.diffusion.module import DiffusionModule, load_diffusion, save_diffusion
+from cellfoundry.diffusion.sample import (
+    Decoded,
+    decode_gene_space,
+    default_request_obs,
+    draw_library_sizes,
+    generate_tokens,
+    requests_to_obs,
+    samples_anndata,
+    xpressor_decoder,
+)
+from cellfoundry.evaluate.generation import guidance_check, guidance_check_condition
+from cellfoundry.utils import UserError, atomic_output, resolve_device, seed_everything, set_torch_threads
+
+log = logging.getLogger(__name__)
+
+
+def run_diffusion_train(
+    h5ad: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    settings: Mapping[str, Any],
+    conditions: Sequence[Mapping[str, Any]],
+    *,
+    seed: int,
+    device: str,
+    threads: int | None = None,
+    latents: str | os.PathLike | None = None,
+    xpressor_checkpoint: str | os.PathLike | None = None,
+) -> None:
+    """Train the conditional denoiser on the train split of `h5ad` (QC's filtered.h5ad; with
+    `latents`, Xpressor's latents.npy, in the latent token space) and write `checkpoint` (EMA
+    weights; it records the SHA-256 of `xpressor_checkpoint`).
+
+    Lightning writes `work_dir`/checkpoints/last.ckpt (a re-run with the same settings resumes
+    from it, exactly) and the loss to `work_dir`/logs/version_<attempt>/metrics.csv (one per
+    attempt, cellfoundry.trainer.read_metrics gathers them). Under DDP every rank runs
+    this function; only global rank 0 writes `checkpoint`."""
+    from cellfoundry.trainer import build_trainer, fit
+    from cellfoundry.utils import file_sha256
+
+    device = resolve_device(device)  # a GPU job whose torch sees no GPU stops here, before any work
+    set_torch_threads(threads)
+    seed_everything(seed)
+    settings = dict(settings)
+    data = read_training_data(h5ad, settings["token_space"], conditions, latents)
+    log.info(
+        "diffusion over %s tokens: %d training cells, x0 shape %s, conditions %s",
+        settings["token_space"], len(data["x0"]), list(data["x0"].shape[1:]), data["codec"].names or "none (unconditional model)",
+    )  # fmt: skip
+    module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
+    # Resume only a run of the same model on the same data: everything but the step count and
+    # the logging/checkpoint cadence, plus the conditions and the data shape.
+    identity = {
+        "settings": {k: v for k, v in settings.items() if k not in ("max_steps", "log_every_n_steps", "trainer")},
+        "codec": data["codec"].to_dict(),
+        "x0_shape": list(data["x0"].shape),
+    }
+    trainer_cfg = settings.get("trainer", {})
+    trainer = build_trainer(
+        work_dir,
+        max_steps=settings["max_steps"],
+        devices=trainer_cfg.get("devices", 1),
+        num_nodes=trainer_cfg.get("num_nodes", 1),
+        device=device,
+        checkpoint_every_n_steps=trainer_cfg.get("checkpoint_every_n_steps", 50),
+        gradient_clip_val=settings["grad_clip"],
+        log_every_n_steps=settings["log_every_n_steps"],
+    )
+    fit(trainer, module, train_loader(data, settings["batch_size"], seed), out_dir=work_dir, settings=identity)
+    if trainer.is_global_zero:
+        extra = {"xpressor_sha256": file_sha256(xpressor_checkpoint) if xpressor_checkpoint else None}
+        save_diffusion(checkpoint, module, data, extra)
+        log.info("wrote %s", checkpoint)
+
+
+def run_diffusion_sample(
+    checkpoint: str | os.PathLike,
+    h5ad: str | os.PathLike,
+    samples: str | os.PathLike,
+    summary: str | os.PathLike,
+    settings: Mapping[str, Any],
+    *,
+    seed: int,
+    device: str,
+    threads: int | None = None,
+    xpressor_checkpoint: str | os.PathLike | None = None,
+    vocab: str | os.PathLike | None = None,
+    latents: str | os.PathLike | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> dict:
+    """Generate cells from the diffusion `checkpoint` (default: the test split's condition labels
+    of `h5ad`), decode them to expression (latent space: the Xpressor decoder of
+    `xpressor_checkpoint` over the gene vectors of `vocab`), write `samples` (samples.h5ad) and
+    measure whether guidance matters (`summary`, summary.json; returned). `settings` is the
+    diffusion.sample section; `config` (default {"sample": settings}) goes into the provenance
+    record of samples.h5ad."""
+    from cellfoundry.provenance import KEY as PROVENANCE_KEY, provenance
+
+    device = resolve_device(device)
+    set_torch_threads(threads)
+    seed_everything(seed)
+    ckpt = load_diffusion(checkpoint)
+    codec, model_settings = ckpt.codec, ckpt.settings
+    adata = ad.read_h5ad(h5ad)
+    var_names = ckpt.payload["var_names"]
+    if list(map(str, adata.var_names)) != list(var_names):
+        raise UserError(f"{checkpoint} was trained on other genes than {h5ad}; re-run diffusion_train.")
+    holdout = "holdout" in adata.obs and adata.obs["holdout"].astype(bool).any()
+    if settings["requests"]:
+        request_obs = requests_to_obs(settings["requests"], codec)
+        strict = True
+    else:
+        request_obs = default_request_obs(adata.obs, codec)
+        # a test-only label (never seen in training) is sampled unconditionally; a held-out
+        # combination's parts are all seen in training (QC checks), so an unknown one is an error
+        strict = holdout
+    latent_space = model_settings["token_space"] == "latent"
+    if latent_space:
+        if xpressor_checkpoint is None or vocab is None:
+            raise ValueError("latent token space needs the Xpressor checkpoint and the vocabulary")
+        decoder = xpressor_decoder(xpressor_checkpoint, vocab, var_names)
+    else:
+
+        def decoder(tokens, library, seed):
+            return decode_gene_space(tokens, library, np.random.default_rng(seed))
+
+    def generate(scale: float) -> tuple[Decoded, np.ndarray, np.ndarray]:
+        """(decoded cells, library sizes, generated tokens) at guidance `scale`."""
+        tokens = generate_tokens(
+            ckpt, request_obs, guidance_scale=scale, sampler=settings["sampler"], steps=settings["steps"],
+            eta=settings["eta"], seed=seed, batch_size=settings["batch_size"], device=device, strict=strict,
+            clip_x0=settings["clip_x0"],
+        )  # fmt: skip
+        library = draw_library_sizes(request_obs, ckpt.payload, np.random.default_rng(seed))
+        return decoder(tokens, library, seed), library, tokens
+
+    scale = float(settings["guidance_scale"])
+    log.info("sampling %d cells (%s, %d steps, eta %.2f, guidance %.2f)", len(request_obs), settings["sampler"], settings["steps"], settings["eta"], scale)
+    decoded, library, tokens = generate(scale)
+    out = samples_anndata(decoded, request_obs, codec, var_names, library)
+    out.uns[PROVENANCE_KEY] = provenance(
+        "diffusion_sample", config if config is not None else {"sample": settings},
+        checkpoints={"diffusion": checkpoint, "xpressor": xpressor_checkpoint if latent_space else None},
+        vocab=vocab if latent_space else None,
+        inputs={"cells": h5ad},
+    )  # fmt: skip
+    with atomic_output(samples) as tmp:
+        out.write_h5ad(tmp)
+    result: dict[str, Any] = {
+        "n_samples": int(out.n_obs),
+        "token_space": model_settings["token_space"],
+        "sampler": settings["sampler"],
+        "steps": int(settings["steps"]),
+        "eta": float(settings["eta"]),
+        "guidance_scale": scale,
+        "conditions": codec.names,
+        "requests": "config" if settings["requests"] else "held-out combinations" if holdout else "test split labels",
+    }
+    spec = guidance_check_condition(codec)
+    if settings["guidance_check"] and spec is not None:
+        runs = {f"guided (scale {scale:g})": (decoded, tokens)}
+        for s, name in ((1.0, "conditional (scale 1)"), (0.0, "unconditional (scale 0)")):
+            if s != scale:
+                d, _, t = generate(s)
+                runs[name] = (d, t)
+        real_latents = np.load(latents, mmap_mode="r") if latents is not None and latent_space else None
+        result["guidance_check"] = guidance_check(adata.obs, counts_matrix(adata), spec, request_obs, runs, seed, real_latents, decoder)
+    with atomic_output(summary) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return result
