@@ -1,4 +1,5 @@
-# cellfoundry: single-cell counts -> QC -> tokens -> SE embedding -> Xpressor -> diffusion -> evaluation.
+# cellfoundry: single-cell counts -> QC -> tokens -> SE embedding -> Xpressor -> diffusion ->
+# evaluation.
 # Run from the repository root: `snakemake --cores 2` (local) or `snakemake --profile slurm`.
 from snakemake.utils import min_version
 
@@ -32,6 +33,6 @@ include: "workflow/rules/costs.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_input(),
-    default_target: True

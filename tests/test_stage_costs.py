@@ -18,8 +18,10 @@ def test_every_rule_declares_its_benchmark_beside_its_log():
         for name, body in re.findall(r"^\s*rule (\w+):\n(.*?)(?=^\s*rule \w+:|\Z)", smk.read_text(), re.S | re.M):
             if name == "all":
                 continue
-            log = re.search(r'log:\s*\n\s*"logs/([^/]+)/(.+)\.log"', body)
-            bench = re.search(r'benchmark:\s*\n\s*"(.+)"', body)
+            # an f-string's {{wildcard}} is the pattern's {wildcard}
+            body = body.replace("{{", "{").replace("}}", "}")
+            log = re.search(r'log:\s*\n\s*f?"logs/([^/]+)/(.+)\.log"', body)
+            bench = re.search(r'benchmark:\s*\n\s*f?"(.+)"', body)
             assert log and bench, f"{smk.name}: rule {name} needs log: and benchmark:"
             where = "results/{dataset}" if log[1] == "{dataset}" else "results/shared"
             assert bench[1] == f"{where}/benchmarks/{log[2]}.tsv", f"{smk.name}: rule {name}"

@@ -59,7 +59,8 @@ def qc_cfg(dataset):
 
 
 def dataset_input(wildcards):
-    """The dataset's input, or its sample sheet and every input the sheet names (QC reruns when any changes)."""
+    """The dataset's input, or its sample sheet and every input the sheet names (QC reruns when
+    any changes)."""
     ds = dataset_cfg(wildcards.dataset)
     if ds.get("samples"):
         from cellfoundry.samples import sheet_inputs
@@ -104,8 +105,11 @@ def training_gpu_resources(family, trainer_key):
         trainer = trainer.get(part) or {}
     try:
         extra = training_resources(
-            res, trainer.get("devices", 1), trainer.get("num_nodes", 1),
-            trainer_key=trainer_key, resources_key=f"resources.{family}",
+            res,
+            trainer.get("devices", 1),
+            trainer.get("num_nodes", 1),
+            trainer_key=trainer_key,
+            resources_key=f"resources.{family}",
         )
     except ResourceMismatch as err:
         raise WorkflowError(f"config: {err}") from None
@@ -116,7 +120,11 @@ def inference_gpu_resources(family):
     """Resources of the one-process GPU rules of a training family (xpressor_encode,
     diffusion_sample): the family's memory and runtime, one GPU, one node."""
     res = config["resources"][family]
-    return dict(mem_mb=lambda wc, attempt: res["mem_mb"] * attempt, runtime=res["runtime"], **inference_resources(res))
+    return dict(
+        mem_mb=lambda wc, attempt: res["mem_mb"] * attempt,
+        runtime=res["runtime"],
+        **inference_resources(res),
+    )
 
 
 def torch_env():
@@ -138,7 +146,7 @@ def vocab_path():
     folder = config.get("se", {}).get("model_folder")
     if folder:
         return str(Path(folder) / "protein_embeddings.pt")
-    return f"{SHARED}/vocab/gene_embeddings.pt"
+    return rules.build_vocab.output.vocab
 
 
 def training_datasets(stage):
@@ -157,53 +165,57 @@ def training_datasets(stage):
         return recorded if recorded and set(recorded) <= set(DATASETS) else DATASETS
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
-        raise WorkflowError(f"config: {key} names {unknown}, which are not keys of datasets ({DATASETS}); list configured datasets or set it to null.")
+        raise WorkflowError(
+            f"config: {key} names {unknown}, which are not keys of datasets ({DATASETS}); "
+            "list configured datasets or set it to null."
+        )
     return sorted(names)
 
 
 def training_record(stage):
-    """The list of datasets a shared artifact ("vocab" or "se") was trained on, written by its rule."""
+    """The list of datasets a shared artifact ("vocab" or "se") was trained on, written by its
+    rule."""
     return f"{SHARED}/vocab/datasets.json" if stage == "vocab" else f"{SHARED}/se/datasets.json"
 
 
-# Outputs of the evaluate_* rules under results/{dataset}/eval/.
-EVAL_EMBEDDING_OUTPUTS = ["embeddings.tsv", "embeddings.json", "embeddings_metrics.png", "embeddings_umap.png"]
-EVAL_RECONSTRUCTION_OUTPUTS = ["reconstruction.tsv", "reconstruction.json", "reconstruction_metrics.png", "reconstruction_scatter.png"]
-EVAL_GENERATION_OUTPUTS = ["generation.tsv", "generation.json", "generation_metrics.png", "generation_umap.png"]
-EVAL_PREDICTION_OUTPUTS = ["prediction.tsv", "prediction.json", "prediction_scatter.png"]
+def report_item(path, caption, category, subcategory="{dataset}", patterns=(), **labels):
+    """`path` flagged for `snakemake --report`, with caption workflow/report/<caption>.rst, under
+    `category` and `subcategory`; a dataset's item (one with a subcategory) is labelled by the
+    dataset first, then by `labels`."""
+    if subcategory:
+        labels = {"dataset": "{dataset}", **labels}
+    return report(
+        path,
+        caption=f"../report/{caption}.rst",
+        category=category,
+        subcategory=subcategory,
+        labels=labels,
+        patterns=list(patterns),
+    )
 
 
 def all_input():
     """Every enabled stage's final outputs, for `rule all`."""
     targets = []
     for ds in DATASETS:
-        targets += [
-            f"results/{ds}/qc/filtered.h5ad",
-            f"results/{ds}/qc/summary.json",
-            f"results/{ds}/qc/metrics.tsv",
-            f"results/{ds}/qc/qc_distributions.png",
-            f"results/{ds}/qc/counts_vs_genes.png",
-            f"results/{ds}/tokens",
-            f"results/{ds}/embed/se.h5ad",
-            f"results/{ds}/embed/random.h5ad",
-            f"results/{ds}/embed/knn_accuracy.json",
-            f"results/{ds}/embed/se_umap.png",
-            f"results/{ds}/embed/random_umap.png",
-            f"results/{ds}/xpressor/summary.json",
-            f"results/{ds}/xpressor/embedding.h5ad",
-            f"results/{ds}/xpressor/latents.npy",
+        outputs = [
+            *rules.qc.output,
+            *rules.tokenize.output,
+            *EMBEDDINGS.values(),
+            *rules.embed_knn.output,
+            *expand(rules.embed_umap.output, model=SE_MODELS, allow_missing=True),
+            *rules.xpressor_encode.output,
+            # evaluation: embeddings and Xpressor reconstruction beside their baselines
+            *rules.evaluate_embeddings.output,
+            *rules.evaluate_xpressor.output,
         ]
-        # evaluation (evaluate.smk): embeddings and Xpressor reconstruction beside their baselines
-        targets += [f"results/{ds}/eval/{name}" for name in EVAL_EMBEDDING_OUTPUTS + EVAL_RECONSTRUCTION_OUTPUTS]
         if config["diffusion"]["enabled"]:
-            targets += [
-                f"results/{ds}/diffusion/samples.h5ad",
-                f"results/{ds}/diffusion/summary.json",
-            ]
-            targets += [f"results/{ds}/eval/{name}" for name in EVAL_GENERATION_OUTPUTS]
-            if dataset_cfg(ds)["split"]["holdout"]:  # held-out combinations: their prediction scored
-                targets += [f"results/{ds}/eval/{name}" for name in EVAL_PREDICTION_OUTPUTS]
-        targets.append(f"results/{ds}/eval/costs.tsv")  # stage_costs (costs.smk)
+            outputs += [*rules.diffusion_sample.output, *rules.evaluate_generation.output]
+            # held-out combinations: their prediction scored
+            if dataset_cfg(ds)["split"]["holdout"]:
+                outputs += rules.evaluate_prediction.output
+        outputs += rules.stage_costs.output  # costs.smk
+        targets += expand(outputs, dataset=ds)
     return targets
 
 
@@ -229,7 +241,13 @@ def stage_benchmarks(ds):
         else:
             jobs.append(("embed", f"{d}/embed_{model}.tsv"))
         jobs.append(("embed_umap", f"{d}/embed_umap_{model}.tsv"))
-    names = ["embed_knn", "xpressor_train", "xpressor_encode", "evaluate_embeddings", "evaluate_xpressor"]
+    names = [
+        "embed_knn",
+        "xpressor_train",
+        "xpressor_encode",
+        "evaluate_embeddings",
+        "evaluate_xpressor",
+    ]
     # optional stages: each rule with one of its outputs that rule all asks for
     targets = set(all_input())
     optional = {

@@ -6,22 +6,21 @@ rule stage_costs:
     input:
         lambda wc: [path for _, path in stage_benchmarks(wc.dataset)],
     output:
-        report(
+        report_item(
             "results/{dataset}/eval/costs.tsv",
-            caption="../report/stage_costs.rst",
-            category="7. Costs",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "table": "time and memory per job"},
+            "stage_costs",
+            "7. Costs",
+            table="time and memory per job",
         ),
+    params:
+        rules=lambda wc: [rule for rule, _ in stage_benchmarks(wc.dataset)],
     log:
         "logs/{dataset}/stage_costs.log",
     benchmark:
-        "results/{dataset}/benchmarks/stage_costs.tsv",
-    params:
-        rules=lambda wc: [rule for rule, _ in stage_benchmarks(wc.dataset)],
-    resources:
-        **cpu_resources(),
+        "results/{dataset}/benchmarks/stage_costs.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/stage_costs.py"

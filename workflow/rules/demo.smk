@@ -4,10 +4,10 @@ rule demo_data:
     log:
         "logs/demo/demo_data.log",
     benchmark:
-        "results/shared/benchmarks/demo_data.tsv",
-    resources:
-        **cpu_resources(),
+        "results/shared/benchmarks/demo_data.tsv"
     conda:
         "../../envs/qc.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/demo_data.py"

@@ -4,11 +4,11 @@
 
 
 # filtered.h5ad always; the Xpressor latents, checkpoint and gene vocabulary in the latent space.
-DIFFUSION_INPUTS = {"h5ad": "results/{dataset}/qc/filtered.h5ad"}
+DIFFUSION_INPUTS = {"h5ad": rules.qc.output.h5ad}
 if config["diffusion"]["token_space"] == "latent":
     DIFFUSION_INPUTS.update(
-        latents="results/{dataset}/xpressor/latents.npy",
-        xpressor="results/{dataset}/xpressor/model.ckpt",
+        latents=rules.xpressor_encode.output.latents,
+        xpressor=rules.xpressor_train.output.ckpt,
         vocab=vocab_path(),  # the Xpressor's own vocabulary (an SE model folder's, when set)
     )
 
@@ -18,10 +18,6 @@ rule diffusion_train:
         **DIFFUSION_INPUTS,
     output:
         ckpt="results/{dataset}/diffusion/model.ckpt",
-    log:
-        "logs/{dataset}/diffusion_train.log",
-    benchmark:
-        "results/{dataset}/benchmarks/diffusion_train.tsv",
     params:
         # training depends on everything but the sampling settings
         settings={k: v for k, v in config["diffusion"].items() if k not in ("sample", "enabled")},
@@ -29,11 +25,15 @@ rule diffusion_train:
         train_dir=lambda wc: f"results/{wc.dataset}/diffusion/train",
         seed=config["seed"],
         device=config["device"],
-    resources:
-        **training_gpu_resources("diffusion", "diffusion.trainer"),
-    threads: 2
+    log:
+        "logs/{dataset}/diffusion_train.log",
+    benchmark:
+        "results/{dataset}/benchmarks/diffusion_train.tsv"
     conda:
         torch_env()
+    threads: 2
+    resources:
+        **training_gpu_resources("diffusion", "diffusion.trainer"),
     script:
         "../../scripts/diffusion_train.py"
 
@@ -41,29 +41,28 @@ rule diffusion_train:
 rule diffusion_sample:
     input:
         **DIFFUSION_INPUTS,
-        ckpt="results/{dataset}/diffusion/model.ckpt",
+        ckpt=rules.diffusion_train.output.ckpt,
     output:
         samples="results/{dataset}/diffusion/samples.h5ad",
-        summary=report(
+        summary=report_item(
             "results/{dataset}/diffusion/summary.json",
-            caption="../report/diffusion_summary.rst",
-            category="5. Diffusion",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "guidance check"},
+            "diffusion_summary",
+            "5. Diffusion",
+            figure="guidance check",
         ),
-    log:
-        "logs/{dataset}/diffusion_sample.log",
-    benchmark:
-        "results/{dataset}/benchmarks/diffusion_sample.tsv",
     params:
         # batch_size is read by the script from the config: not a re-run trigger
         sample={k: v for k, v in config["diffusion"]["sample"].items() if k != "batch_size"},
         seed=config["seed"],
         device=config["device"],
-    resources:
-        **inference_gpu_resources("diffusion"),
-    threads: 2
+    log:
+        "logs/{dataset}/diffusion_sample.log",
+    benchmark:
+        "results/{dataset}/benchmarks/diffusion_sample.tsv"
     conda:
         torch_env()
+    threads: 2
+    resources:
+        **inference_gpu_resources("diffusion"),
     script:
         "../../scripts/diffusion_sample.py"

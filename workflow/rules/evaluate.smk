@@ -1,150 +1,148 @@
 # Evaluation: every stage measured beside its baselines on the same cells (spec: evaluation.md).
 
+EVALUATION = "6. Evaluation"
+
 
 rule evaluate_embeddings:
     input:
-        qc="results/{dataset}/qc/filtered.h5ad",
-        se="results/{dataset}/embed/se.h5ad",
-        random="results/{dataset}/embed/random.h5ad",
-        xpressor="results/{dataset}/xpressor/embedding.h5ad",
+        qc=rules.qc.output.h5ad,
+        se=EMBEDDINGS["se"],
+        random=EMBEDDINGS["random"],
+        xpressor=rules.xpressor_encode.output.h5ad,
     output:
-        table=report(
+        table=report_item(
             "results/{dataset}/eval/embeddings.tsv",
-            caption="../report/evaluate_embeddings_table.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: embeddings",
-            labels={"dataset": "{dataset}", "figure": "embedding metrics (table)"},
+            "evaluate_embeddings_table",
+            EVALUATION,
+            "{dataset}: embeddings",
+            figure="embedding metrics (table)",
         ),
-        json=report(
+        json=report_item(
             "results/{dataset}/eval/embeddings.json",
-            caption="../report/evaluate_embeddings_json.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: embeddings",
-            labels={"dataset": "{dataset}", "figure": "embeddings summary (JSON)"},
+            "evaluate_embeddings_json",
+            EVALUATION,
+            "{dataset}: embeddings",
+            figure="embeddings summary (JSON)",
         ),
-        bars=report(
+        bars=report_item(
             "results/{dataset}/eval/embeddings_metrics.png",
-            caption="../report/evaluate_embeddings_bars.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: embeddings",
-            labels={"dataset": "{dataset}", "figure": "embedding metrics (bars)"},
+            "evaluate_embeddings_bars",
+            EVALUATION,
+            "{dataset}: embeddings",
+            figure="embedding metrics (bars)",
         ),
-        umap=report(
+        umap=report_item(
             "results/{dataset}/eval/embeddings_umap.png",
-            caption="../report/evaluate_embeddings_umap.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: embeddings",
-            labels={"dataset": "{dataset}", "figure": "UMAPs"},
+            "evaluate_embeddings_umap",
+            EVALUATION,
+            "{dataset}: embeddings",
+            figure="UMAPs",
         ),
-    log:
-        "logs/{dataset}/evaluate_embeddings.log",
-    benchmark:
-        "results/{dataset}/benchmarks/evaluate_embeddings.tsv",
     params:
         evaluate=config["evaluate"],
         cell_type=lambda wc: dataset_cfg(wc.dataset).get("cell_type"),
         batch=lambda wc: dataset_cfg(wc.dataset).get("batch"),
         seed=config["seed"],
-    resources:
-        **cpu_resources(),
+    log:
+        "logs/{dataset}/evaluate_embeddings.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_embeddings.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/evaluate_embeddings.py"
 
 
 rule evaluate_xpressor:
     input:
-        qc="results/{dataset}/qc/filtered.h5ad",
-        summary="results/{dataset}/xpressor/summary.json",
-        table="results/{dataset}/xpressor/reconstruction.tsv",
-        model="results/{dataset}/xpressor/model.ckpt",
-        latents="results/{dataset}/xpressor/latents.npy",
+        qc=rules.qc.output.h5ad,
+        summary=rules.xpressor_encode.output.summary,
+        table=rules.xpressor_train.output.metrics,
+        model=rules.xpressor_train.output.ckpt,
+        latents=rules.xpressor_encode.output.latents,
         vocab=vocab_path(),
     output:
-        table=report(
+        table=report_item(
             "results/{dataset}/eval/reconstruction.tsv",
-            caption="../report/evaluate_reconstruction_table.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: Xpressor reconstruction",
-            labels={"dataset": "{dataset}", "figure": "reconstruction metrics (table)"},
+            "evaluate_reconstruction_table",
+            EVALUATION,
+            "{dataset}: Xpressor reconstruction",
+            figure="reconstruction metrics (table)",
         ),
-        json=report(
+        json=report_item(
             "results/{dataset}/eval/reconstruction.json",
-            caption="../report/evaluate_reconstruction_json.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: Xpressor reconstruction",
-            labels={"dataset": "{dataset}", "figure": "reconstruction summary (JSON)"},
+            "evaluate_reconstruction_json",
+            EVALUATION,
+            "{dataset}: Xpressor reconstruction",
+            figure="reconstruction summary (JSON)",
         ),
-        bars=report(
+        bars=report_item(
             "results/{dataset}/eval/reconstruction_metrics.png",
-            caption="../report/evaluate_reconstruction_bars.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: Xpressor reconstruction",
-            labels={"dataset": "{dataset}", "figure": "reconstruction metrics (bars)"},
+            "evaluate_reconstruction_bars",
+            EVALUATION,
+            "{dataset}: Xpressor reconstruction",
+            figure="reconstruction metrics (bars)",
         ),
-        scatter=report(
+        scatter=report_item(
             "results/{dataset}/eval/reconstruction_scatter.png",
-            caption="../report/evaluate_reconstruction_scatter.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: Xpressor reconstruction",
-            labels={"dataset": "{dataset}", "figure": "decoded vs observed"},
+            "evaluate_reconstruction_scatter",
+            EVALUATION,
+            "{dataset}: Xpressor reconstruction",
+            figure="decoded vs observed",
         ),
-    log:
-        "logs/{dataset}/evaluate_xpressor.log",
-    benchmark:
-        "results/{dataset}/benchmarks/evaluate_xpressor.tsv",
     params:
         evaluate=config["evaluate"],
         device=config["device"],
         seed=config["seed"],
-    resources:
-        **cpu_resources(),
+    log:
+        "logs/{dataset}/evaluate_xpressor.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_xpressor.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/evaluate_xpressor.py"
 
 
 rule evaluate_generation:
     input:
-        qc="results/{dataset}/qc/filtered.h5ad",
-        samples="results/{dataset}/diffusion/samples.h5ad",
         # latent space: the real test cells' latents, decoded as samples are (the ceiling row)
         **{k: v for k, v in DIFFUSION_INPUTS.items() if k != "h5ad"},
+        qc=rules.qc.output.h5ad,
+        samples=rules.diffusion_sample.output.samples,
     output:
-        table=report(
+        table=report_item(
             "results/{dataset}/eval/generation.tsv",
-            caption="../report/evaluate_generation_table.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: generated cells",
-            labels={"dataset": "{dataset}", "figure": "generation metrics (table)"},
+            "evaluate_generation_table",
+            EVALUATION,
+            "{dataset}: generated cells",
+            figure="generation metrics (table)",
         ),
-        json=report(
+        json=report_item(
             "results/{dataset}/eval/generation.json",
-            caption="../report/evaluate_generation_json.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: generated cells",
-            labels={"dataset": "{dataset}", "figure": "generation summary (JSON)"},
+            "evaluate_generation_json",
+            EVALUATION,
+            "{dataset}: generated cells",
+            figure="generation summary (JSON)",
         ),
-        bars=report(
+        bars=report_item(
             "results/{dataset}/eval/generation_metrics.png",
-            caption="../report/evaluate_generation_bars.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: generated cells",
-            labels={"dataset": "{dataset}", "figure": "generation metrics (bars)"},
+            "evaluate_generation_bars",
+            EVALUATION,
+            "{dataset}: generated cells",
+            figure="generation metrics (bars)",
         ),
-        umap=report(
+        umap=report_item(
             "results/{dataset}/eval/generation_umap.png",
-            caption="../report/evaluate_generation_umap.rst",
-            category="6. Evaluation",
-            subcategory="{dataset}: generated cells",
-            labels={"dataset": "{dataset}", "figure": "UMAP real + generated"},
+            "evaluate_generation_umap",
+            EVALUATION,
+            "{dataset}: generated cells",
+            figure="UMAP real + generated",
         ),
-    log:
-        "logs/{dataset}/evaluate_generation.log",
-    benchmark:
-        "results/{dataset}/benchmarks/evaluate_generation.tsv",
     params:
         evaluate=config["evaluate"],
         cell_type=lambda wc: dataset_cfg(wc.dataset).get("cell_type"),
@@ -154,35 +152,51 @@ rule evaluate_generation:
             for col in cond["columns"] + cond.get("continuous", [])
         ],
         seed=config["seed"],
-    resources:
-        **cpu_resources(),
+    log:
+        "logs/{dataset}/evaluate_generation.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_generation.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/evaluate_generation.py"
 
 
+# only for datasets with datasets.<name>.split.holdout (all_input asks for it then)
 rule evaluate_prediction:
-    # only for datasets with datasets.<name>.split.holdout (all_input asks for it then)
     input:
-        qc="results/{dataset}/qc/filtered.h5ad",
-        samples="results/{dataset}/diffusion/samples.h5ad",
+        qc=rules.qc.output.h5ad,
+        samples=rules.diffusion_sample.output.samples,
     output:
-        table=report("results/{dataset}/eval/prediction.tsv", caption="../report/evaluate_prediction_table.rst", category="6. Evaluation", subcategory="{dataset}: held-out conditions", labels={"dataset": "{dataset}", "figure": "prediction metrics (table)"}),
+        table=report_item(
+            "results/{dataset}/eval/prediction.tsv",
+            "evaluate_prediction_table",
+            EVALUATION,
+            "{dataset}: held-out conditions",
+            figure="prediction metrics (table)",
+        ),
         json="results/{dataset}/eval/prediction.json",
-        scatter=report("results/{dataset}/eval/prediction_scatter.png", caption="../report/evaluate_prediction_scatter.rst", category="6. Evaluation", subcategory="{dataset}: held-out conditions", labels={"dataset": "{dataset}", "figure": "predicted vs real means"}),
-    log:
-        "logs/{dataset}/evaluate_prediction.log",
-    benchmark:
-        "results/{dataset}/benchmarks/evaluate_prediction.tsv",
+        scatter=report_item(
+            "results/{dataset}/eval/prediction_scatter.png",
+            "evaluate_prediction_scatter",
+            EVALUATION,
+            "{dataset}: held-out conditions",
+            figure="predicted vs real means",
+        ),
     params:
         evaluate=config["evaluate"],
         holdout=lambda wc: dataset_cfg(wc.dataset)["split"]["holdout"],
         conditions=lambda wc: dataset_cfg(wc.dataset)["conditions"],
         seed=config["seed"],
-    resources:
-        **cpu_resources(),
+    log:
+        "logs/{dataset}/evaluate_prediction.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_prediction.tsv"
     conda:
         "../../envs/evaluate.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/evaluate_prediction.py"

@@ -6,53 +6,52 @@
 
 rule build_vocab:
     input:
-        expand("results/{dataset}/qc/filtered.h5ad", dataset=training_datasets("vocab")),
+        expand(rules.qc.output.h5ad, dataset=training_datasets("vocab")),
     output:
         vocab=f"{SHARED}/vocab/gene_embeddings.pt",
         datasets=training_record("vocab"),
-    log:
-        "logs/shared/build_vocab.log",
-    benchmark:
-        "results/shared/benchmarks/build_vocab.tsv",
     params:
         # the datasets are the inputs: a null list resolved to the same names is no change
         vocab={k: v for k, v in config["vocab"].items() if k != "datasets"},
         datasets=training_datasets("vocab"),
         seed=config["seed"],
-    resources:
-        **cpu_resources(),
+    log:
+        "logs/shared/build_vocab.log",
+    benchmark:
+        "results/shared/benchmarks/build_vocab.tsv"
     conda:
         "../../envs/tokenize.yaml"
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/build_vocab.py"
 
 
 rule tokenize:
     input:
-        cells="results/{dataset}/qc/filtered.h5ad",
+        cells=rules.qc.output.h5ad,
         vocab=vocab_path(),
     output:
-        report(
+        report_item(
             directory("results/{dataset}/tokens"),
+            "tokenize_coverage",
+            "2. Tokens",
             patterns=["{name}.tsv"],
-            caption="../report/tokenize_coverage.rst",
-            category="2. Tokens",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "table": "vocabulary coverage"},
+            table="vocabulary coverage",
         ),
-    log:
-        "logs/{dataset}/tokenize.log",
-    benchmark:
-        "results/{dataset}/benchmarks/tokenize.tsv",
     params:
         # workers (threads) and chunk_size do not change the tokens: the script reads them from
         # the config so that changing them schedules no re-run
         tokenize={k: v for k, v in config["tokenize"].items() if k not in ("workers", "chunk_size")},
         seed=config["seed"],
-    resources:
-        **cpu_resources(),
-    threads: config["tokenize"]["workers"]
+    log:
+        "logs/{dataset}/tokenize.log",
+    benchmark:
+        "results/{dataset}/benchmarks/tokenize.tsv"
     conda:
         "../../envs/tokenize.yaml"
+    threads: config["tokenize"]["workers"]
+    resources:
+        **cpu_resources(),
     script:
         "../../scripts/tokenize_cells.py"

@@ -5,23 +5,18 @@
 
 rule xpressor_train:
     input:
-        se=f"{SHARED}/se/pretrained.ckpt",
+        se=SE_MODELS["se"],
         vocab=vocab_path(),
-        tokens="results/{dataset}/tokens",
-        h5ad="results/{dataset}/qc/filtered.h5ad",
+        tokens=rules.tokenize.output[0],
+        h5ad=rules.qc.output.h5ad,
     output:
         ckpt="results/{dataset}/xpressor/model.ckpt",
-        metrics=report(
+        metrics=report_item(
             "results/{dataset}/xpressor/reconstruction.tsv",
-            caption="../report/xpressor_reconstruction.rst",
-            category="4. Xpressor",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "held-out reconstruction (table)"},
+            "xpressor_reconstruction",
+            "4. Xpressor",
+            figure="held-out reconstruction (table)",
         ),
-    log:
-        "logs/{dataset}/xpressor_train.log",
-    benchmark:
-        "results/{dataset}/benchmarks/xpressor_train.tsv",
     params:
         # inference_batch_size cannot change results: the script reads it from the config so
         # that changing it schedules no re-run
@@ -32,51 +27,53 @@ rule xpressor_train:
         device=config["device"],
         # resume state of an interrupted run (not an output: it must survive a failed job)
         work_dir=lambda wc: f"results/{wc.dataset}/xpressor/train",
-    resources:
-        **training_gpu_resources("xpressor", "xpressor.trainer"),
-    threads: 2
+    log:
+        "logs/{dataset}/xpressor_train.log",
+    benchmark:
+        "results/{dataset}/benchmarks/xpressor_train.tsv"
     conda:
         torch_env()
+    threads: 2
+    resources:
+        **training_gpu_resources("xpressor", "xpressor.trainer"),
     script:
         "../../scripts/xpressor_train.py"
 
 
 rule xpressor_encode:
     input:
-        se=f"{SHARED}/se/pretrained.ckpt",
+        se=SE_MODELS["se"],
         vocab=vocab_path(),
-        tokens="results/{dataset}/tokens",
-        h5ad="results/{dataset}/qc/filtered.h5ad",
-        ckpt="results/{dataset}/xpressor/model.ckpt",
-        metrics="results/{dataset}/xpressor/reconstruction.tsv",
+        tokens=rules.tokenize.output[0],
+        h5ad=rules.qc.output.h5ad,
+        ckpt=rules.xpressor_train.output.ckpt,
+        metrics=rules.xpressor_train.output.metrics,
     output:
         latents="results/{dataset}/xpressor/latents.npy",
         h5ad="results/{dataset}/xpressor/embedding.h5ad",
-        summary=report(
+        summary=report_item(
             "results/{dataset}/xpressor/summary.json",
-            caption="../report/xpressor_summary.rst",
-            category="4. Xpressor",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "summary"},
+            "xpressor_summary",
+            "4. Xpressor",
+            figure="summary",
         ),
-        plot=report(
+        plot=report_item(
             "results/{dataset}/xpressor/summary.png",
-            caption="../report/xpressor_summary_plot.rst",
-            category="4. Xpressor",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "reconstruction and kNN accuracy"},
+            "xpressor_summary_plot",
+            "4. Xpressor",
+            figure="reconstruction and kNN accuracy",
         ),
-    log:
-        "logs/{dataset}/xpressor_encode.log",
-    benchmark:
-        "results/{dataset}/benchmarks/xpressor_encode.tsv",
     params:
         knn_k=config["xpressor"]["knn_k"],
         device=config["device"],
-    resources:
-        **inference_gpu_resources("xpressor"),
-    threads: 2
+    log:
+        "logs/{dataset}/xpressor_encode.log",
+    benchmark:
+        "results/{dataset}/benchmarks/xpressor_encode.tsv"
     conda:
         torch_env()
+    threads: 2
+    resources:
+        **inference_gpu_resources("xpressor"),
     script:
         "../../scripts/xpressor_encode.py"
