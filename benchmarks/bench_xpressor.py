@@ -20,15 +20,8 @@ import torch
 
 from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.xpressor import XpressorConfig
-from cellfoundry.xpressor import (
-    BaseCache,
-    CellBatches,
-    CellData,
-    TrainSettings,
-    XpressorModule,
-    collate,
-    compute_base_cache,
-)
+from cellfoundry.xpressor.data import BaseCache, CellBatches, CellData, collate, compute_base_cache
+from cellfoundry.xpressor.module import TrainSettings, XpressorModule
 
 
 def demo_sized_inputs(n_cells: int, n_genes: int, length: int, token_dim: int, seed: int = 0):

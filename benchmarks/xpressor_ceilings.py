@@ -29,8 +29,9 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 
+from cellfoundry.evaluate.reconstruction import reconstruction_metrics
 from cellfoundry.models.se_checkpoint import load_se
-from cellfoundry.xpressor import compute_base_cache, load_cell_data, reconstruction_metrics
+from cellfoundry.xpressor.data import compute_base_cache, load_cell_data
 
 
 def ridge_scores(features: np.ndarray, target: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:

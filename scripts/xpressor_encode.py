@@ -1,23 +1,25 @@
 """Rule xpressor_encode: latent tokens and X_xpressor of every cell, kNN accuracy, summary."""
 
-from cellfoundry.utils import set_torch_threads, setup_logging
-from cellfoundry.xpressor import encode_stage
+from cellfoundry.utils import setup_logging
+from cellfoundry.xpressor.stage import run_xpressor_encode
 
 setup_logging(snakemake.log[0])
-set_torch_threads(snakemake.threads)
-encode_stage(
+run_xpressor_encode(
     se_checkpoint=snakemake.input.se,
-    vocab_path=snakemake.input.vocab,
+    vocab=snakemake.input.vocab,
     tokens=snakemake.input.tokens,
     h5ad=snakemake.input.h5ad,
-    xpressor_ckpt=snakemake.input.ckpt,
-    metrics_tsv=snakemake.input.metrics,
-    out_latents=snakemake.output.latents,
-    out_h5ad=snakemake.output.h5ad,
-    out_summary=snakemake.output.summary,
-    out_plot=snakemake.output.plot,
-    batch_size=snakemake.config["xpressor"]["inference_batch_size"],  # not a param: no re-run trigger
+    xpressor_checkpoint=snakemake.input.ckpt,
+    train_metrics=snakemake.input.metrics,
+    latents=snakemake.output.latents,
+    embedding=snakemake.output.h5ad,
+    summary=snakemake.output.summary,
+    plot=snakemake.output.plot,
+    # the whole section, read from the config (inference_batch_size is no param: no re-run
+    # trigger); recorded in embedding.h5ad's provenance
+    settings=snakemake.config["xpressor"],
     knn_k=snakemake.params.knn_k,
+    seed=snakemake.config["seed"],  # inference only: the seed changes no number, so no param
     device=snakemake.params.device,
-    config=snakemake.config["xpressor"],  # recorded in embedding.h5ad's provenance
+    threads=snakemake.threads,
 )

@@ -1,28 +1,29 @@
 """Rule xpressor_train: train Xpressor (and the pooled baselines) on a frozen SE base.
 
 With xpressor.trainer devices x num_nodes > 1 inside a SLURM job, run_stage starts one process
-per GPU (srun) that each run train_stage; otherwise it runs here."""
+per GPU (srun) that each run run_xpressor_train; otherwise it runs here."""
 
-from cellfoundry.train import run_stage
+from cellfoundry.launch import run_stage
 from cellfoundry.utils import setup_logging
-from cellfoundry.xpressor import resolve_label_columns, train_stage
+from cellfoundry.xpressor.stage import resolve_label_columns, run_xpressor_train
 
 setup_logging(snakemake.log[0])
 run_stage(
-    train_stage,
+    run_xpressor_train,
     dict(
         se_checkpoint=str(snakemake.input.se),
-        vocab_path=str(snakemake.input.vocab),
+        vocab=str(snakemake.input.vocab),
         tokens=str(snakemake.input.tokens),
         h5ad=str(snakemake.input.h5ad),
-        out_ckpt=str(snakemake.output.ckpt),
-        out_metrics=str(snakemake.output.metrics),
+        checkpoint=str(snakemake.output.ckpt),
+        metrics=str(snakemake.output.metrics),
         work_dir=str(snakemake.params.work_dir),
         # inference_batch_size is no rule param: it must not trigger re-runs
-        cfg={**snakemake.params.xpressor, "inference_batch_size": snakemake.config["xpressor"]["inference_batch_size"]},
+        settings={**snakemake.params.xpressor, "inference_batch_size": snakemake.config["xpressor"]["inference_batch_size"]},
         label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
         seed=snakemake.params.seed,
         device=snakemake.params.device,
+        threads=snakemake.threads,
     ),
     trainer=snakemake.params.xpressor["trainer"],
     log_path=snakemake.log[0],

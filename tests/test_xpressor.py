@@ -23,20 +23,19 @@ from cellfoundry.models.xpressor import (
     zinb_log_prob,
 )
 from cellfoundry.utils import UserError, file_sha256
-from cellfoundry.xpressor import (
-    CellData,
-    TrainSettings,
-    XpressorModule,
-    collate,
+from cellfoundry.evaluate.knn import knn_split_accuracy
+from cellfoundry.evaluate.reconstruction import reconstruction_metrics
+from cellfoundry.xpressor.data import (
     CellBatches,
-    knn_accuracy,
+    CellData,
     base_layer_outputs,
+    collate,
     masked_mean,
-    reconstruction_metrics,
     resolve_layers,
-    split_outputs,
     split_indices,
+    split_outputs,
 )
+from cellfoundry.xpressor.module import TrainSettings, XpressorModule
 
 torch.set_num_threads(1)
 V, E, D_BASE, L = 40, 16, 32, 17  # vocabulary, gene-vector width, base width, sentence length
@@ -329,8 +328,8 @@ def test_reconstruction_metrics_and_knn():
     emb = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(5, 0.1, (20, 2))])
     labels = np.repeat([0, 1], 20)
     idx = np.arange(40)
-    assert knn_accuracy(emb, labels, idx[::2], idx[1::2], k=3) == 1.0
-    assert knn_accuracy(rng.normal(size=(40, 2)), labels, idx[::2], idx[1::2], k=3) < 1.0
+    assert knn_split_accuracy(emb, labels, idx[::2], idx[1::2], k=3) == 1.0
+    assert knn_split_accuracy(rng.normal(size=(40, 2)), labels, idx[::2], idx[1::2], k=3) < 1.0
 
 
 def test_split_indices_keep_test_apart():

@@ -18,7 +18,7 @@ from cellfoundry.models.xpressor import decode_expression, load_xpressor
 from cellfoundry.tokenize import tokenize_h5ad
 from cellfoundry.utils import UserError
 from cellfoundry.vocab import build_random_vocab
-from cellfoundry.xpressor import encode_stage, resolve_label_columns, train_stage
+from cellfoundry.xpressor import resolve_label_columns, run_xpressor_encode, run_xpressor_train
 
 N_CELLS, N_GENES, L, E = 60, 30, 17, 16
 
@@ -72,10 +72,10 @@ def inputs(tmp_path_factory):
 
 def _train(inputs, out, **kw):
     cfg = stage_cfg(**kw)
-    return train_stage(
-        se_checkpoint=inputs["se"], vocab_path=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
-        out_ckpt=str(out / "model.ckpt"), out_metrics=str(out / "reconstruction.tsv"), work_dir=str(out / "train"),
-        cfg=cfg, label_columns=resolve_label_columns(cfg["labels"], {"cell_type": "ct", "batch": None}),
+    return run_xpressor_train(
+        se_checkpoint=inputs["se"], vocab=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
+        checkpoint=str(out / "model.ckpt"), metrics=str(out / "reconstruction.tsv"), work_dir=str(out / "train"),
+        settings=cfg, label_columns=resolve_label_columns(cfg["labels"], {"cell_type": "ct", "batch": None}),
         seed=0, device="cpu",
     )  # fmt: skip
 
@@ -100,13 +100,13 @@ def test_train_and_encode_stage(inputs, tmp_path):
         load_xpressor(tmp_path / "model.ckpt", base_checkpoint=inputs["other"])
 
     out = dict(
-        out_latents=str(tmp_path / "latents.npy"), out_h5ad=str(tmp_path / "embedding.h5ad"),
-        out_summary=str(tmp_path / "summary.json"), out_plot=str(tmp_path / "summary.png"),
+        latents=str(tmp_path / "latents.npy"), embedding=str(tmp_path / "embedding.h5ad"),
+        summary=str(tmp_path / "summary.json"), plot=str(tmp_path / "summary.png"),
     )  # fmt: skip
-    encode_stage(
-        se_checkpoint=inputs["se"], vocab_path=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
-        xpressor_ckpt=str(tmp_path / "model.ckpt"), metrics_tsv=str(tmp_path / "reconstruction.tsv"),
-        batch_size=16, knn_k=5, device="cpu", **out,
+    run_xpressor_encode(
+        se_checkpoint=inputs["se"], vocab=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
+        xpressor_checkpoint=str(tmp_path / "model.ckpt"), train_metrics=str(tmp_path / "reconstruction.tsv"),
+        settings=stage_cfg(inference_batch_size=16), knn_k=5, seed=0, device="cpu", **out,
     )  # fmt: skip
     latents = np.load(tmp_path / "latents.npy")
     assert latents.shape == (N_CELLS, 4 + 1, 16) and latents.dtype == np.float32
@@ -154,7 +154,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(inputs, tmp_pa
     sums in checkpoints, so they average the batches after the resume (none: no row)."""
     from test_preemption import assert_same_weights, interrupted
 
-    from cellfoundry.train import read_metrics
+    from cellfoundry.trainer import read_metrics
 
     # 10 batches per epoch, 3 validation batches, a checkpoint every 10 steps, 30 steps
     settings = dict(baselines=False, max_epochs=3, batch_size=4, trainer={**stage_cfg()["trainer"], "checkpoint_every_n_steps": 10})

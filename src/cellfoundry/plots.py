@@ -176,3 +176,28 @@ def plot_prediction(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def xpressor_summary(path: str | os.PathLike, metrics, knn: Mapping[str, Mapping[str, float]]) -> None:
+    """Xpressor stage figure: bar charts of held-out reconstruction per method and metric (the
+    long table `metrics`: method, metric, value) and of kNN label accuracy per label column
+    (`knn`: column -> {"xpressor": ..., "se_cls": ...})."""
+    shown = ["pearson_mean", "spearman_mean", "mse"]
+    fig, axes = plt.subplots(1, len(shown) + (1 if knn else 0), figsize=(3.2 * (len(shown) + 1), 3.2))
+    methods = list(dict.fromkeys(metrics["method"]))
+    for ax, metric in zip(axes, shown):
+        values = [float(metrics[(metrics.method == m) & (metrics.metric == metric)].value.iloc[0]) for m in methods]
+        ax.bar(methods, values, color=["C0", "C7", "C8"][: len(methods)])
+        ax.set_title(f"held-out {metric}")
+    if knn:
+        ax = axes[-1]
+        cols = list(knn)
+        x = np.arange(len(cols))
+        ax.bar(x - 0.2, [knn[c]["xpressor"] for c in cols], 0.4, label="X_xpressor")
+        ax.bar(x + 0.2, [knn[c]["se_cls"] for c in cols], 0.4, label="SE CLS", color="C7")
+        ax.set_xticks(x, cols)
+        ax.set_ylim(0, 1)
+        ax.set_title("kNN label accuracy (test)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)

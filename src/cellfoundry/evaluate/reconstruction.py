@@ -1,5 +1,6 @@
-"""Xpressor reconstruction: the stage's held-out table plus per-gene agreement of decoded and
-observed expression, computed here from the saved latents through Xpressor's public decoder."""
+"""Xpressor reconstruction: the stage's held-out per-cell metrics, and per-gene agreement of
+decoded and observed expression computed from the saved latents through Xpressor's public
+decoder."""
 
 from __future__ import annotations
 
@@ -30,6 +31,31 @@ def per_gene_pearson(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
     denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (a * b).sum(0) / denom, np.nan)
+
+
+def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r over genes for each cell; a/b [n, G] -> [n] (NaN for cells constant in either)."""
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    denom = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (a * b).sum(1) / denom, np.nan)
+
+
+def reconstruction_metrics(predicted: np.ndarray, observed: np.ndarray) -> dict[str, float]:
+    """Per-cell Pearson and Spearman (mean and median over cells) and MSE of predicted vs observed
+    log1p-normalised expression, both [N, G] (the Xpressor stage's held-out table)."""
+    from scipy.stats import rankdata
+
+    pearson = rowwise_pearson(predicted, observed)
+    spearman = rowwise_pearson(rankdata(predicted, axis=1), rankdata(observed, axis=1))
+    return {
+        "pearson_mean": float(np.nanmean(pearson)),
+        "pearson_median": float(np.nanmedian(pearson)),
+        "spearman_mean": float(np.nanmean(spearman)),
+        "spearman_median": float(np.nanmedian(spearman)),
+        "mse": float(np.mean((predicted - observed) ** 2)),
+    }
 
 
 def decode_log1p(model, latents: np.ndarray, gene_vectors, batch_size: int = 256, device: str = "cpu") -> np.ndarray:

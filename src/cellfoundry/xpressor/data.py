@@ -1,0 +1,274 @@
+"""Xpressor's inputs: the cell table read from qc/filtered.h5ad and its tokens, the fit /
+validation / test split, batches for training, and the frozen base's outputs (the tokens of the
+layers read, run per batch or cached once for all cells).
+
+Shapes: N = cells, L = sentence length (slot 0 = CLS), T = L - 1 gene tokens, d = base width,
+G = decoded genes (the dataset's genes found in the vocabulary), K = base layers read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from cellfoundry.utils import UserError, autocast
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellData:
+    """Everything the stage reads for one dataset, row i = cell i of qc/filtered.h5ad.
+
+    gene_ids [N, L] int32 and values [N, L] float32 (tokens, may be memmaps); counts [N, G] CSR
+    raw counts of the decoded genes; decode_genes [G] vocabulary indices; split [N] str;
+    labels {column: codes [N] int64, -1 = missing}; label_classes {column: class names}.
+    """
+
+    gene_ids: np.ndarray
+    values: np.ndarray
+    counts: sp.csr_matrix
+    decode_genes: np.ndarray
+    gene_symbols: list[str]
+    split: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    label_classes: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.gene_ids.shape[0])
+
+
+def decode_targets(adata, vocab_index: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray, list[str]]:
+    """Raw counts [N, G] of the dataset's genes present in the vocabulary, their vocabulary
+    indices [G] and symbols. X of `adata` must hold raw counts (the QC contract)."""
+    keep = [i for i, g in enumerate(adata.var_names) if g in vocab_index]
+    if not keep:
+        raise UserError(
+            "none of the dataset's genes is in the gene vocabulary; check datasets.<name>.gene_symbols "
+            "(gene symbols must match the vocabulary's symbols)."
+        )
+    symbols = [str(adata.var_names[i]) for i in keep]
+    x = adata.X[:, keep]
+    counts = sp.csr_matrix(x, dtype=np.float32)
+    ids = np.array([vocab_index[s] for s in symbols], dtype=np.int64)
+    return counts, ids, symbols
+
+
+def encode_labels(obs, columns: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Integer codes (-1 = missing) and sorted class names of each label column."""
+    codes, classes = {}, {}
+    for col in columns:
+        if col not in obs.columns:
+            raise UserError(
+                f"xpressor.labels names obs column {col!r}, which qc/filtered.h5ad does not have; "
+                f"use one of: {', '.join(map(str, obs.columns))}."
+            )
+        values = obs[col].astype("object")
+        present = values.notna().to_numpy()
+        names = sorted({str(v) for v in values[present]})
+        lookup = {n: i for i, n in enumerate(names)}
+        codes[col] = np.array([lookup[str(v)] if ok else -1 for v, ok in zip(values, present)], dtype=np.int64)
+        classes[col] = names
+    return codes, classes
+
+
+def load_cell_data(h5ad_path: str, tokens_path: str, vocab, label_columns: list[str]) -> CellData:
+    """Read qc/filtered.h5ad and the tokens written for it (checked against the vocabulary)."""
+    import anndata as ad
+
+    from cellfoundry.tokenize import read_tokens
+
+    adata = ad.read_h5ad(h5ad_path)
+    tokens = read_tokens(tokens_path, vocab_hash=vocab.hash)
+    gene_ids, values = _token_arrays(tokens)
+    if gene_ids.shape[0] != adata.n_obs:
+        raise UserError(
+            f"{tokens_path} holds {gene_ids.shape[0]} cells but {h5ad_path} has {adata.n_obs}; "
+            "re-run tokenization (snakemake --forcerun tokenize)."
+        )
+    counts, ids, symbols = decode_targets(adata, vocab.index)
+    if "split" not in adata.obs.columns:
+        raise UserError(f"{h5ad_path} has no obs['split']; re-run QC.")
+    labels, classes = encode_labels(adata.obs, label_columns)
+    return CellData(gene_ids, values, counts, ids, symbols, adata.obs["split"].astype(str).to_numpy(), labels, classes)
+
+
+def _token_arrays(tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+    """gene_ids and values from read_tokens' result (a mapping or an object with attributes)."""
+    if isinstance(tokens, dict):
+        return tokens["gene_ids"], tokens["values"]
+    if isinstance(tokens, tuple) and not hasattr(tokens, "gene_ids"):
+        return tokens[0], tokens[1]
+    return tokens.gene_ids, tokens.values
+
+
+def split_indices(split: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fit, validation, test) cell indices: validation is a seeded fraction of the train split
+    used for early stopping; the test split is never seen in training."""
+    train = np.flatnonzero(split == "train")
+    test = np.flatnonzero(split == "test")
+    if len(train) < 2:
+        raise UserError("fewer than 2 cells in the train split; lower qc.test_fraction or add cells.")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(train)
+    n_val = max(1, int(round(val_fraction * len(train))))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val]), test
+
+
+class CellBatches(Dataset):
+    """Cells `indices` of `data`; items carry the token inputs (or cached base features),
+    dense target counts [G], library size and label codes."""
+
+    def __init__(self, data: CellData, indices: np.ndarray, cache: "BaseCache | None" = None):
+        self.data, self.indices, self.cache = data, np.asarray(indices), cache
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.indices[i])
+        counts = torch.from_numpy(self.data.counts[row].toarray()[0])
+        item: dict[str, Any] = {"row": row, "counts": counts, "library": counts.sum()}
+        if self.cache is not None:
+            item["tokens"] = self.cache.tokens[row].float()
+            item["mask"] = self.cache.mask[row]
+            item["cls"] = self.cache.cls[row]
+        else:
+            item["gene_ids"] = torch.from_numpy(np.array(self.data.gene_ids[row], dtype=np.int64))
+            item["values"] = torch.from_numpy(np.array(self.data.values[row], dtype=np.float32))
+        item["labels"] = {k: int(v[row]) for k, v in self.data.labels.items()}
+        return item
+
+
+def collate(items: list[dict]) -> dict[str, Any]:
+    """Stack the items of CellBatches into one batch (label codes per column)."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        if key == "labels":
+            out[key] = {k: torch.tensor([it[key][k] for it in items]) for k in items[0][key]}
+        elif key == "row":
+            out[key] = torch.tensor([it[key] for it in items])
+        else:
+            out[key] = torch.stack([it[key] for it in items])
+    return out
+
+
+def cell_loader(data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """The shuffled training loader resumes exactly (cellfoundry.trainer.resumable_loader); the
+    validation loader is plain (Lightning shards it under DDP)."""
+    from cellfoundry.trainer import resumable_loader
+
+    cells = CellBatches(data, idx, cache)
+    if shuffle:
+        return resumable_loader(cells, batch_size, seed, collate_fn=collate)
+    return DataLoader(cells, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+# -- base model outputs ---------------------------------------------------------------------------
+@dataclass
+class BaseCache:
+    """Frozen base outputs of every cell: gene tokens of the K layers read [N, K, T, d], padding
+    mask [N, T], CLS of the last layer [N, d]."""
+
+    tokens: Tensor
+    mask: Tensor
+    cls: Tensor
+
+
+def resolve_layers(layers: list[int], n_layers: int) -> list[int]:
+    """Config xpressor.base_layers -> indices in 0..n_layers (0 = the input token vectors after the
+    count encoding, i = output of transformer layer i, negative = counted from the last)."""
+    out = []
+    for i in layers:
+        j = i + n_layers + 1 if i < 0 else i
+        if not 0 <= j <= n_layers:
+            raise UserError(
+                f"xpressor.base_layers holds {i}, but the base model has {n_layers} layers; use 0 (input tokens) "
+                f"to {n_layers}, or -1 to -{n_layers + 1} counted from the last."
+            )
+        out.append(j)
+    if len(set(out)) < len(out):
+        raise UserError(f"xpressor.base_layers {layers} names a layer twice (resolved: {out}); list each layer once.")
+    return out
+
+
+def base_layer_outputs(base: nn.Module, gene_ids: Tensor, values: Tensor, gene_table: Tensor, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the base and keep the token states of `layers` (resolved indices): ([B, K, L+1, d],
+    final outputs [B, L+1, d], key-padding mask [B, L+1]). Only the last layer alone needs no
+    access to the base's inner layers."""
+    layers = resolve_layers(list(layers), base.cfg.nlayers)
+    if layers == [base.cfg.nlayers]:
+        outputs, padding = base.encode(gene_ids, values, gene_table)
+        return outputs.unsqueeze(1), outputs, padding
+    h, padding = base.token_inputs(gene_ids, values, gene_table)
+    attn_mask = (~padding)[:, None, None, :] if padding.any() else None
+    kept = [h] if 0 in layers else []
+    for i, layer in enumerate(base.transformer_encoder.layers, start=1):
+        h = layer(h, attn_mask)
+        if i in layers:
+            kept.append(h)
+    return torch.stack(kept, dim=1), h, padding
+
+
+def split_outputs(stack: Tensor, outputs: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer states [B, K, L+1, d], final outputs [B, L+1, d], mask [B, L+1] -> gene tokens
+    [B, K, T, d], their mask [B, T], CLS of the last layer [B, d]. Position 0 is CLS and the last
+    is the dataset token; both are left out of the gene tokens."""
+    return stack[:, :, 1:-1], padding[:, 1:-1], outputs[:, 0]
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the non-padding tokens: [B, T, d] -> [B, d], or per layer [B, K, T, d] -> [B, K*d]."""
+    keep = (~mask).to(tokens.dtype).unsqueeze(-1)
+    if tokens.dim() == 4:
+        keep = keep.unsqueeze(1)
+    mean = (tokens * keep).sum(-2) / keep.sum(-2).clamp(min=1.0)
+    return mean.flatten(1)
+
+@torch.inference_mode()
+def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
+    """The frozen base over every cell's tokens (memmapped, read batch by batch), inference mode:
+    yields (lo, hi, layer states [n, K, L+1, d], final outputs [n, L+1, d], padding [n, L+1])."""
+    base = base.to(device).eval()
+    table = gene_table.to(device)
+    for lo in range(0, data.n_cells, batch_size):
+        hi = min(data.n_cells, lo + batch_size)
+        ids = torch.from_numpy(np.array(data.gene_ids[lo:hi], dtype=np.int64)).to(device)
+        vals = torch.from_numpy(np.array(data.values[lo:hi], dtype=np.float32)).to(device)
+        with autocast(device):
+            stack, outputs, padding = base_layer_outputs(base, ids, vals, table, layers)
+        yield lo, hi, stack, outputs, padding
+
+
+@torch.inference_mode()
+def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)) -> BaseCache:
+    """Run the frozen base once over all cells (inference mode), logging a rate line."""
+    n = data.n_cells
+    tokens, masks, cls = [], [], []
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    for _, _, stack, outputs, padding in base_batches(base, gene_table, data, batch_size, device, layers):
+        t, m, c = split_outputs(stack, outputs, padding)
+        tokens.append(t.to(dtype).cpu())
+        masks.append(m.cpu())
+        cls.append(c.float().cpu())
+    elapsed = time.perf_counter() - start
+    log.info("base outputs of %d cells in %.1f s (%.1f cells/s)", n, elapsed, n / max(elapsed, 1e-9))
+    return BaseCache(torch.cat(tokens), torch.cat(masks), torch.cat(cls))
+
+
+def cache_bytes(data: CellData, d_base: int, device: str, n_layers: int = 1) -> int:
+    """Memory the base cache of `data` would take (K = n_layers layers read)."""
+    per = 2 if device.startswith("cuda") else 4
+    return data.n_cells * (data.gene_ids.shape[1] - 1) * (n_layers * d_base * per + 1)
+
+
