@@ -92,7 +92,7 @@ def test_xpressor_embedding_carries_the_record(inputs, tmp_path):  # noqa: F811
 
 
 def test_diffusion_samples_carry_the_record(synthetic, tmp_path):  # noqa: F811
-    from cellfoundry.diffusion_stage import run_sample, run_train
+    from cellfoundry.diffusion.stage import run_diffusion_sample as run_sample, run_diffusion_train as run_train
 
     h5ad = synthetic / "filtered.h5ad"
     run_train(h5ad, tmp_path / "model.ckpt", tmp_path / "train", {**SETTINGS, "token_space": "gene"}, CONDITIONS, seed=0, device="cpu")

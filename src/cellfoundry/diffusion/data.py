@@ -10,8 +10,9 @@ Also the condition arrays of the training cells and their shuffled, exactly resu
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -38,7 +39,7 @@ class Normalizer:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray, min_std: float) -> "Normalizer":
+    def fit(cls, x: np.ndarray, min_std: float) -> Normalizer:
         return cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), min_std).astype(np.float32))
 
     def forward(self, x):

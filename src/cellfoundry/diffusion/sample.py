@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -153,7 +154,11 @@ def decode_gene_space(log1p_expr: np.ndarray, library: np.ndarray, rng: np.rando
 def xpressor_decoder(xpressor_ckpt: str | os.PathLike, vocab_path: str | os.PathLike, var_names: Sequence[str]):
     """A function (latents [n, M, D], library [n], seed) -> Decoded over `var_names`, using the
     Xpressor decoder. Genes absent from the vocabulary cannot be decoded and stay zero."""
-    from cellfoundry.models.xpressor import expected_counts, load_xpressor, sample_counts
+    from cellfoundry.models.xpressor import (
+        expected_counts,
+        load_xpressor,
+        sample_counts,
+    )
     from cellfoundry.vocab import GeneVocab
 
     xp = load_xpressor(xpressor_ckpt)

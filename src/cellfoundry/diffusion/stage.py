@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -26,7 +27,13 @@ from cellfoundry.diffusion.sample import (
     xpressor_decoder,
 )
 from cellfoundry.evaluate.generation import guidance_check, guidance_check_condition
-from cellfoundry.utils import UserError, atomic_output, resolve_device, seed_everything, set_torch_threads
+from cellfoundry.utils import (
+    UserError,
+    atomic_output,
+    resolve_device,
+    seed_everything,
+    set_torch_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +118,8 @@ def run_diffusion_sample(
     measure whether guidance matters (`summary`, summary.json; returned). `settings` is the
     diffusion.sample section; `config` (default {"sample": settings}) goes into the provenance
     record of samples.h5ad."""
-    from cellfoundry.provenance import KEY as PROVENANCE_KEY, provenance
+    from cellfoundry.provenance import KEY as PROVENANCE_KEY
+    from cellfoundry.provenance import provenance
 
     device = resolve_device(device)
     set_torch_threads(threads)

@@ -1,4 +1,4 @@
-"""Generated-cell metrics, CFGen protocol (see shared spec evaluation.md).
+"""Generated-cell metrics, CFGen protocol, and the guidance check of diffusion sampling.
 
 Distances compare two point clouds `x` [n, D] and `y` [m, D] (rows = cells, usually 30 PCs of
 log1p-normalised HVGs); lower is better except where said. Estimators are the biased
@@ -7,13 +7,17 @@ log1p-normalised HVGs); lower is better except where said. Estimators are the bi
 A cell with a missing (NaN / empty) value in a condition column belongs to no condition group
 (`UNLABELLED`): it counts in the "all" scope only, never in a per-condition score nor in the
 "mean over conditions"; a cell without a label takes no part in `label_accuracy`.
+
+The guidance check (`guidance_check`) asks whether classifier-free guidance matters: classifiers
+fitted on real training cells label the generated cells, scored by `requested_label_accuracy`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd

@@ -23,7 +23,7 @@ Cells used by the control and the shift: every non-held-out cell (train and test
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
