@@ -18,8 +18,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from cellfoundry.models.attention import Attention
 
 
 @dataclass
@@ -67,33 +68,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class Attention(nn.Module):
-    """Multi-head attention through SDPA (flash kernels on CUDA). Queries x [B, T, D] attend to
-    `context` [B, S, D] (self-attention when None); `key_padding_mask` [B, S] is True at padding."""
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def forward(self, x, context=None, key_padding_mask=None):
-        context = x if context is None else context
-        b, t, d = x.shape
-        s = context.shape[1]
-        q = self.q(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-        k, v = self.kv(context).view(b, s, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None
-        if key_padding_mask is not None:
-            mask = ~key_padding_mask[:, None, None, :]  # True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
-
-
 class DiTBlock(nn.Module):
     """AdaLN-Zero block: `x = x + gate * f(LN(x) * (1 + scale) + shift)` for attention and MLP,
     with (shift, scale, gate) x 2 from `SiLU -> Linear(D, 6D)` of the conditioning vector.
@@ -104,7 +78,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads, dropout)
+        self.attn = Attention(hidden, heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
@@ -114,7 +88,7 @@ class DiTBlock(nn.Module):
         self.cross = None
         if cross_attention:
             self.norm_cross = nn.LayerNorm(hidden, eps=1e-6)
-            self.cross = Attention(hidden, heads, dropout)
+            self.cross = Attention(hidden, heads, dropout=dropout)
             nn.init.zeros_(self.cross.out.weight)
             nn.init.zeros_(self.cross.out.bias)
 
