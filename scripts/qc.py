@@ -8,7 +8,7 @@ from cellfoundry.genes import AUTO, prepare_genes
 from cellfoundry.io import load_counts
 from cellfoundry.provenance import KEY, provenance
 from cellfoundry.qc import run_qc
-from cellfoundry.qc_plots import plot_counts_vs_genes, plot_distributions
+from cellfoundry.plots import plot_counts_vs_genes, plot_distributions
 from cellfoundry.samples import load_samples
 from cellfoundry.utils import atomic_output, setup_logging
 
@@ -46,10 +46,8 @@ title = f"{snakemake.wildcards.dataset}: {result.summary['cells_before']} -> {re
 
 with atomic_output(out.metrics) as tmp:
     result.metrics.to_csv(tmp, sep="\t", index_label="cell")
-with atomic_output(out.distributions) as tmp:
-    plot_distributions(result.metrics, result.thresholds, tmp, title)
-with atomic_output(out.scatter) as tmp:
-    plot_counts_vs_genes(result.metrics, tmp, title)
+plot_distributions(result.metrics, result.thresholds, out.distributions, title)
+plot_counts_vs_genes(result.metrics, out.scatter, title)
 result.filtered.uns[KEY] = provenance(
     "qc", {"dataset": ds, "qc": snakemake.params.qc, "seed": snakemake.params.seed}, inputs={"counts": source}
 )
