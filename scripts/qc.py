@@ -6,9 +6,9 @@ import os
 
 from cellfoundry.genes import AUTO, prepare_genes
 from cellfoundry.io import load_counts
+from cellfoundry.plots import plot_counts_vs_genes, plot_distributions
 from cellfoundry.provenance import KEY, provenance
 from cellfoundry.qc import run_qc
-from cellfoundry.plots import plot_counts_vs_genes, plot_distributions
 from cellfoundry.samples import load_samples
 from cellfoundry.utils import atomic_output, setup_logging
 
