@@ -224,23 +224,25 @@ def stage_benchmarks(ds):
     included: the inputs of stage_costs. Benchmark files are the jobs' declared `benchmark:`
     outputs, so listing them schedules nothing that rule all would not run. A new rule on the
     path to rule all's targets belongs here too (tests check that every job that ran has a row)."""
-    d, s = f"results/{ds}/benchmarks", f"{SHARED}/benchmarks"
-    jobs = [("random_se", f"{s}/random_se.tsv")]
+
+    def job(name, **wildcards):
+        return name, expand(getattr(rules, name).benchmark, dataset=ds, **wildcards)[0]
+
+    jobs = [job("random_se")]
     if config["se"]["model_folder"]:
-        jobs.append(("link_se_checkpoint", f"{s}/link_se_checkpoint.tsv"))
+        jobs.append(job("link_se_checkpoint"))
     else:
-        jobs += [("build_vocab", f"{s}/build_vocab.tsv"), ("pretrain_se", f"{s}/pretrain_se.tsv")]
+        jobs += [job("build_vocab"), job("pretrain_se")]
     if dataset_cfg(ds).get("path") == rules.demo_data.output[0]:
-        jobs.insert(0, ("demo_data", f"{s}/demo_data.tsv"))
-    jobs += [("qc", f"{d}/qc.tsv"), ("tokenize", f"{d}/tokenize.tsv")]
-    shards = config["embed"]["shards"]
+        jobs.insert(0, job("demo_data"))
+    jobs += [job("qc"), job("tokenize")]
     for model in SE_MODELS:
-        if shards > 1:
-            jobs += [("embed", f"{d}/embed_{model}.{i}.tsv") for i in range(shards)]
-            jobs.append(("embed_gather", f"{d}/embed_gather_{model}.tsv"))
+        if SHARDS > 1:
+            jobs += [job("embed", model=model, shard=i) for i in range(SHARDS)]
+            jobs.append(job("embed_gather", model=model))
         else:
-            jobs.append(("embed", f"{d}/embed_{model}.tsv"))
-        jobs.append(("embed_umap", f"{d}/embed_umap_{model}.tsv"))
+            jobs.append(job("embed", model=model))
+        jobs.append(job("embed_umap", model=model))
     names = [
         "embed_knn",
         "xpressor_train",
@@ -251,10 +253,10 @@ def stage_benchmarks(ds):
     # optional stages: each rule with one of its outputs that rule all asks for
     targets = set(all_input())
     optional = {
-        "diffusion_train": "diffusion/samples.h5ad",
-        "diffusion_sample": "diffusion/samples.h5ad",
-        "evaluate_generation": "eval/generation.tsv",
-        "evaluate_prediction": "eval/prediction.tsv",
+        "diffusion_train": rules.diffusion_sample.output.samples,
+        "diffusion_sample": rules.diffusion_sample.output.samples,
+        "evaluate_generation": rules.evaluate_generation.output.table,
+        "evaluate_prediction": rules.evaluate_prediction.output.table,
     }
-    names += [name for name, target in optional.items() if f"results/{ds}/{target}" in targets]
-    return jobs + [(name, f"{d}/{name}.tsv") for name in names]
+    names += [name for name, target in optional.items() if expand(target, dataset=ds)[0] in targets]
+    return jobs + [job(name) for name in names]
