@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import anndata as ad
 import numpy as np
@@ -10,12 +11,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import copy_workflow, run_snakemake
+from conftest import BIN, REPO, copy_workflow, run_snakemake
 
 
 def test_lint_is_clean(tmp_path):
     work = copy_workflow(tmp_path / "wf")
     proc = run_snakemake(work, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_rules_are_snakefmt_formatted():
+    """snakefmt (settings and directive order: pyproject.toml [tool.snakefmt]) would change nothing."""
+    proc = subprocess.run(
+        [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow"], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
