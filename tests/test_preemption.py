@@ -23,8 +23,15 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import BatchSampler
 
 import cellfoundry.trainer as train_module
+from cellfoundry.resumable import ResumableSampler
 from cellfoundry.se.data import train_loader
-from cellfoundry.trainer import SETTINGS_FILE, AtomicCheckpointIO, ResumableSampler, read_metrics, resume_path, settings_fingerprint
+from cellfoundry.trainer import (
+    SETTINGS_FILE,
+    AtomicCheckpointIO,
+    read_metrics,
+    resume_path,
+    settings_fingerprint,
+)
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

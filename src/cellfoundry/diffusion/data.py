@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cellfoundry.models.conditions import ConditionCodec, ConditionSpec
-from cellfoundry.trainer import resumable_loader
+from cellfoundry.resumable import resumable_loader
 from cellfoundry.utils import UserError, log1p_normalise
 
 

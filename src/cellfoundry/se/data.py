@@ -80,7 +80,7 @@ class PretrainCells(Dataset):
 def train_loader(cells: PretrainCells, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
     """Shuffled, seeded loader that cellfoundry.trainer.fit resumes exactly; the last partial batch
     is dropped so every step has B cells."""
-    from cellfoundry.trainer import resumable_loader
+    from cellfoundry.resumable import resumable_loader
 
     return resumable_loader(cells, min(batch_size, len(cells)), seed, drop_last=True,
                             num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -163,9 +163,9 @@ def collate(items: list[dict]) -> dict[str, Any]:
 
 
 def cell_loader(data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """The shuffled training loader resumes exactly (cellfoundry.trainer.resumable_loader); the
+    """The shuffled training loader resumes exactly (cellfoundry.resumable.resumable_loader); the
     validation loader is plain (Lightning shards it under DDP)."""
-    from cellfoundry.trainer import resumable_loader
+    from cellfoundry.resumable import resumable_loader
 
     cells = CellBatches(data, idx, cache)
     if shuffle:
