@@ -28,7 +28,7 @@ def worker(out_dir: Path, devices: int, steps: int) -> None:
     from lightning.pytorch.callbacks import Callback
 
     from cellfoundry.se.data import train_loader
-    from cellfoundry.train import build_trainer, fit
+    from cellfoundry.trainer import build_trainer, fit
     from train_tiny_se import tiny_module
 
     class Clock(Callback):
@@ -65,7 +65,7 @@ def ddp_throughput(steps: int) -> None:
 
 
 def checkpoint_cost(n_params: int) -> None:
-    from cellfoundry.train import AtomicCheckpointIO
+    from cellfoundry.trainer import AtomicCheckpointIO
 
     state = {"state_dict": {"w": torch.randn(n_params)}, "global_step": 1}
     with tempfile.TemporaryDirectory() as tmp:

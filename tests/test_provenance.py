@@ -74,18 +74,19 @@ def test_embed_outputs_carry_the_record(tmp_path, fixture_tokens):  # noqa: F811
 
 
 def test_xpressor_embedding_carries_the_record(inputs, tmp_path):  # noqa: F811
-    from cellfoundry.xpressor import encode_stage
+    from cellfoundry.xpressor import run_xpressor_encode
 
     _train(inputs, tmp_path, baselines=False, max_epochs=1)
-    encode_stage(
-        se_checkpoint=inputs["se"], vocab_path=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
-        xpressor_ckpt=str(tmp_path / "model.ckpt"), metrics_tsv=str(tmp_path / "reconstruction.tsv"),
-        out_latents=str(tmp_path / "latents.npy"), out_h5ad=str(tmp_path / "embedding.h5ad"),
-        out_summary=str(tmp_path / "summary.json"), out_plot=str(tmp_path / "summary.png"),
-        batch_size=16, knn_k=5, device="cpu", config={"knn_k": 5},
+    settings = {"knn_k": 5, "inference_batch_size": 16}
+    run_xpressor_encode(
+        se_checkpoint=inputs["se"], vocab=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
+        xpressor_checkpoint=str(tmp_path / "model.ckpt"), train_metrics=str(tmp_path / "reconstruction.tsv"),
+        latents=str(tmp_path / "latents.npy"), embedding=str(tmp_path / "embedding.h5ad"),
+        summary=str(tmp_path / "summary.json"), plot=str(tmp_path / "summary.png"),
+        settings=settings, knn_k=5, seed=0, device="cpu",
     )  # fmt: skip
     record = read_provenance(tmp_path / "embedding.h5ad")
-    assert record["stage"] == "xpressor_encode" and record["config"] == {"knn_k": 5}
+    assert record["stage"] == "xpressor_encode" and record["config"] == settings
     assert record["checkpoints"]["se"]["sha256"] == file_sha256(inputs["se"])
     assert record["checkpoints"]["xpressor"]["sha256"] == file_sha256(tmp_path / "model.ckpt")
     assert record["vocab"]["sha256"] == file_sha256(inputs["vocab"])
