@@ -37,8 +37,16 @@ SIZES = {
 
 
 def build(size: dict, device: str):
-    codec = ConditionCodec.fit([ConditionSpec("cell_type", "categorical", ["ct"])], pd.DataFrame({"ct": [f"t{i}" for i in range(10)]}))
-    cfg = DiTConfig(num_tokens=size["tokens"], token_dim=size["dim"], hidden=size["hidden"], depth=size["depth"], heads=size["heads"])
+    codec = ConditionCodec.fit(
+        [ConditionSpec("cell_type", "categorical", ["ct"])], pd.DataFrame({"ct": [f"t{i}" for i in range(10)]})
+    )
+    cfg = DiTConfig(
+        num_tokens=size["tokens"],
+        token_dim=size["dim"],
+        hidden=size["hidden"],
+        depth=size["depth"],
+        heads=size["heads"],
+    )
     net = LatentDiT(cfg) if size["space"] == "latent" else GeneDiT(cfg, size["genes"])
     model = ConditionalDenoiser(net, ConditionModel(codec, size["hidden"])).to(device)
     shape = [size["tokens"], size["dim"]] if size["space"] == "latent" else [size["genes"]]
@@ -60,7 +68,9 @@ def bench(size: dict, device: str, train_steps: int, sample_cells: int, sample_s
     arrays = codec.encode(labels)
     cond = {k: v.to(device) for k, v in collate_conditions(arrays, np.arange(b)).items()}
     x0 = torch.randn(b, *shape, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         with autocast:
@@ -86,10 +96,14 @@ def bench(size: dict, device: str, train_steps: int, sample_cells: int, sample_s
     model.eval()
     cond_s = {k: v.to(device) for k, v in collate_conditions(arrays, np.arange(sample_cells)).items()}
     with torch.no_grad(), autocast:
-        sample(guided_denoise_fn(model, cond_s, [2.0]), [sample_cells, *shape], schedule, steps=2, device=device)  # warm-up
+        sample(
+            guided_denoise_fn(model, cond_s, [2.0]), [sample_cells, *shape], schedule, steps=2, device=device
+        )  # warm-up
         sync(device)
         start = time.perf_counter()
-        sample(guided_denoise_fn(model, cond_s, [2.0]), [sample_cells, *shape], schedule, steps=sample_steps, device=device)
+        sample(
+            guided_denoise_fn(model, cond_s, [2.0]), [sample_cells, *shape], schedule, steps=sample_steps, device=device
+        )
         sync(device)
     sample_s = time.perf_counter() - start
     n_params = sum(p.numel() for p in model.parameters())
@@ -117,7 +131,11 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     for size in SIZES[args.size]:
         result = bench(size, args.device, args.train_steps, args.sample_cells, args.sample_steps)
         print(json.dumps({"machine": machine, "torch": torch.__version__, **result}), flush=True)

@@ -27,7 +27,9 @@ from pathlib import Path
 
 SIZES = {
     "demo": dict(token_dim=64, d_model=64, nhead=4, d_hid=128, nlayers=2, output_dim=32, pad_length=256, vocab=765),
-    "se600m": dict(token_dim=5120, d_model=2048, nhead=16, d_hid=2048, nlayers=16, output_dim=2048, pad_length=2048, vocab=19790),
+    "se600m": dict(
+        token_dim=5120, d_model=2048, nhead=16, d_hid=2048, nlayers=16, output_dim=2048, pad_length=2048, vocab=19790
+    ),
 }
 
 
@@ -54,8 +56,8 @@ def measure(args) -> dict:
     """One measurement in this process (called in a subprocess by main)."""
     import torch
 
-    from cellfoundry.utils import autocast
     from cellfoundry.models.se import SEConfig, StateEmbedding
+    from cellfoundry.utils import autocast
 
     torch.set_num_threads(args.threads)
     size = SIZES[args.size]
@@ -81,6 +83,7 @@ def measure(args) -> dict:
     if args.impl == "reference":
         run = reference_runner(model, cfg, table, device)
     else:
+
         def run(b_ids, b_counts):
             return model(b_ids, b_counts, table)
 
@@ -95,9 +98,17 @@ def measure(args) -> dict:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     cells = args.batch_size * args.batches
-    result = dict(size=args.size, impl=args.impl, device=device, batch_size=args.batch_size, cells=cells,
-                  seconds=round(elapsed, 3), cells_per_s=round(cells / elapsed, 2), out_dim=int(out.shape[-1]),
-                  gflop_per_cell=round(forward_flops(size) / 1e9, 2))
+    result = dict(
+        size=args.size,
+        impl=args.impl,
+        device=device,
+        batch_size=args.batch_size,
+        cells=cells,
+        seconds=round(elapsed, 3),
+        cells_per_s=round(cells / elapsed, 2),
+        out_dim=int(out.shape[-1]),
+        gflop_per_cell=round(forward_flops(size) / 1e9, 2),
+    )
     if device == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["tflops"] = round(forward_flops(size) * cells / elapsed / 1e12, 1)
@@ -113,10 +124,9 @@ def reference_runner(model, cfg, table, device):
     """arc-state's StateEmbeddingModel with our weights, called the way its inference does."""
     import torch
     from omegaconf import OmegaConf
+    from state.emb.nn.model import StateEmbeddingModel
 
     from cellfoundry.models.se_checkpoint import reference_cfg, save_se
-
-    from state.emb.nn.model import StateEmbeddingModel
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "m.ckpt"
@@ -133,8 +143,17 @@ def reference_runner(model, cfg, table, device):
     def run(ids, counts):
         sentence = ids.clamp(min=0)
         n, length = sentence.shape
-        batch = [sentence, torch.zeros(n, 1, dtype=torch.long, device=device), None, None, None,
-                 torch.zeros(n, length, dtype=torch.bool, device=device), None, counts, None]
+        batch = [
+            sentence,
+            torch.zeros(n, 1, dtype=torch.long, device=device),
+            None,
+            None,
+            None,
+            torch.zeros(n, length, dtype=torch.bool, device=device),
+            None,
+            counts,
+            None,
+        ]
         _, _, _, emb, ds_emb = ref._compute_embedding_for_batch(batch)
         return torch.cat([emb, ref.dataset_embedder(ds_emb)], dim=-1)
 
@@ -157,8 +176,23 @@ def main() -> int:
         return 0
     impls = ["cellfoundry"] + (["reference"] if args.reference else [])
     for impl in impls:
-        cmd = [sys.executable, __file__, "--child", "--impl", impl, "--size", args.size, "--device", args.device,
-               "--batch-size", str(args.batch_size), "--batches", str(args.batches), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--impl",
+            impl,
+            "--size",
+            args.size,
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+            "--batches",
+            str(args.batches),
+            "--threads",
+            str(args.threads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(json.dumps({"impl": impl, "error": proc.stderr.strip().splitlines()[-1:]}))

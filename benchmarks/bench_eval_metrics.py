@@ -31,7 +31,10 @@ def timed(name: str, n: int, fn):
     before = peak_mb()
     start = time.perf_counter()
     result = fn()
-    print(f"{name:28s} n={n:6d}  {time.perf_counter() - start:8.2f} s  peak RSS +{max(0.0, peak_mb() - before):7.0f} MB", flush=True)
+    print(
+        f"{name:28s} n={n:6d}  {time.perf_counter() - start:8.2f} s  peak RSS +{max(0.0, peak_mb() - before):7.0f} MB",
+        flush=True,
+    )
     return result
 
 
@@ -40,7 +43,9 @@ def embedding_timings(n: int, rng: np.random.Generator, kbet_stock: bool) -> Non
     import scib_metrics
 
     labels, batches = rng.integers(0, 10, size=n), rng.integers(0, 3, size=n)
-    X = (rng.normal(size=(10, 50))[labels] * 3 + rng.normal(size=(n, 50)) + 0.5 * rng.normal(size=(3, 50))[batches]).astype(np.float32)
+    X = (
+        rng.normal(size=(10, 50))[labels] * 3 + rng.normal(size=(n, 50)) + 0.5 * rng.normal(size=(3, 50))[batches]
+    ).astype(np.float32)
     X_pre = X + rng.normal(size=X.shape).astype(np.float32)
     y, b = labels.astype(str), batches.astype(str)
     timed("all embedding metrics", n, lambda: emb.embedding_metrics(X, y, b, X_pre=X_pre))  # first: compiles
@@ -55,11 +60,15 @@ def embedding_timings(n: int, rng: np.random.Generator, kbet_stock: bool) -> Non
     timed("asw_batch", n, lambda: scib_metrics.silhouette_batch(X, y, b))
     timed("ilisi", n, lambda: scib_metrics.ilisi_knn(nn, b))
     with emb._exact_diffusion_neighbors():
-        exact = timed("kbet per label (exact nn)", n, lambda: scib_metrics.kbet_per_label(nn.subset_neighbors(50), b, y))
+        exact = timed(
+            "kbet per label (exact nn)", n, lambda: scib_metrics.kbet_per_label(nn.subset_neighbors(50), b, y)
+        )
     timed("graph connectivity", n, lambda: scib_metrics.graph_connectivity(nn.subset_neighbors(15), y))
     timed("pcr comparison", n, lambda: scib_metrics.pcr_comparison(X_pre, X, b, categorical=True))
     if kbet_stock:
-        stock = timed("kbet per label (pynndescent)", n, lambda: scib_metrics.kbet_per_label(nn.subset_neighbors(50), b, y))
+        stock = timed(
+            "kbet per label (pynndescent)", n, lambda: scib_metrics.kbet_per_label(nn.subset_neighbors(50), b, y)
+        )
         print(f"kBET per label, exact vs pynndescent neighbours: {exact:.4f} vs {stock:.4f}")
 
 

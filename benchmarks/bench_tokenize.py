@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(path: Path, n_cells: int, n_genes: int, nnz: int, seed: int, distinct: int | None = None,
-             chunk: int = 2000) -> None:
+def generate(
+    path: Path, n_cells: int, n_genes: int, nnz: int, seed: int, distinct: int | None = None, chunk: int = 2000
+) -> None:
     """Write a CSR h5ad chunk by chunk (memory independent of n_cells). With `distinct`, only the
     first `distinct` cells are drawn and the rest repeat them (fast to write 1,000,000 cells)."""
     import anndata as ad
@@ -82,8 +83,12 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="se", choices=["se", "topk"])
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--distinct-cells", type=int, default=None,
-                    help="draw only this many cells and repeat them (writes 1,000,000 cells quickly)")
+    ap.add_argument(
+        "--distinct-cells",
+        type=int,
+        default=None,
+        help="draw only this many cells and repeat them (writes 1,000,000 cells quickly)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic h5ad and tokens for the next run")
@@ -99,12 +104,20 @@ def main(argv=None) -> None:
     if not args.measure:
         if not h5ad.exists():
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--generate-only", *sys.argv[1:]] if argv is None else
-                           [sys.executable, __file__, "--generate-only", *argv], check=True)
-            print(f"generated {h5ad.name} ({h5ad.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s",
-                  flush=True)
+            subprocess.run(
+                [sys.executable, __file__, "--generate-only", *sys.argv[1:]]
+                if argv is None
+                else [sys.executable, __file__, "--generate-only", *argv],
+                check=True,
+            )
+            print(
+                f"generated {h5ad.name} ({h5ad.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
         # Measure in a fresh process: its peak RSS and children are the tokenizer's alone.
-        rc = subprocess.run([sys.executable, __file__, "--measure", *(sys.argv[1:] if argv is None else argv)]).returncode
+        rc = subprocess.run(
+            [sys.executable, __file__, "--measure", *(sys.argv[1:] if argv is None else argv)]
+        ).returncode
         if not args.keep:
             h5ad.unlink()
         sys.exit(rc)
@@ -121,21 +134,41 @@ def main(argv=None) -> None:
     shutil.rmtree(out, ignore_errors=True)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cpu0, t0 = os.times(), time.perf_counter()
-    tokenize_h5ad(h5ad, out, vocab, args.length, args.method, args.seed, args.chunk_size, args.workers,
-                  min_coverage=0.5, dataset="synthetic")
+    tokenize_h5ad(
+        h5ad,
+        out,
+        vocab,
+        args.length,
+        args.method,
+        args.seed,
+        args.chunk_size,
+        args.workers,
+        min_coverage=0.5,
+        dataset="synthetic",
+    )
     wall, cpu1 = time.perf_counter() - t0, os.times()
-    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system) + (cpu1.children_user - cpu0.children_user) \
+    cpu = (
+        (cpu1.user - cpu0.user)
+        + (cpu1.system - cpu0.system)
+        + (cpu1.children_user - cpu0.children_user)
         + (cpu1.children_system - cpu0.children_system)
+    )
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"cells={args.cells} genes={args.genes} nnz/cell~{args.nnz} L={args.length} method={args.method} "
-          f"chunk={args.chunk_size} workers={args.workers}")
+    print(
+        f"cells={args.cells} genes={args.genes} nnz/cell~{args.nnz} L={args.length} method={args.method} "
+        f"chunk={args.chunk_size} workers={args.workers}"
+    )
     user = (cpu1.user - cpu0.user) + (cpu1.children_user - cpu0.children_user)
-    print(f"wall {wall:.1f} s -> {args.cells / wall:,.0f} cells/s; CPU {cpu:.1f} s (user {user:.1f} s, "
-          f"system {cpu - user:.1f} s) -> {args.cells / cpu:,.0f} cells/s per core (user + system); "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"peak RSS: tokenizing process {peak_self:.2f} GiB (of which {rss_before:.2f} GiB before tokenizing: "
-          f"imports)" + (f"; largest worker process {peak_child:.2f} GiB" if args.workers > 1 else ""))
+    print(
+        f"wall {wall:.1f} s -> {args.cells / wall:,.0f} cells/s; CPU {cpu:.1f} s (user {user:.1f} s, "
+        f"system {cpu - user:.1f} s) -> {args.cells / cpu:,.0f} cells/s per core (user + system); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"peak RSS: tokenizing process {peak_self:.2f} GiB (of which {rss_before:.2f} GiB before tokenizing: "
+        f"imports)" + (f"; largest worker process {peak_child:.2f} GiB" if args.workers > 1 else "")
+    )
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(HERE.parents[1] / "tests"))
 
 def worker(out_dir: Path, devices: int, steps: int) -> None:
     from lightning.pytorch.callbacks import Callback
+    from train_tiny_se import tiny_module
 
     from cellfoundry.se.data import train_loader
     from cellfoundry.trainer import build_trainer, fit
-    from train_tiny_se import tiny_module
 
     class Clock(Callback):
         def on_train_batch_start(self, trainer, *args):
@@ -43,8 +43,16 @@ def worker(out_dir: Path, devices: int, steps: int) -> None:
 
     torch.set_num_threads(1)
     module, cells, cfg = tiny_module(steps)
-    trainer = build_trainer(out_dir, max_steps=steps, devices=devices, device="cpu", checkpoint_every_n_steps=10**6,
-                            callbacks=[Clock()], enable_progress_bar=False, log_every_n_steps=50)
+    trainer = build_trainer(
+        out_dir,
+        max_steps=steps,
+        devices=devices,
+        device="cpu",
+        checkpoint_every_n_steps=10**6,
+        callbacks=[Clock()],
+        enable_progress_bar=False,
+        log_every_n_steps=50,
+    )
     fit(trainer, module, train_loader(cells, cfg.batch_size, seed=0), out_dir=out_dir)
 
 
@@ -54,14 +62,20 @@ def ddp_throughput(steps: int) -> None:
             env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
             env["OMP_NUM_THREADS"] = "1"
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, str(HERE), "--worker", tmp, "--devices", str(devices), "--steps", str(steps)],
-                           env=env, check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, str(HERE), "--worker", tmp, "--devices", str(devices), "--steps", str(steps)],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             wall = time.perf_counter() - t0
             clock = json.loads((Path(tmp) / "clock.json").read_text())
             per_step = clock["seconds"] / clock["steps"]
             # each step is one batch of 8 cells per process
-            print(f"ddp devices={devices}: {1 / per_step:.1f} steps/s, {8 * devices / per_step:.0f} cells/s "
-                  f"(batch 8 per process), process wall {wall:.1f} s incl. start-up")
+            print(
+                f"ddp devices={devices}: {1 / per_step:.1f} steps/s, {8 * devices / per_step:.0f} cells/s "
+                f"(batch 8 per process), process wall {wall:.1f} s incl. start-up"
+            )
 
 
 def checkpoint_cost(n_params: int) -> None:
@@ -77,8 +91,10 @@ def checkpoint_cost(n_params: int) -> None:
             io.save_checkpoint(state, path)
         seconds = (time.perf_counter() - t0) / 3
         size = path.stat().st_size / 2**20
-    print(f"checkpoint: {n_params / 1e6:.0f} M fp32 params = {size:.0f} MiB written atomically in {seconds:.2f} s "
-          f"({size / seconds:.0f} MiB/s)")
+    print(
+        f"checkpoint: {n_params / 1e6:.0f} M fp32 params = {size:.0f} MiB written atomically in {seconds:.2f} s "
+        f"({size / seconds:.0f} MiB/s)"
+    )
 
 
 def main() -> None:

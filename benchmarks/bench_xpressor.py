@@ -96,7 +96,10 @@ def main() -> None:
     idx = np.arange(args.cells)
     for label, use_cache in (("cached SE outputs", True), ("SE run every step", False)):
         items = CellBatches(data, idx, cache if use_cache else None)
-        batches = [collate([items[i] for i in range(s, min(s + args.batch_size, args.cells))]) for s in range(0, args.batch_size * 8, args.batch_size)]
+        batches = [
+            collate([items[i] for i in range(s, min(s + args.batch_size, args.cells))])
+            for s in range(0, args.batch_size * 8, args.batch_size)
+        ]
         for method in ("xpressor", "cls"):
             xcfg = XpressorConfig(
                 d_base=64, gene_dim=64, n_latent=8, d_model=64, n_blocks=2, n_heads=4, gene_adapter=True, adapter_hidden=256,

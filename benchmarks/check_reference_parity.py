@@ -51,7 +51,9 @@ def ours(ckpt: Path, cells: Path) -> np.ndarray:
     model, cfg, vocab = load_se(ckpt, gene_embeddings=FIXTURE / "protein_embeddings.pt")
     tokens = tokenize_anndata(ad.read_h5ad(cells), vocab, cfg.pad_length, "se", seed=0)
     with torch.inference_mode():
-        return model(torch.from_numpy(tokens.gene_ids.astype(np.int64)), torch.from_numpy(tokens.values), vocab.table).numpy()
+        return model(
+            torch.from_numpy(tokens.gene_ids.astype(np.int64)), torch.from_numpy(tokens.values), vocab.table
+        ).numpy()
 
 
 def main() -> int:
@@ -80,8 +82,14 @@ def main() -> int:
         own = tmp / "own.ckpt"
         from cellfoundry.models.se import TrainingHeads
 
-        save_se(own, model, own_cfg, training_state=TrainingHeads(own_cfg).state_dict(),
-                gene_embeddings=str(FIXTURE / "protein_embeddings.pt"), gene_table=vocab.table)
+        save_se(
+            own,
+            model,
+            own_cfg,
+            training_state=TrainingHeads(own_cfg).state_dict(),
+            gene_embeddings=str(FIXTURE / "protein_embeddings.pt"),
+            gene_table=vocab.table,
+        )
         arc_own = arc_embed(own, cells, tmp / "b")
         mine_own = ours(own, cells)
         diff = np.abs(arc_own - mine_own).max()

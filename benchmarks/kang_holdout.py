@@ -28,7 +28,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "kang2018_ifnb_counts.h5ad"
 TYPES = ["B", "CD14+Mono", "CD4T", "CD8T", "Dendritic", "FCGR3A+Mono", "NK"]
-ROWS = [("diffusion", "model"), ("no change (control cells)", "no change"), ("linear shift", "linear shift"), ("split-half (ceiling)", "split-half")]
+ROWS = [
+    ("diffusion", "model"),
+    ("no change (control cells)", "no change"),
+    ("linear shift", "linear shift"),
+    ("split-half (ceiling)", "split-half"),
+]
 
 
 def dataset_name(cell_type: str) -> str:
@@ -50,7 +55,13 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--workdir", type=Path, default=REPO / "results/benchmarks/kang_holdout")
     ap.add_argument("--types", nargs="+", default=TYPES, choices=TYPES)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. diffusion.sample.guidance_scale=1")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. diffusion.sample.guidance_scale=1",
+    )
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()  # snakemake runs inside it
@@ -83,7 +94,11 @@ def main() -> int:
 
 def table(workdir: Path, types: list[str]) -> str:
     """Markdown: one line per type, R2 of the DE genes' means per method, and the model's other scores."""
-    head = ["cell type (held out: stimulated)", "cells"] + [f"R2 DE, {short}" for _, short in ROWS] + ["model R2 all", "model delta-r DE", "model energy", "no-change energy"]
+    head = (
+        ["cell type (held out: stimulated)", "cells"]
+        + [f"R2 DE, {short}" for _, short in ROWS]
+        + ["model R2 all", "model delta-r DE", "model energy", "no-change energy"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     wins = {"no change": 0, "linear shift": 0}
     done = 0
@@ -95,17 +110,24 @@ def table(workdir: Path, types: list[str]) -> str:
         summary = json.loads(path.read_text())
         (metrics,) = summary["metrics"].values()
         tsv = (path.parent / "prediction.tsv").read_text().splitlines()
-        n_cells = next(line.split("\t")[-1] for line in tsv[1:] if line.startswith(f"cell_type={cell_type}") and "\tdiffusion\t" in line)
+        n_cells = next(
+            line.split("\t")[-1]
+            for line in tsv[1:]
+            if line.startswith(f"cell_type={cell_type}") and "\tdiffusion\t" in line
+        )
         r2 = {short: metrics[name]["r2_de"] for name, short in ROWS}
         done += 1
         wins["no change"] += r2["model"] > r2["no change"]
         wins["linear shift"] += r2["model"] > r2["linear shift"]
         model = metrics["diffusion"]
         lines.append(
-            f"| {cell_type} | {n_cells} | " + " | ".join(f"{r2[s]:.3f}" for _, s in ROWS)
+            f"| {cell_type} | {n_cells} | "
+            + " | ".join(f"{r2[s]:.3f}" for _, s in ROWS)
             + f" | {model['r2_all']:.3f} | {model['delta_pearson_de']:.3f} | {model['energy']:.2f} | {metrics[ROWS[1][0]]['energy']:.2f} |"
         )
-    lines.append(f"\nmodel R2 DE above no change on {wins['no change']} of {done} types, above linear shift on {wins['linear shift']} of {done}.")
+    lines.append(
+        f"\nmodel R2 DE above no change on {wins['no change']} of {done} types, above linear shift on {wins['linear shift']} of {done}."
+    )
     return "\n".join(lines)
 
 

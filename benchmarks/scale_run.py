@@ -33,9 +33,9 @@ def synthesize(path: Path, n_cells: int, n_genes: int, n_types: int, batch_cells
     """Negative-binomial counts of `n_types` cell types in batches of <= `batch_cells` cells,
     ~1,000-3,000 detected genes per cell, written chunk by chunk (memory: one chunk, dense)."""
     import anndata as ad
+    import h5py
     import scipy.sparse as sp
     from anndata.io import sparse_dataset, write_elem
-    import h5py
 
     rng = np.random.default_rng(seed)
     n_batches = -(-n_cells // batch_cells)
@@ -53,7 +53,10 @@ def synthesize(path: Path, n_cells: int, n_genes: int, n_types: int, batch_cells
     library = rng.lognormal(np.log(3000), 0.35, n_cells).astype(np.float32)  # UMIs per cell
     dispersion = np.float32(2.0)  # NB shape r; variance mu + mu^2 / r
     obs = pd.DataFrame(
-        {"cell_type": pd.Categorical([f"type{t}" for t in cell_type]), "batch": pd.Categorical([f"b{b}" for b in batch])},
+        {
+            "cell_type": pd.Categorical([f"type{t}" for t in cell_type]),
+            "batch": pd.Categorical([f"b{b}" for b in batch]),
+        },
         index=[f"cell{i}" for i in range(n_cells)],
     )
     tmp = path.with_name(f".{path.name}.tmp")
@@ -74,7 +77,11 @@ def synthesize(path: Path, n_cells: int, n_genes: int, n_types: int, batch_cells
             X_out = sparse_dataset(f["X"])
         else:
             X_out.append(block)
-        print(f"\r  {hi:,}/{n_cells:,} cells, {block.nnz / (hi - lo):.0f} genes/cell, {time.time() - start:.0f} s", end="", flush=True)
+        print(
+            f"\r  {hi:,}/{n_cells:,} cells, {block.nnz / (hi - lo):.0f} genes/cell, {time.time() - start:.0f} s",
+            end="",
+            flush=True,
+        )
     del f["obs"]
     write_elem(f, "obs", obs)
     f.close()
@@ -93,12 +100,18 @@ def workdir(work: Path, config: dict, code: str | None) -> Path:
         elif (work / part).exists() or (work / part).is_symlink():
             (work / part).unlink()
     if code:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", code, *parts], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", code, *parts], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     else:
         for part in parts:
             copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
-            copy(REPO / part, work / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+            copy(
+                REPO / part,
+                work / part,
+                **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+            )
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return work
 
@@ -126,22 +139,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", type=int, default=200_000)
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--cell-types", type=int, default=5)
-    parser.add_argument("--batch-cells", type=int, default=20_000, help="cells per batch at most (doublets: O(n^2) per batch)")
+    parser.add_argument(
+        "--batch-cells", type=int, default=20_000, help="cells per batch at most (doublets: O(n^2) per batch)"
+    )
     parser.add_argument("--chunk", type=int, default=2_000, help="cells generated and written at a time")
     parser.add_argument("--work", type=Path, help="default: /tmp/cellfoundry_scale_<cells>")
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--demo-run", type=Path, help="a demo run's directory: its benchmark files form the demo's columns")
+    parser.add_argument(
+        "--demo-run", type=Path, help="a demo run's directory: its benchmark files form the demo's columns"
+    )
     parser.add_argument("--run-demo", action="store_true", help="run the demo (config/config.yaml) in --demo-run first")
-    parser.add_argument("--also", type=Path, nargs="*", default=[], help="earlier scale runs' directories: more columns")
-    parser.add_argument("--extrapolate", type=int, help="also a column for this many cells, on a line through the two largest runs")
+    parser.add_argument(
+        "--also", type=Path, nargs="*", default=[], help="earlier scale runs' directories: more columns"
+    )
+    parser.add_argument(
+        "--extrapolate", type=int, help="also a column for this many cells, on a line through the two largest runs"
+    )
     parser.add_argument("--code", help="run a commit's code (e.g. HEAD) instead of a copy of the working tree")
-    parser.add_argument("--no-run", action="store_true", help="no scale run: print the tables of existing runs (after the demo with --run-demo)")
+    parser.add_argument(
+        "--no-run",
+        action="store_true",
+        help="no scale run: print the tables of existing runs (after the demo with --run-demo)",
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(f"/tmp/cellfoundry_scale_{args.cells}")
     if args.run_demo:
         if not args.demo_run:
             sys.exit("--run-demo needs --demo-run DIR (where to run it)")
-        run_all(workdir(args.demo_run, yaml.safe_load((REPO / "config" / "config.yaml").read_text()), args.code), args.cores)
+        run_all(
+            workdir(args.demo_run, yaml.safe_load((REPO / "config" / "config.yaml").read_text()), args.code), args.cores
+        )
     if not args.no_run:
         data = work / "scale.h5ad"
         if not data.exists():

@@ -56,7 +56,9 @@ def main() -> None:
     torch.manual_seed(0)
     res = Path(args.results)
     base, _, vocab = load_se(res / "shared/se/pretrained.ckpt", gene_embeddings=res / "shared/vocab/gene_embeddings.pt")
-    data = load_cell_data(str(res / args.dataset / "qc/filtered.h5ad"), str(res / args.dataset / "tokens"), vocab, [args.label])
+    data = load_cell_data(
+        str(res / args.dataset / "qc/filtered.h5ad"), str(res / args.dataset / "tokens"), vocab, [args.label]
+    )
     # the input tokens (layer 0: gene vector + count encoding) and the last layer's outputs
     cache = compute_base_cache(base, vocab.table, data, 64, "cpu", layers=[0, -1])
 
@@ -66,22 +68,35 @@ def main() -> None:
     standardise = lambda t: (t - t.mean((0, 1))) / t.std((0, 1))  # noqa: E731
     inputs, tokens = standardise(cache.tokens[:, 0].numpy()), standardise(cache.tokens[:, -1].numpy())
     rng = np.random.default_rng(0)
-    projection, shift = rng.standard_normal((tokens.shape[-1], 1024)) / np.sqrt(tokens.shape[-1]), rng.standard_normal(1024)
+    projection, shift = (
+        rng.standard_normal((tokens.shape[-1], 1024)) / np.sqrt(tokens.shape[-1]),
+        rng.standard_normal(1024),
+    )
 
     labels = data.labels[args.label]  # integer codes
     type_mean = {t: target[train & (labels == t)].mean(0) for t in np.unique(labels[train])}
-    rows = {"per-cell-type mean profile": reconstruction_metrics(np.stack([type_mean[t] for t in labels[test]]), target[test])}
+    rows = {
+        "per-cell-type mean profile": reconstruction_metrics(
+            np.stack([type_mean[t] for t in labels[test]]), target[test]
+        )
+    }
     for k in (10, 50):
         pca = PCA(k, random_state=0).fit(target[train])
-        rows[f"PCA-{k} of the target itself"] = reconstruction_metrics(pca.inverse_transform(pca.transform(target[test])), target[test])
+        rows[f"PCA-{k} of the target itself"] = reconstruction_metrics(
+            pca.inverse_transform(pca.transform(target[test])), target[test]
+        )
     rows["ridge on CLS (cls baseline input)"] = ridge_scores(cache.cls.numpy(), target, train, test)
     rows["ridge on mean gene token (mean baseline input)"] = ridge_scores(tokens.mean(1), target, train, test)
-    rows["ridge on mean input token (layer 0, the mean baseline's extra input)"] = ridge_scores(inputs.mean(1), target, train, test)
+    rows["ridge on mean input token (layer 0, the mean baseline's extra input)"] = ridge_scores(
+        inputs.mean(1), target, train, test
+    )
     rows["ridge on mean of 1024 random ReLU token features"] = ridge_scores(
         np.maximum(tokens @ projection + shift, 0).mean(1), target, train, test
     )
     present = ~cache.mask.numpy()[..., None]  # [N, T, 1] real tokens
-    gene_vectors = torch.nn.functional.normalize(vocab.table[torch.as_tensor(np.asarray(data.gene_ids[:, 1:], dtype=np.int64))], dim=-1).numpy()
+    gene_vectors = torch.nn.functional.normalize(
+        vocab.table[torch.as_tensor(np.asarray(data.gene_ids[:, 1:], dtype=np.int64))], dim=-1
+    ).numpy()
     rows["ridge on mean gene vector of the tokens"] = ridge_scores(
         (gene_vectors * present).sum(1) / present.sum(1), target, train, test
     )

@@ -19,7 +19,10 @@ run_stage(
         metrics=str(snakemake.output.metrics),
         work_dir=str(snakemake.params.work_dir),
         # inference_batch_size is no rule param: it must not trigger re-runs
-        settings={**snakemake.params.xpressor, "inference_batch_size": snakemake.config["xpressor"]["inference_batch_size"]},
+        settings={
+            **snakemake.params.xpressor,
+            "inference_batch_size": snakemake.config["xpressor"]["inference_batch_size"],
+        },
         label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
         seed=snakemake.params.seed,
         device=snakemake.params.device,

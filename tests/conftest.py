@@ -52,7 +52,9 @@ def timeout_scale() -> float:
     except ValueError:
         scale = 0
     if not scale > 0:
-        raise pytest.UsageError(f"CELLFOUNDRY_TEST_TIMEOUT={value!r}: give a positive factor for the snakemake timeouts, e.g. 2")
+        raise pytest.UsageError(
+            f"CELLFOUNDRY_TEST_TIMEOUT={value!r}: give a positive factor for the snakemake timeouts, e.g. 2"
+        )
     return scale
 
 
@@ -79,8 +81,9 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
     cmd = [str(BIN / "snakemake"), "--cores", "2", *args]
     timeout = timeout * timeout_scale()
     # its own session: on a timeout the whole group (snakemake and its local jobs) is killed
-    popen = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    popen = subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     unlock = None
     try:
         stdout, stderr = popen.communicate(timeout=timeout)
@@ -88,20 +91,32 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
         _kill_group(popen)
         stdout, stderr = popen.communicate(timeout=60)
         # a killed snakemake leaves its lock, which would fail every later run in this workdir
-        unlock = subprocess.run([str(BIN / "snakemake"), "--unlock"], cwd=workdir, env=env,
-                                capture_output=True, text=True, timeout=300)
+        unlock = subprocess.run(
+            [str(BIN / "snakemake"), "--unlock"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+        )
     if unlock is not None:  # outside the except: the failure shows no TimeoutExpired traceback
-        reason = (f"snakemake {' '.join(args)} timed out after {timeout:.0f} s (slow machine? raise "
-                  f"CELLFOUNDRY_TEST_TIMEOUT, the factor on every snakemake timeout, now {timeout_scale():g})")
+        reason = (
+            f"snakemake {' '.join(args)} timed out after {timeout:.0f} s (slow machine? raise "
+            f"CELLFOUNDRY_TEST_TIMEOUT, the factor on every snakemake timeout, now {timeout_scale():g})"
+        )
         TIMED_OUT[workdir] = reason
-        pytest.fail(f"{reason}; killed its process group, `snakemake --unlock` exited {unlock.returncode}.\n"
-                    f"{stdout[-3000:]}\n{stderr[-5000:]}")
+        pytest.fail(
+            f"{reason}; killed its process group, `snakemake --unlock` exited {unlock.returncode}.\n"
+            f"{stdout[-3000:]}\n{stderr[-5000:]}"
+        )
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        logs = "\n".join(
-            f"--- {p.relative_to(workdir)}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))
-        ) if (workdir / "logs").exists() else ""
-        pytest.fail(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}\n{logs}")
+        logs = (
+            "\n".join(
+                f"--- {p.relative_to(workdir)}\n{p.read_text()[-3000:]}"
+                for p in sorted((workdir / "logs").rglob("*.log"))
+            )
+            if (workdir / "logs").exists()
+            else ""
+        )
+        pytest.fail(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}\n{logs}"
+        )
     return proc
 
 

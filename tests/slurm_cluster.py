@@ -150,8 +150,10 @@ def install(log) -> None:
     if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "squeue", "munged")):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"]):
+    for cmd in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
+    ):
         log(f"$ {' '.join(cmd)}")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
@@ -195,10 +197,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmUser=root
 SlurmdUser=root
-StateSaveLocation={self.state_dir / 'ctld'}
-SlurmdSpoolDir={self.state_dir / 'd'}
-SlurmctldPidFile={self.state_dir / 'slurmctld.pid'}
-SlurmdPidFile={self.state_dir / 'slurmd.pid'}
+StateSaveLocation={self.state_dir / "ctld"}
+SlurmdSpoolDir={self.state_dir / "d"}
+SlurmctldPidFile={self.state_dir / "slurmctld.pid"}
+SlurmdPidFile={self.state_dir / "slurmd.pid"}
 SlurmctldLogFile={self.ctld_log}
 SlurmdLogFile={self.slurmd_log}
 SlurmctldDebug=debug
@@ -231,8 +233,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             subprocess.run(["chown", "munge:munge", "/etc/munge/munge.key"], check=True)
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True, capture_output=True, timeout=30
+        )
         self._started("munged", self._wait_pidfile(MUNGE_PIDFILE))
 
     def start_daemon(self, name: str) -> None:
@@ -266,7 +269,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.5)
         raise RuntimeError(f"node not idle after {timeout}s (state {state!r})\n{self.tail_logs()}")
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         stop_leftovers(self.log)
         install(self.log)
         self.write_config()

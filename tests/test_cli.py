@@ -57,7 +57,9 @@ def test_gene_symbols_from_a_var_column_of_a_streamed_h5ad(tmp_path):
 
 
 def test_progress_counts_all_chunks_and_output_records_provenance(tmp_path, capsys):
-    code, out = embed(tmp_path, FIXTURE / "cells.h5ad", "--chunk-size", "3", "--batch-size", "2", "--progress-every", "0")
+    code, out = embed(
+        tmp_path, FIXTURE / "cells.h5ad", "--chunk-size", "3", "--batch-size", "2", "--progress-every", "0"
+    )
     assert code == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "embedded " in line]
     done = [int(re.search(r"embedded (\d+) / 8 cells", line).group(1)) for line in lines]
@@ -122,7 +124,11 @@ ERRORS = {
     "zero cells (zarr)": (lambda t: _write_zarr(t, lambda a: a[:0].copy()), [], "zero cells"),
     "log1p values (zarr)": (lambda t: _write_zarr(t, _log1p), [], "non-integer"),
     # an .h5ad is checked chunk by chunk as it streams: the chunk is named
-    "negative values": (lambda t: _write(t, "neg.h5ad", _negative), ["--chunk-size", "3"], "1 negative values in cells 6..7"),
+    "negative values": (
+        lambda t: _write(t, "neg.h5ad", _negative),
+        ["--chunk-size", "3"],
+        "1 negative values in cells 6..7",
+    ),
     "log1p values": (lambda t: _write(t, "log.h5ad", _log1p), [], "non-integer"),
     "unknown layer": (lambda t: FIXTURE / "cells.h5ad", ["--counts", "raw_counts"], "--counts"),
     "unknown gene column": (lambda t: FIXTURE / "cells.h5ad", ["--gene-symbols", "nope"], "--gene-symbols"),
@@ -167,8 +173,17 @@ def test_an_unwritable_output_is_one_line(tmp_path, capsys):
 
 
 def test_installed_command_exits_2_without_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "cellfoundry.cli", "embed", *MODEL, "--input", str(tmp_path / "missing.zarr"),
-           "--output", str(tmp_path / "o.h5ad")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cellfoundry.cli",
+        "embed",
+        *MODEL,
+        "--input",
+        str(tmp_path / "missing.zarr"),
+        "--output",
+        str(tmp_path / "o.h5ad"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no such file or folder" in proc.stderr

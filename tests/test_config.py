@@ -11,11 +11,48 @@ SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 # JSON Schema (2020-12) keywords the schema may use; anything else is a typo or a description cut
 # by a comma in a YAML flow mapping (`{..., description: a, b}` gives a stray key `b`).
 KEYWORDS = {
-    "$schema", "$defs", "$ref", "$id", "$comment", "title", "description", "default", "examples", "deprecated",
-    "type", "enum", "const", "properties", "additionalProperties", "patternProperties", "propertyNames",
-    "required", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems", "uniqueItems",
-    "contains", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
-    "maxLength", "pattern", "format", "allOf", "anyOf", "oneOf", "not", "if", "then", "else",
+    "$schema",
+    "$defs",
+    "$ref",
+    "$id",
+    "$comment",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "deprecated",
+    "type",
+    "enum",
+    "const",
+    "properties",
+    "additionalProperties",
+    "patternProperties",
+    "propertyNames",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "items",
+    "prefixItems",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "contains",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
 }
 SUBSCHEMA_MAPS = ("properties", "$defs", "patternProperties")  # name -> subschema
 SUBSCHEMAS = ("additionalProperties", "items", "propertyNames", "contains", "not", "if", "then", "else")
@@ -46,7 +83,6 @@ def test_schema_uses_only_keywords_and_full_descriptions():
             bad.append(path)
     assert not stray, "keys that are no JSON Schema keyword (a comma in a flow mapping?):\n" + "\n".join(stray)
     assert not bad, f"descriptions that are not a non-empty string: {bad}"
-
 
 
 def test_config_errors_name_the_key_and_a_close_match():

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import yaml
-
 from test_envs import REPO, TORCH_ENVS, env_packages, parse_rules
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -38,7 +37,9 @@ def test_every_env_is_in_the_image_with_identical_content():
     for env, prefix in copied.items():
         # Snakemake's content hash of an env without pin or post-deploy files: md5 of the file
         assert not list(env.parent.glob(f"{env.stem}.*pin.txt")) and not env.with_suffix(".post-deploy.sh").exists()
-        assert prefix == hashlib.md5(env.read_bytes()).hexdigest(), f"{env.name} changed since the Dockerfile was generated"
+        assert prefix == hashlib.md5(env.read_bytes()).hexdigest(), (
+            f"{env.name} changed since the Dockerfile was generated"
+        )
         block = text.split(f"#   source: {env.relative_to(REPO)}\n", 1)[1].split("\nRUN mkdir", 1)[0]
         shown = "\n".join(line.removeprefix("#   ") for line in block.splitlines()[1:])
         assert shown == env.read_text().strip(), f"the Dockerfile's copy of {env.name} differs from the file"

@@ -10,7 +10,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellfoundry.diffusion.process import EMA, NoiseSchedule, diffusion_loss, guided_denoise_fn, sample, sampling_timesteps
+from cellfoundry.diffusion.process import (
+    EMA,
+    NoiseSchedule,
+    diffusion_loss,
+    guided_denoise_fn,
+    sample,
+    sampling_timesteps,
+)
 from cellfoundry.models.conditions import ConditionCodec, ConditionModel, ConditionSpec, collate_conditions
 from cellfoundry.models.denoiser import ConditionalDenoiser
 from cellfoundry.models.dit import DiTConfig, LatentDiT
@@ -96,7 +103,9 @@ def test_sampler_recovers_a_point_mass_with_the_exact_denoiser():
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
     for method, eta in (("ddim", 0.0), ("ddim", 0.5), ("ddpm", 1.0)):
-        out = sample(exact_eps, (4, 3), schedule, method=method, steps=25, eta=eta, generator=torch.Generator().manual_seed(0))
+        out = sample(
+            exact_eps, (4, 3), schedule, method=method, steps=25, eta=eta, generator=torch.Generator().manual_seed(0)
+        )
         assert torch.allclose(out, x0.expand(4, 3), atol=1e-3), method
 
 
@@ -117,7 +126,9 @@ def test_guidance_combines_conditional_and_unconditional_outputs():
 def test_per_attribute_guidance_scales():
     torch.manual_seed(0)
     obs = pd.DataFrame({"a": ["x", "y"], "b": ["p", "q"]})
-    codec = ConditionCodec.fit([ConditionSpec("a", "categorical", ["a"]), ConditionSpec("b", "categorical", ["b"])], obs)
+    codec = ConditionCodec.fit(
+        [ConditionSpec("a", "categorical", ["a"]), ConditionSpec("b", "categorical", ["b"])], obs
+    )
     net = LatentDiT(DiTConfig(num_tokens=2, token_dim=4, hidden=16, depth=1, heads=2))
     model = ConditionalDenoiser(net, ConditionModel(codec, 16))
     for p in model.parameters():
@@ -154,7 +165,9 @@ def test_overfitting_one_batch_drives_the_loss_down():
     def eval_loss():
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
-            return np.mean([diffusion_loss(lambda x, t: model(x, t, cond), x0, schedule, "eps", g).item() for _ in range(20)])
+            return np.mean(
+                [diffusion_loss(lambda x, t: model(x, t, cond), x0, schedule, "eps", g).item() for _ in range(20)]
+            )
 
     before = eval_loss()
     for _ in range(300):
@@ -169,12 +182,30 @@ def test_overfitting_one_batch_drives_the_loss_down():
 # -- the stage on synthetic cells ------------------------------------------------------------------
 
 SETTINGS = dict(
-    gene_tokens=4, gene_token_dim=8, gene_encoder_hidden=32, hidden=32, depth=1, heads=4, mlp_ratio=2.0,
-    cross_attention=False, schedule="linear", timesteps=100, prediction="eps", cond_drop_prob=0.2,
-    ema_decay=0.99, lr=1e-3, weight_decay=0.0, batch_size=32, max_steps=6, grad_clip=1.0, log_every_n_steps=2,
+    gene_tokens=4,
+    gene_token_dim=8,
+    gene_encoder_hidden=32,
+    hidden=32,
+    depth=1,
+    heads=4,
+    mlp_ratio=2.0,
+    cross_attention=False,
+    schedule="linear",
+    timesteps=100,
+    prediction="eps",
+    cond_drop_prob=0.2,
+    ema_decay=0.99,
+    lr=1e-3,
+    weight_decay=0.0,
+    batch_size=32,
+    max_steps=6,
+    grad_clip=1.0,
+    log_every_n_steps=2,
     trainer={"devices": 1, "num_nodes": 1, "checkpoint_every_n_steps": 3},
 )
-SAMPLE = dict(sampler="ddim", steps=5, eta=0.0, guidance_scale=2.0, batch_size=16, clip_x0=True, guidance_check=True, requests=[])
+SAMPLE = dict(
+    sampler="ddim", steps=5, eta=0.0, guidance_scale=2.0, batch_size=16, clip_x0=True, guidance_check=True, requests=[]
+)
 CONDITIONS = [{"name": "cell_type", "kind": "categorical", "columns": ["ct"]}]
 
 
@@ -192,10 +223,13 @@ def synthetic(tmp_path_factory):
     lam = np.full((n, g), 2.0)
     for k, t in enumerate("ABC"):
         lam[types == t, k * 10 : (k + 1) * 10] *= 6
-    obs = pd.DataFrame({"ct": pd.Categorical(types), "split": np.where(np.arange(n) % 5 == 0, "test", "train")},
-                       index=[f"cell{i}" for i in range(n)])
-    adata = ad.AnnData(sp.csr_matrix(rng.poisson(lam).astype(np.float32)), obs=obs,
-                       var=pd.DataFrame(index=[f"G{i}" for i in range(g)]))
+    obs = pd.DataFrame(
+        {"ct": pd.Categorical(types), "split": np.where(np.arange(n) % 5 == 0, "test", "train")},
+        index=[f"cell{i}" for i in range(n)],
+    )
+    adata = ad.AnnData(
+        sp.csr_matrix(rng.poisson(lam).astype(np.float32)), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)])
+    )
     adata.write_h5ad(root / "filtered.h5ad")
     vocab = build_random_vocab([f"G{i}" for i in range(g + 5)], 16, seed=0)
     vocab.save(root / "vocab.pt")
@@ -213,17 +247,30 @@ def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, spac
 
     settings = {**SETTINGS, "token_space": space}
     latent = space == "latent"
-    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0,
-                        device="cpu", latents=synthetic / "latents.npy" if latent else None,
-                        xpressor_checkpoint=synthetic / "xpressor.ckpt" if latent else None)
+    run_diffusion_train(
+        synthetic / "filtered.h5ad",
+        tmp_path / "model.ckpt",
+        tmp_path / "train",
+        settings,
+        CONDITIONS,
+        seed=0,
+        device="cpu",
+        latents=synthetic / "latents.npy" if latent else None,
+        xpressor_checkpoint=synthetic / "xpressor.ckpt" if latent else None,
+    )
     ckpt = load_diffusion(tmp_path / "model.ckpt")
     assert ckpt.payload["token_shape"] == ([3, 8] if latent else [30])
     assert ckpt.codec.vocab["cell_type"] == [["A", "B", "C"]]
     assert (tmp_path / "train" / "logs" / "version_0" / "metrics.csv").exists()
     assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
     paths = [tmp_path / "samples.h5ad", tmp_path / "summary.json"]
-    kwargs = dict(seed=0, device="cpu", xpressor_checkpoint=synthetic / "xpressor.ckpt", vocab=synthetic / "vocab.pt",
-                  latents=synthetic / "latents.npy")
+    kwargs = dict(
+        seed=0,
+        device="cpu",
+        xpressor_checkpoint=synthetic / "xpressor.ckpt",
+        vocab=synthetic / "vocab.pt",
+        latents=synthetic / "latents.npy",
+    )
     summary = run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", *paths, SAMPLE, **kwargs)
     samples = ad.read_h5ad(paths[0])
     real = ad.read_h5ad(synthetic / "filtered.h5ad")
@@ -243,7 +290,14 @@ def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, spac
     assert json.loads(paths[1].read_text()) == summary
     # same seed, same samples (CPU determinism)
     again = tmp_path / "again.h5ad"
-    run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", again, tmp_path / "s2.json", {**SAMPLE, "guidance_check": False}, **kwargs)
+    run_diffusion_sample(
+        tmp_path / "model.ckpt",
+        synthetic / "filtered.h5ad",
+        again,
+        tmp_path / "s2.json",
+        {**SAMPLE, "guidance_check": False},
+        **kwargs,
+    )
     assert np.array_equal(ad.read_h5ad(again).layers["mean"], samples.layers["mean"])
 
 
@@ -251,29 +305,70 @@ def test_sampling_requests_and_unknown_labels(synthetic, tmp_path):
     from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
     settings = {**SETTINGS, "token_space": "gene", "max_steps": 2}
-    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, CONDITIONS, seed=0, device="cpu")
+    run_diffusion_train(
+        synthetic / "filtered.h5ad",
+        tmp_path / "model.ckpt",
+        tmp_path / "train",
+        settings,
+        CONDITIONS,
+        seed=0,
+        device="cpu",
+    )
     requests = [{"n": 5, "obs": {"ct": "B"}}, {"n": 3, "obs": {}}]
     cfg = {**SAMPLE, "requests": requests, "guidance_check": False}
-    run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
+    run_diffusion_sample(
+        tmp_path / "model.ckpt",
+        synthetic / "filtered.h5ad",
+        tmp_path / "s.h5ad",
+        tmp_path / "s.json",
+        cfg,
+        seed=0,
+        device="cpu",
+    )
     samples = ad.read_h5ad(tmp_path / "s.h5ad")
     assert samples.obs["ct"].astype(str).tolist() == ["B"] * 5 + ["nan"] * 3
     assert samples.obs["condition"].tolist()[-1] == "cell_type=none"
     bad = {**cfg, "requests": [{"n": 2, "obs": {"ct": "Z"}}]}
     with pytest.raises(UserError, match=r"unknown label 'Z'.*'A', 'B', 'C'"):
-        run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json", bad, seed=0, device="cpu")
+        run_diffusion_sample(
+            tmp_path / "model.ckpt",
+            synthetic / "filtered.h5ad",
+            tmp_path / "x.h5ad",
+            tmp_path / "x.json",
+            bad,
+            seed=0,
+            device="cpu",
+        )
     assert not (tmp_path / "x.h5ad").exists()
     with pytest.raises(UserError, match="no condition uses"):
-        run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "x.h5ad", tmp_path / "x.json",
-                             {**cfg, "requests": [{"n": 1, "obs": {"batch": "1"}}]}, seed=0, device="cpu")
+        run_diffusion_sample(
+            tmp_path / "model.ckpt",
+            synthetic / "filtered.h5ad",
+            tmp_path / "x.h5ad",
+            tmp_path / "x.json",
+            {**cfg, "requests": [{"n": 1, "obs": {"batch": "1"}}]},
+            seed=0,
+            device="cpu",
+        )
 
 
 def test_unconditional_model_samples_requests(synthetic, tmp_path):
     from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
     settings = {**SETTINGS, "token_space": "gene", "max_steps": 2, "cross_attention": True}
-    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, [], seed=0, device="cpu")
+    run_diffusion_train(
+        synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, [], seed=0, device="cpu"
+    )
     cfg = {**SAMPLE, "requests": [{"n": 4, "obs": {}}], "sampler": "ddpm"}
-    summary = run_diffusion_sample(tmp_path / "model.ckpt", synthetic / "filtered.h5ad", tmp_path / "s.h5ad", tmp_path / "s.json", cfg, seed=0, device="cpu")
+    summary = run_diffusion_sample(
+        tmp_path / "model.ckpt",
+        synthetic / "filtered.h5ad",
+        tmp_path / "s.h5ad",
+        tmp_path / "s.json",
+        cfg,
+        seed=0,
+        device="cpu",
+    )
     samples = ad.read_h5ad(tmp_path / "s.h5ad")
     assert samples.n_obs == 4 and (samples.obs["condition"] == "unconditional").all()
     assert "guidance_check" not in summary and summary["conditions"] == []
@@ -284,11 +379,21 @@ def test_changed_settings_do_not_resume_a_stale_checkpoint(synthetic, tmp_path):
     from cellfoundry.diffusion.stage import run_diffusion_train
 
     gene = {**SETTINGS, "token_space": "gene", "max_steps": 3}
-    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "a.ckpt", tmp_path / "train", gene, CONDITIONS, seed=0, device="cpu")
+    run_diffusion_train(
+        synthetic / "filtered.h5ad", tmp_path / "a.ckpt", tmp_path / "train", gene, CONDITIONS, seed=0, device="cpu"
+    )
     assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
     latent = {**SETTINGS, "token_space": "latent", "max_steps": 3}
-    run_diffusion_train(synthetic / "filtered.h5ad", tmp_path / "b.ckpt", tmp_path / "train", latent, CONDITIONS, seed=0, device="cpu",
-                        latents=synthetic / "latents.npy")
+    run_diffusion_train(
+        synthetic / "filtered.h5ad",
+        tmp_path / "b.ckpt",
+        tmp_path / "train",
+        latent,
+        CONDITIONS,
+        seed=0,
+        device="cpu",
+        latents=synthetic / "latents.npy",
+    )
     assert load_diffusion(tmp_path / "b.ckpt").payload["token_shape"] == [3, 8]
 
 
@@ -305,13 +410,17 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(synthetic, tmp
     settings = {**SETTINGS, "token_space": "gene", "max_steps": 8, "log_every_n_steps": 1}  # 2 batches per epoch
 
     def run(out):
-        run_diffusion_train(synthetic / "filtered.h5ad", out / "model.ckpt", out / "train", settings, CONDITIONS, seed=0, device="cpu")
+        run_diffusion_train(
+            synthetic / "filtered.h5ad", out / "model.ckpt", out / "train", settings, CONDITIONS, seed=0, device="cpu"
+        )
 
     run(tmp_path / "reference")
     interrupted(monkeypatch, *stop, lambda: run(tmp_path / "resumed"))
     run(tmp_path / "resumed")
     for name in ("model.ckpt", "train/checkpoints/last.ckpt"):  # EMA weights; the trained weights
-        reference, resumed = (torch.load(tmp_path / d / name, weights_only=False)["state_dict"] for d in ("reference", "resumed"))
+        reference, resumed = (
+            torch.load(tmp_path / d / name, weights_only=False)["state_dict"] for d in ("reference", "resumed")
+        )
         assert_same_weights(resumed, reference)
     expected = read_metrics(tmp_path / "reference" / "train")
     assert list(expected["step"]) == list(range(8))

@@ -8,7 +8,6 @@ import anndata as ad
 import numpy as np
 import pytest
 import yaml
-
 from conftest import copy_workflow, run_snakemake
 
 TARGET = "results/pbmc68k/diffusion/summary.json"
@@ -51,11 +50,16 @@ def test_gene_space_diffusion_demo(demo_workdir, tmp_path):
         shutil.copytree(demo_workdir / part, workdir / part)
     config_path = workdir / "config/config.yaml"
     config = yaml.safe_load(config_path.read_text())
-    config["diffusion"].update(token_space="gene", gene_tokens=8, gene_token_dim=16, gene_encoder_hidden=64,
-                               hidden=64, depth=2, max_steps=150)
+    config["diffusion"].update(
+        token_space="gene", gene_tokens=8, gene_token_dim=16, gene_encoder_hidden=64, hidden=64, depth=2, max_steps=150
+    )
     config["diffusion"]["sample"].update(steps=20)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run_snakemake(workdir, TARGET)
     summary = check_samples(workdir)
     assert summary["token_space"] == "gene"
-    assert set(summary["guidance_check"]["expression"]["accuracy"]) == {"guided (scale 2)", "conditional (scale 1)", "unconditional (scale 0)"}
+    assert set(summary["guidance_check"]["expression"]["accuracy"]) == {
+        "guided (scale 2)",
+        "conditional (scale 1)",
+        "unconditional (scale 0)",
+    }

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cellfoundry.cli import main as cli_main
+from cellfoundry.models.se_checkpoint import load_se
 from cellfoundry.se.embed import gather_shards, read_obs, shard_rows, write_embedding_h5ad
 from cellfoundry.se.stage import run_embed, run_embed_knn
-from cellfoundry.models.se_checkpoint import load_se
 from cellfoundry.tokenize import tokenize_h5ad
 from cellfoundry.utils import UserError
 
@@ -58,7 +58,17 @@ def test_sharded_equals_unsharded(tmp_path, fixture_tokens, shards):
     parts = []
     for k in range(shards):
         part = tmp_path / f"part{k}.npy"
-        run_embed(CKPT, GENES, fixture_tokens, FIXTURE / "cells.h5ad", part, {"batch_size": 2}, device="cpu", shards=shards, shard=k)
+        run_embed(
+            CKPT,
+            GENES,
+            fixture_tokens,
+            FIXTURE / "cells.h5ad",
+            part,
+            {"batch_size": 2},
+            device="cpu",
+            shards=shards,
+            shard=k,
+        )
         parts.append(part)
     out = tmp_path / "gathered.h5ad"
     gather_shards(parts, read_obs(FIXTURE / "cells.h5ad"), out, rows_per_chunk=3)
@@ -88,7 +98,9 @@ def test_tokens_of_another_vocabulary_are_refused(tmp_path, fixture_tokens):
     table = torch.load(GENES, weights_only=True)
     torch.save(dict(reversed(list(table.items()))), other)  # same genes, other order = other ids
     with pytest.raises(UserError, match="another gene vocabulary"):
-        run_embed(CKPT, other, fixture_tokens, FIXTURE / "cells.h5ad", tmp_path / "x.h5ad", {"batch_size": 64}, device="cpu")
+        run_embed(
+            CKPT, other, fixture_tokens, FIXTURE / "cells.h5ad", tmp_path / "x.h5ad", {"batch_size": 64}, device="cpu"
+        )
 
 
 def test_cli_embeds_a_small_h5ad(tmp_path):
@@ -97,8 +109,25 @@ def test_cli_embeds_a_small_h5ad(tmp_path):
     folder.mkdir()
     shutil.copy(CKPT, folder / "model.ckpt")
     shutil.copy(GENES, folder / "protein_embeddings.pt")
-    code = cli_main(["embed", "--model-folder", str(folder), "--input", str(FIXTURE / "cells.h5ad"), "--output", str(out),
-                     "--embed-key", "X_emb", "--batch-size", "3", "--chunk-size", "5", "--device", "cpu"])
+    code = cli_main(
+        [
+            "embed",
+            "--model-folder",
+            str(folder),
+            "--input",
+            str(FIXTURE / "cells.h5ad"),
+            "--output",
+            str(out),
+            "--embed-key",
+            "X_emb",
+            "--batch-size",
+            "3",
+            "--chunk-size",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = ad.read_h5ad(out)
     assert result.n_obs == 8 and result.n_vars == 32  # obs and var kept, X not copied
@@ -106,8 +135,21 @@ def test_cli_embeds_a_small_h5ad(tmp_path):
 
 
 def test_cli_reports_user_errors(tmp_path, capsys):
-    args = ["embed", "--checkpoint", str(CKPT), "--gene-embeddings", str(GENES), "--input", str(FIXTURE / "cells.h5ad"),
-            "--output", str(tmp_path / "o.h5ad"), "--gene-column", "nope", "--device", "cpu"]
+    args = [
+        "embed",
+        "--checkpoint",
+        str(CKPT),
+        "--gene-embeddings",
+        str(GENES),
+        "--input",
+        str(FIXTURE / "cells.h5ad"),
+        "--output",
+        str(tmp_path / "o.h5ad"),
+        "--gene-column",
+        "nope",
+        "--device",
+        "cpu",
+    ]
     assert cli_main(args) == 2
     assert "--gene-symbols nope is not a var column" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -10,12 +10,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import copy_workflow, run_snakemake
 
 DS = "pbmc68k"
 EMBED = f"results/{DS}/embed"
-TARGETS = [f"{EMBED}/se.h5ad", f"{EMBED}/random.h5ad", f"{EMBED}/knn_accuracy.json", f"{EMBED}/se_umap.png", f"{EMBED}/random_umap.png"]
+TARGETS = [
+    f"{EMBED}/se.h5ad",
+    f"{EMBED}/random.h5ad",
+    f"{EMBED}/knn_accuracy.json",
+    f"{EMBED}/se_umap.png",
+    f"{EMBED}/random_umap.png",
+]
 
 
 @pytest.fixture(scope="module")

@@ -226,7 +226,9 @@ def env_packages(env: dict, builds: bool = False) -> dict[str, str]:
             continue
         # conda: "name=1.2.3", "name==1.2.3", "channel::name=1.2.3" or "name=1.2.3=build*"
         match = re.match(r"^([A-Za-z0-9_.\-]+)\s*(==|=)?\s*([^=\s]*)(?:=(\S+))?$", str(dep).split("::")[-1].strip())
-        packages[match.group(1).lower()] = (match.group(4) or "") if builds else match.group(3) if match.group(2) else ""
+        packages[match.group(1).lower()] = (
+            (match.group(4) or "") if builds else match.group(3) if match.group(2) else ""
+        )
     return packages
 
 
@@ -343,7 +345,9 @@ def test_lazy_library_imports_count_only_when_their_function_is_used(tmp_path):
 def test_gpu_env_selects_the_cuda_build_and_the_cpu_variant_differs_only_in_torch():
     cuda_env, cpu_env = (yaml.safe_load(TORCH_ENVS[k].read_text()) for k in ("cuda", "cpu"))
     # the build string decides: without it a GPU-less login node resolves the CPU build
-    assert env_packages(cuda_env, builds=True)["pytorch"].startswith("cuda"), "envs/gpu.yaml must require pytorch=...=cuda*"
+    assert env_packages(cuda_env, builds=True)["pytorch"].startswith("cuda"), (
+        "envs/gpu.yaml must require pytorch=...=cuda*"
+    )
     assert VERSION.match(env_packages(cuda_env)["cuda-version"]), "envs/gpu.yaml must pin cuda-version"
     assert env_packages(cpu_env, builds=True)["pytorch"].startswith("cpu")
     assert env_packages(cuda_env)["pytorch"] == env_packages(cpu_env)["pytorch"]
@@ -383,7 +387,11 @@ def _no_gpu_env(monkeypatch, **variables):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for key in [k for k in os.environ if k.startswith("SLURM_GPUS") or k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")]:
+    for key in [
+        k
+        for k in os.environ
+        if k.startswith("SLURM_GPUS") or k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+    ]:
         monkeypatch.delenv(key)
     for key, value in variables.items():
         monkeypatch.setenv(key, value)

@@ -23,7 +23,9 @@ def test_ceiling_row_is_scored_beside_the_model_and_references():
     generated, gen_obs = _cells(40, programs, 2)
     # An over-dispersed "decoder": the test cells' counts with extra multiplicative noise.
     noisy = rng.poisson(test * rng.gamma(0.5, 2.0, size=test.shape)).astype(np.float32)
-    kwargs = dict(group_columns=["cell_type"], label_column="cell_type", n_hvg=40, n_pcs=8, min_cells_per_group=5, seed=0)
+    kwargs = dict(
+        group_columns=["cell_type"], label_column="cell_type", n_hvg=40, n_pcs=8, min_cells_per_group=5, seed=0
+    )
     rows, _ = gen.compare_sets(train, train_obs, test, test_obs, generated, gen_obs, ceiling_counts=test, **kwargs)
     table = pd.DataFrame(rows)
     assert set(table["method"]) == {gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK, gen.CEILING}

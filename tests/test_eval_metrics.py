@@ -82,7 +82,9 @@ def test_lisi_of_batch_balanced_distance_shells_is_known():
             dist.append([0.0] + [float(d) for d in range(1, 90 // len(mix) + 1) for _ in mix])
         return NeighborsResults(indices=np.array(idx), distances=np.array(dist, dtype=np.float32))
 
-    assert scib_metrics.ilisi_knn(shells(("b1", "b2")), batches) == pytest.approx(0.5, abs=1e-4)  # 3 batches: (2 - 1) / 2
+    assert scib_metrics.ilisi_knn(shells(("b1", "b2")), batches) == pytest.approx(
+        0.5, abs=1e-4
+    )  # 3 batches: (2 - 1) / 2
     two = batches != "b3"
     assert scib_metrics.lisi_knn(shells(("b1", "b2")), batches)[two] == pytest.approx(2.0, abs=1e-4)
     assert scib_metrics.ilisi_knn(shells(("b1", "b1", "b2")), batches) == pytest.approx(0.4, abs=1e-4)
@@ -91,7 +93,14 @@ def test_lisi_of_batch_balanced_distance_shells_is_known():
 def test_embedding_metrics_skip_batch_without_batches():
     X, labels = gaussian_blobs(n_per=20)
     out = emb.embedding_metrics(X, labels, batches=None, k=5, resolutions=(0.5,))
-    assert not {"ilisi", "asw_batch", "kbet_acceptance", "graph_connectivity", "pcr_comparison", "isolated_labels"} & set(out)
+    assert not {
+        "ilisi",
+        "asw_batch",
+        "kbet_acceptance",
+        "graph_connectivity",
+        "pcr_comparison",
+        "isolated_labels",
+    } & set(out)
     assert {"nmi", "ari", "asw_label", "clisi"} <= set(out)
 
 
@@ -150,7 +159,9 @@ def test_scores_and_aggregates_equal_scib_metrics_benchmarker():
     X[:50] += 3
     labels, batches = np.repeat(["a", "b", "c"], 50), rng.choice(["b1", "b2"], 150)
     X_pre = X + 2 * rng.normal(size=X.shape).astype(np.float32)
-    adata = ad.AnnData(np.zeros((150, 1), np.float32), obs=pd.DataFrame({"ct": labels, "batch": batches}, index=map(str, range(150))))
+    adata = ad.AnnData(
+        np.zeros((150, 1), np.float32), obs=pd.DataFrame({"ct": labels, "batch": batches}, index=map(str, range(150)))
+    )
     adata.obsm["emb"], adata.obsm["pre"] = X, X_pre
     bench = Benchmarker(adata, "batch", "ct", ["emb"], BioConservation(nmi_ari_cluster_labels_leiden=True, nmi_ari_cluster_labels_kmeans=False),
                         BatchCorrection(bras=False), pre_integrated_embedding_obsm_key="pre", progress_bar=False)  # fmt: skip
@@ -166,7 +177,9 @@ def test_scores_and_aggregates_equal_scib_metrics_benchmarker():
         assert ours[ours_name] == pytest.approx(float(want[theirs]), abs=1e-6), ours_name
     agg = emb.aggregates(ours)
     assert agg["bio_conservation"] == pytest.approx(float(want["Bio conservation"]), abs=1e-6)
-    assert agg["batch_correction"] == pytest.approx((4 * float(want["Batch correction"]) + ours["asw_batch"]) / 5, abs=1e-6)
+    assert agg["batch_correction"] == pytest.approx(
+        (4 * float(want["Batch correction"]) + ours["asw_batch"]) / 5, abs=1e-6
+    )
     assert agg["scib_total"] == pytest.approx(0.6 * agg["bio_conservation"] + 0.4 * agg["batch_correction"])
     # kBET with its diffusion-map neighbours from pynndescent (unpatched) is checked in
     # benchmarks/bench_eval_metrics.py: its numba compilation alone takes over a minute.
@@ -238,15 +251,29 @@ def test_compare_sets_floor_beats_weak_generator():
     rng = np.random.default_rng(0)
     n_genes = 60
     programs = {t: rng.gamma(1.0, 5.0, size=n_genes) for t in ("T", "B")}
+
     def cells(n, seed):
         labels = np.repeat(["T", "B"], n // 2)
         counts = np.vstack([_toy_counts(1, programs[t], seed + i) for i, t in enumerate(labels)])
         return counts, pd.DataFrame({"cell_type": labels})
+
     train, train_obs = cells(120, 0)
     test, test_obs = cells(60, 1000)
     generated, gen_obs = cells(60, 5000)
-    rows, embedding = gen.compare_sets(train, train_obs, test, test_obs, generated, gen_obs, ["cell_type"], "cell_type",
-                                      n_hvg=40, n_pcs=10, min_cells_per_group=10, seed=0)
+    rows, embedding = gen.compare_sets(
+        train,
+        train_obs,
+        test,
+        test_obs,
+        generated,
+        gen_obs,
+        ["cell_type"],
+        "cell_type",
+        n_hvg=40,
+        n_pcs=10,
+        min_cells_per_group=10,
+        seed=0,
+    )
     table = pd.DataFrame(rows)
     assert set(table["method"]) == {gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK}
     assert {"all", "T", "B", "mean over conditions"} <= set(table["condition"])
@@ -254,7 +281,10 @@ def test_compare_sets_floor_beats_weak_generator():
     # The model here samples the true distribution: close to the floor, and labels recovered.
     assert get(gen.MODEL, "label_accuracy") > 0.9
     assert get(gen.REFERENCE_REAL, "label_accuracy") > 0.9
-    assert get(gen.MODEL, "mmd_rbf", "mean over conditions") < get(gen.REFERENCE_WEAK, "mmd_rbf", "mean over conditions") * 5
+    assert (
+        get(gen.MODEL, "mmd_rbf", "mean over conditions")
+        < get(gen.REFERENCE_WEAK, "mmd_rbf", "mean over conditions") * 5
+    )
     assert embedding["coords"].shape == (120, 10)
 
 
@@ -290,7 +320,10 @@ def test_summary_marks_model_losses(tmp_path):
     from cellfoundry.evaluate import summary
 
     pd.DataFrame(
-        [dict(method=m, metric="knn_accuracy", value=v) for m, v in (("se", 0.6), ("xpressor", 0.9), ("pca_hvg", 0.8), ("random_se", 0.3))]
+        [
+            dict(method=m, metric="knn_accuracy", value=v)
+            for m, v in (("se", 0.6), ("xpressor", 0.9), ("pca_hvg", 0.8), ("random_se", 0.3))
+        ]
     ).to_csv(tmp_path / "embeddings.tsv", sep="\t", index=False)
     text = summary.embedding_table(tmp_path / "embeddings.tsv")
     assert "| se | 0.6 ▼ |" in text and "| xpressor | 0.9 |" in text
@@ -316,16 +349,25 @@ def test_nan_labels_are_left_out_of_label_metrics():
 def test_unlabelled_data_skips_label_metrics_with_reasons():
     X, labels = gaussian_blobs(n_per=20)
     batches = np.tile(["b1", "b2"], len(X) // 2)
-    rows, summary = emb.compare_embeddings({"se": X, "pca": X[:, :4]}, None, batches, model_methods=("se",), pre_integration="pca", k=5)
-    assert {"knn_accuracy", "asw_label", "nmi", "clisi", "isolated_labels", "bio_conservation", "scib_total"} <= set(summary["skipped"])
+    rows, summary = emb.compare_embeddings(
+        {"se": X, "pca": X[:, :4]}, None, batches, model_methods=("se",), pre_integration="pca", k=5
+    )
+    assert {"knn_accuracy", "asw_label", "nmi", "clisi", "isolated_labels", "bio_conservation", "scib_total"} <= set(
+        summary["skipped"]
+    )
     assert "cell_type is null" in summary["skipped"]["nmi"]
     assert summary["n_unlabelled"] == len(X) and summary["n_labelled"] == 0
     table = pd.DataFrame(rows)
     assert table.query("metric == 'nmi'")["value"].isna().all() and len(table.query("metric == 'nmi'")) == 2
     # batch metrics need no labels: the label-stratified ones take all cells as one group
-    assert set(emb.BATCH_METRICS) <= set(summary["scores"]["se"]) and np.isfinite(list(summary["scores"]["se"].values())).all()
+    assert (
+        set(emb.BATCH_METRICS) <= set(summary["scores"]["se"])
+        and np.isfinite(list(summary["scores"]["se"].values())).all()
+    )
     assert summary["aggregated"] == {"bio_conservation": [], "batch_correction": list(emb.BATCH_METRICS)}
-    assert set(table.query("metric == 'ilisi'")["source"]) == {"scib-metrics"} and set(table.query("metric == 'knn_accuracy'")["source"]) == {"cellfoundry"}
+    assert set(table.query("metric == 'ilisi'")["source"]) == {"scib-metrics"} and set(
+        table.query("metric == 'knn_accuracy'")["source"]
+    ) == {"cellfoundry"}
     # without a pre-integration embedding the PCR comparison is skipped, with its reason
     _, summary = emb.compare_embeddings({"se": X}, None, batches, k=5)
     assert "pre-integration" in summary["skipped"]["pcr_comparison"] and "pcr_comparison" not in summary["scores"]["se"]
@@ -341,7 +383,9 @@ def test_labels_without_batches_skip_batch_metrics_and_the_total():
         assert "batch is null" in summary["skipped"][metric], metric
     scores = summary["scores"]["se"]
     assert summary["aggregated"]["bio_conservation"] == ["nmi", "ari", "asw_label", "clisi"]
-    assert scores["bio_conservation"] == pytest.approx(np.mean([scores[m] for m in ("nmi", "ari", "asw_label", "clisi")]))
+    assert scores["bio_conservation"] == pytest.approx(
+        np.mean([scores[m] for m in ("nmi", "ari", "asw_label", "clisi")])
+    )
     assert pd.DataFrame(rows).query("metric == 'scib_total'")["value"].isna().all()
 
 
@@ -362,8 +406,20 @@ def test_nan_conditions_form_no_group_and_no_condition_mean():
     train, train_obs = cells(80, 0, 5)
     test, test_obs = cells(40, 1000, 4)
     generated, gen_obs = cells(40, 5000, 4)
-    rows, embedding = gen.compare_sets(train, train_obs, test, test_obs, generated, gen_obs, ["cell_type"], "cell_type",
-                                      n_hvg=30, n_pcs=5, min_cells_per_group=5, seed=0)
+    rows, embedding = gen.compare_sets(
+        train,
+        train_obs,
+        test,
+        test_obs,
+        generated,
+        gen_obs,
+        ["cell_type"],
+        "cell_type",
+        n_hvg=30,
+        n_pcs=5,
+        min_cells_per_group=5,
+        seed=0,
+    )
     table = pd.DataFrame(rows)
     # the unlabelled cells are in "all" only: two condition groups, their mean over those two
     assert set(table["condition"]) == {"all", "T", "B", "mean over conditions"}

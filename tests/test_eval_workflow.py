@@ -15,7 +15,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import copy_workflow, run_snakemake
 
 DS = "pbmc68k"
@@ -57,14 +56,23 @@ def _write_stand_ins(work, rng):
         "trainable_fraction": 0.01, "xpressor_beats_baselines": False,
     }))  # fmt: skip
     pd.DataFrame(
-        [dict(method=m, metric=k, value=v, split="test", n_cells=100) for m in ("xpressor", "cls", "mean") for k, v in (("pearson_mean", 0.5), ("spearman_mean", 0.4), ("mse", 1.0))]
+        [
+            dict(method=m, metric=k, value=v, split="test", n_cells=100)
+            for m in ("xpressor", "cls", "mean")
+            for k, v in (("pearson_mean", 0.5), ("spearman_mean", 0.4), ("mse", 1.0))
+        ]
     ).to_csv(res / "xpressor" / "reconstruction.tsv", sep="\t", index=False)
 
     # "Generated" cells: real training cells with counts thinned, labelled like the test split.
     test = qc[qc.obs["split"] == "test"]
     pick = rng.choice(np.flatnonzero(qc.obs["split"] == "train"), size=test.n_obs, replace=False)
     gen_counts = rng.binomial(counts[pick].astype(np.int64), 0.8).astype(np.float32)
-    samples = ad.AnnData(gen_counts, obs=pd.DataFrame({"bulk_labels": qc.obs["bulk_labels"].to_numpy()[pick]}, index=[f"gen{i}" for i in range(len(pick))]))
+    samples = ad.AnnData(
+        gen_counts,
+        obs=pd.DataFrame(
+            {"bulk_labels": qc.obs["bulk_labels"].to_numpy()[pick]}, index=[f"gen{i}" for i in range(len(pick))]
+        ),
+    )
     samples.obs["condition"] = "cell_type=" + samples.obs["bulk_labels"].astype(str)
     samples.var_names = genes
     samples.layers["mean"] = gen_counts
@@ -86,7 +94,13 @@ def test_eval_rules_on_stand_in_upstream(stand_in_workdir):
     work = stand_in_workdir
     run_snakemake(work, *TARGETS, *EVAL_RULES)
     ev = work / "results" / DS / "eval"
-    for name in ("embeddings_umap.png", "embeddings_metrics.png", "reconstruction_scatter.png", "generation_umap.png", "generation_metrics.png"):
+    for name in (
+        "embeddings_umap.png",
+        "embeddings_metrics.png",
+        "reconstruction_scatter.png",
+        "generation_umap.png",
+        "generation_metrics.png",
+    ):
         assert (ev / name).stat().st_size > 10_000, name
 
     emb = pd.read_csv(ev / "embeddings.tsv", sep="\t")
@@ -101,9 +115,16 @@ def test_eval_rules_on_stand_in_upstream(stand_in_workdir):
 
     gen = pd.read_csv(ev / "generation.tsv", sep="\t")
     # latent space: the ceiling row decodes the stand-in latents through the stand-in Xpressor
-    assert set(gen["method"]) == {"diffusion", "real_train (floor)", "independent_genes (weak)", "decoded_real (ceiling)"}
+    assert set(gen["method"]) == {
+        "diffusion",
+        "real_train (floor)",
+        "independent_genes (weak)",
+        "decoded_real (ceiling)",
+    }
     assert {"all", "mean over conditions"} <= set(gen["condition"])
-    assert {"w1", "w2", "mmd_rbf", "mmd_linear", "energy", "knn_auc", "r2_mean", "r2_var", "label_accuracy"} <= set(gen["metric"])
+    assert {"w1", "w2", "mmd_rbf", "mmd_linear", "energy", "knn_auc", "r2_mean", "r2_var", "label_accuracy"} <= set(
+        gen["metric"]
+    )
     overall = gen[gen["condition"] == "all"].pivot(index="method", columns="metric", values="value")
     # The floor is closer to the real test cells than the weak generator.
     assert overall.loc["real_train (floor)", "w2"] < overall.loc["independent_genes (weak)", "w2"]
@@ -113,7 +134,6 @@ def test_eval_rules_on_stand_in_upstream(stand_in_workdir):
     run_snakemake(work, "--report", "report.html", *TARGETS, *EVAL_RULES)
     html = (work / "report.html").read_text(errors="replace")
     assert "embeddings_umap.png" in html and "independent genes" in html
-
 
 
 @pytest.mark.workflow
@@ -126,9 +146,13 @@ def test_eval_rules_fail_clearly_on_malformed_upstream(stand_in_workdir, tmp_pat
     bad.write_h5ad(res / "embed" / "se.h5ad")
     (res / "diffusion" / "samples.h5ad").write_bytes(b"not an h5ad")
     for target, message in ((TARGETS[0], "has no obsm['X_state']"), (TARGETS[2], "cannot read")):
-        proc = run_snakemake(work, target, *EVAL_RULES, "--forcerun", "evaluate_embeddings", "evaluate_generation", check=False)
+        proc = run_snakemake(
+            work, target, *EVAL_RULES, "--forcerun", "evaluate_embeddings", "evaluate_generation", check=False
+        )
         assert proc.returncode != 0
-        log = (work / "logs" / DS / ("evaluate_embeddings.log" if "embeddings" in target else "evaluate_generation.log")).read_text()
+        log = (
+            work / "logs" / DS / ("evaluate_embeddings.log" if "embeddings" in target else "evaluate_generation.log")
+        ).read_text()
         assert message in log and "re-run rule" in log
         assert not (work / target).exists()  # nothing that looks complete
 
@@ -145,10 +169,14 @@ def test_demo_evaluation_and_report(demo_all):
     rec = pd.read_csv(ev / "reconstruction.tsv", sep="\t")
     assert {"xpressor", "cls", "mean"} <= set(rec["method"])
     gen = pd.read_csv(ev / "generation.tsv", sep="\t")
-    assert {"diffusion", "real_train (floor)", "independent_genes (weak)", "decoded_real (ceiling)"} == set(gen["method"])
+    assert {"diffusion", "real_train (floor)", "independent_genes (weak)", "decoded_real (ceiling)"} == set(
+        gen["method"]
+    )
     # Calibrated decoding (issue 16): counts sampled from the real test cells' own latents match
     # the real cells' per-gene means and variances in the evaluation's space.
-    ceiling = gen[(gen["method"] == "decoded_real (ceiling)") & (gen["condition"] == "all")].set_index("metric")["value"]
+    ceiling = gen[(gen["method"] == "decoded_real (ceiling)") & (gen["condition"] == "all")].set_index("metric")[
+        "value"
+    ]
     assert ceiling["r2_mean"] >= 0.9 and ceiling["r2_var"] >= 0.8, ceiling.to_dict()
 
     run_snakemake(demo_all, "--report", "report.html")

@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellfoundry.genes import MAP_COLUMN, apply_gene_map, choose_names, mapped_genes, prepare_genes, read_gene_map, vocab_symbols
+from cellfoundry.genes import (
+    MAP_COLUMN,
+    apply_gene_map,
+    mapped_genes,
+    prepare_genes,
+    read_gene_map,
+    vocab_symbols,
+)
 from cellfoundry.tokenize import tokenize_h5ad
 from cellfoundry.utils import UserError
 from cellfoundry.vocab import build_random_vocab
@@ -29,8 +36,15 @@ def write_map(path, rows):
 
 def test_many_to_one_is_summed_exactly(tmp_path):
     adata = counts(symbol=["x1", "x2", "x3", "x4", "x5"])
-    rows = [("Mouse gene name", "Human gene name"),  # a header maps no gene: no effect
-            ("b", "A"), ("a", "A"), ("c", "C"), ("d", ""), ("a", "A"), ("zz", "Q")]
+    rows = [
+        ("Mouse gene name", "Human gene name"),  # a header maps no gene: no effect
+        ("b", "A"),
+        ("a", "A"),
+        ("c", "C"),
+        ("d", ""),
+        ("a", "A"),
+        ("zz", "Q"),
+    ]
     pairs = read_gene_map(write_map(tmp_path / "map.tsv", rows))
     out, summary = apply_gene_map(adata, pairs)
     X, Y = adata.X.toarray(), out.X.toarray()
@@ -40,13 +54,28 @@ def test_many_to_one_is_summed_exactly(tmp_path):
     np.testing.assert_array_equal(Y, np.column_stack([X[:, 0] + X[:, 1], X[:, 2], X[:, 3], X[:, 4]]))
     assert list(out.var[MAP_COLUMN]) == ["a;b", "c", "", ""]
     assert list(out.var["symbol"]) == ["x1", "x3", "x4", "x5"]  # the first source gene's var row
-    assert summary == {"genes_in": 5, "genes_in_map": 3, "genes_not_in_map": 2, "genes_out": 4,
-                       "genes_out_from_map": 2, "genes_summed_away": 1}
+    assert summary == {
+        "genes_in": 5,
+        "genes_in_map": 3,
+        "genes_not_in_map": 2,
+        "genes_out": 4,
+        "genes_out_from_map": 2,
+        "genes_summed_away": 1,
+    }
 
 
 def test_one_to_many_is_refused_with_the_genes(tmp_path):
     adata = counts()
-    rows = [("a", "A"), ("a", "A2"), ("c", "C"), ("c", "C2"), ("c", "C3"), ("b", "B"), ("nothere", "X"), ("nothere", "Y")]
+    rows = [
+        ("a", "A"),
+        ("a", "A2"),
+        ("c", "C"),
+        ("c", "C2"),
+        ("c", "C3"),
+        ("b", "B"),
+        ("nothere", "X"),
+        ("nothere", "Y"),
+    ]
     with pytest.raises(UserError) as err:
         apply_gene_map(adata, read_gene_map(write_map(tmp_path / "map.tsv", rows)))
     msg = str(err.value)
@@ -65,13 +94,16 @@ IDS = [f"ENSG{i:011d}" for i in range(1, 6)]
 SYMBOLS = ["CD3E", "MS4A1", "LYZ", "NKG7", "GNLY"]
 
 
-@pytest.mark.parametrize(("var_names", "column", "vocab", "expected"), [
-    (SYMBOLS, IDS, IDS, "gene_ids"),         # vocabulary of Ensembl IDs: the ID column
-    (SYMBOLS, IDS, SYMBOLS, "var_names"),    # vocabulary of symbols: the var_names
-    (IDS, SYMBOLS, SYMBOLS, "gene_ids"),     # (the column holds symbols here)
-    (IDS, SYMBOLS, None, "gene_ids"),        # no vocabulary: the symbol-like names
-    (SYMBOLS, IDS, None, "var_names"),
-])
+@pytest.mark.parametrize(
+    ("var_names", "column", "vocab", "expected"),
+    [
+        (SYMBOLS, IDS, IDS, "gene_ids"),  # vocabulary of Ensembl IDs: the ID column
+        (SYMBOLS, IDS, SYMBOLS, "var_names"),  # vocabulary of symbols: the var_names
+        (IDS, SYMBOLS, SYMBOLS, "gene_ids"),  # (the column holds symbols here)
+        (IDS, SYMBOLS, None, "gene_ids"),  # no vocabulary: the symbol-like names
+        (SYMBOLS, IDS, None, "var_names"),
+    ],
+)
 def test_auto_choice_by_vocabulary_coverage(tmp_path, var_names, column, vocab, expected):
     adata = counts(names=var_names, gene_ids=column, feature_types=["Gene Expression"] * 5)
     vocab_path = None
@@ -104,8 +136,9 @@ def test_mouse_dataset_mapped_to_human_passes_tokenizer_coverage(tmp_path):
     mouse = [h.capitalize() for h in human] + ["Gm1", "Gm2"]  # two mouse-only genes
     rng = np.random.default_rng(1)
     X = rng.poisson(3, size=(50, len(mouse))).astype(np.float32)
-    raw = ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(50)]),
-                     var=pd.DataFrame(index=mouse))
+    raw = ad.AnnData(
+        sp.csr_matrix(X), obs=pd.DataFrame(index=[f"c{i}" for i in range(50)]), var=pd.DataFrame(index=mouse)
+    )
     vocab = build_random_vocab(human, 8, seed=0)
     raw.write_h5ad(tmp_path / "unmapped.h5ad")
     with pytest.raises(UserError, match="mouse"):

@@ -11,15 +11,23 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
+from conftest import SHARED, copy_workflow, run_snakemake
 
 from cellfoundry.qc import run_qc
 from cellfoundry.utils import UserError
-from conftest import SHARED, copy_workflow, run_snakemake
 
 QC = {
-    "filter": "fixed", "min_genes": None, "max_genes": None, "min_counts": None, "max_counts": None,
-    "max_pct_mt": None, "max_pct_hb": None, "mad": {"n_mads": 3.0, "metrics": ["log1p_total_counts"]},
-    "min_cells": 0, "doublets": {"enabled": False, "expected_rate": 0.06, "threshold": None}, "test_fraction": 0.25,
+    "filter": "fixed",
+    "min_genes": None,
+    "max_genes": None,
+    "min_counts": None,
+    "max_counts": None,
+    "max_pct_mt": None,
+    "max_pct_hb": None,
+    "mad": {"n_mads": 3.0, "metrics": ["log1p_total_counts"]},
+    "min_cells": 0,
+    "doublets": {"enabled": False, "expected_rate": 0.06, "threshold": None},
+    "test_fraction": 0.25,
 }
 HOLDOUT = [{"cell_type": "A", "condition": "stim"}]
 
@@ -30,7 +38,10 @@ def cells(seed=0):
     types, conds = np.repeat(["A", "B", "C"], 40), np.tile(np.repeat(["ctrl", "stim"], 20), 3)
     X = rng.poisson(3, size=(120, 12)).astype(np.float32)
     X[:, -1] = np.where((types == "A") & (conds == "stim"), 7, 0)
-    adata = ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame({"cell_type": types, "condition": conds}, index=[f"c{i}" for i in range(120)]))
+    adata = ad.AnnData(
+        sp.csr_matrix(X),
+        obs=pd.DataFrame({"cell_type": types, "condition": conds}, index=[f"c{i}" for i in range(120)]),
+    )
     adata.var_names = [f"G{i}" for i in range(11)] + ["MARK"]
     return adata
 
@@ -44,7 +55,11 @@ def test_held_out_cells_all_go_to_test_and_the_rest_is_stratified():
     assert (obs.loc[held, "split"] == "test").all()
     rest = obs[~held]
     # the others keep the stratified split: a quarter of each type in test (A: 5 of its 20 control cells)
-    assert rest.groupby("cell_type", observed=True)["split"].apply(lambda s: (s == "test").sum()).to_dict() == {"A": 5, "B": 10, "C": 10}
+    assert rest.groupby("cell_type", observed=True)["split"].apply(lambda s: (s == "test").sum()).to_dict() == {
+        "A": 5,
+        "B": 10,
+        "C": 10,
+    }
     assert result.summary["holdout"] == [{"combination": {"cell_type": "A", "condition": "stim"}, "cells": 20}]
     # same seed, same split
     again = run_qc(adata, QC, cell_type="cell_type", holdout=HOLDOUT).filtered.obs["split"]
@@ -81,7 +96,9 @@ def test_no_stage_reads_held_out_cells_for_training(tmp_path):
     held = np.flatnonzero(ad.read_h5ad(path).obs["holdout"].to_numpy())
     fit, val, test = split_indices(split, 0.1, 0)
     assert not set(held) & (set(fit) | set(val)) and set(held) <= set(test)
-    conditions = [{"name": "state", "kind": "multi_component", "columns": ["cell_type", "condition"], "none_value": "ctrl"}]
+    conditions = [
+        {"name": "state", "kind": "multi_component", "columns": ["cell_type", "condition"], "none_value": "ctrl"}
+    ]
     data = read_training_data(path, "gene", conditions)
     pairs = set(zip(data["train_obs"]["cell_type"], data["train_obs"]["condition"]))
     assert ("A", "stim") not in pairs and {("A", "ctrl"), ("B", "stim")} <= pairs
@@ -101,7 +118,9 @@ def test_kang_holdout_never_reaches_training_files(tmp_path):
     full[np.sort(keep)].copy().write_h5ad(workdir / "kang.h5ad")
     config = yaml.safe_load((workdir / "config/benchmarks/kang_holdout.yaml").read_text())
     config["datasets"]["kang"].update(path="kang.h5ad")
-    config["diffusion"].update(max_steps=20, hidden=32, depth=1, gene_tokens=4, gene_token_dim=8, gene_encoder_hidden=32)
+    config["diffusion"].update(
+        max_steps=20, hidden=32, depth=1, gene_tokens=4, gene_token_dim=8, gene_encoder_hidden=32
+    )
     config["diffusion"]["sample"].update(steps=5)
     (workdir / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run_snakemake(workdir, "results/kang/diffusion/samples.h5ad")
@@ -115,5 +134,9 @@ def test_kang_holdout_never_reaches_training_files(tmp_path):
     held = (obs["cell_type"] == "CD4T") & (obs["condition"] == "stimulated")
     assert (obs.loc[held, "split"] == "test").all() and obs["holdout"].sum() == held.sum() > 0
     samples = ad.read_h5ad(workdir / "results/kang/diffusion/samples.h5ad").obs
-    assert len(samples) == held.sum() and set(zip(samples["cell_type"], samples["condition"])) == {("CD4T", "stimulated")}
-    assert json.loads((workdir / "results/kang/diffusion/summary.json").read_text())["requests"] == "held-out combinations"
+    assert len(samples) == held.sum() and set(zip(samples["cell_type"], samples["condition"])) == {
+        ("CD4T", "stimulated")
+    }
+    assert (
+        json.loads((workdir / "results/kang/diffusion/summary.json").read_text())["requests"] == "held-out combinations"
+    )

@@ -33,7 +33,9 @@ def write_10x_mtx(adata: ad.AnnData, folder):
         scipy.io.mmwrite(fh, sp.csr_matrix(adata.X).T.tocoo().astype(np.int64))
     features = pd.DataFrame({"id": adata.var["gene_ids"], "name": adata.var_names, "type": "Gene Expression"})
     features.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False, compression="gzip")
-    pd.Series(adata.obs_names).to_csv(folder / "barcodes.tsv.gz", sep="\t", header=False, index=False, compression="gzip")
+    pd.Series(adata.obs_names).to_csv(
+        folder / "barcodes.tsv.gz", sep="\t", header=False, index=False, compression="gzip"
+    )
 
 
 def write_10x_h5(adata: ad.AnnData, path):

@@ -31,7 +31,9 @@ def dataset(seed=0, n=30, genes=60, up=10):
 
 def score(counts, obs, held, generated, n_de=10):
     gen_obs = pd.DataFrame({"cell_type": ["A"] * len(generated), "condition": ["stim"] * len(generated)})
-    rows, _ = pred.evaluate_combination(counts, obs, held, generated, gen_obs, COMBO, NONE, n_de_genes=n_de, n_hvg=2000, n_pcs=10)
+    rows, _ = pred.evaluate_combination(
+        counts, obs, held, generated, gen_obs, COMBO, NONE, n_de_genes=n_de, n_hvg=2000, n_pcs=10
+    )
     return pd.DataFrame(rows).set_index(["method", "metric"])["value"]
 
 
@@ -81,7 +83,9 @@ def test_the_plot_has_a_row_per_combination(tmp_path):
     gen_obs = pd.DataFrame({"cell_type": ["A"] * int(held.sum()), "condition": ["stim"] * int(held.sum())})
     _, means = pred.evaluate_combination(counts, obs, held, counts[held], gen_obs, COMBO, NONE, n_de_genes=10, n_pcs=10)
     path = tmp_path / "scatter.png"
-    plot_prediction(path, {"A stim": means, "A stim again": means}, [f"g{i}" for i in range(counts.shape[1])], pred.METHODS)
+    plot_prediction(
+        path, {"A stim": means, "A stim again": means}, [f"g{i}" for i in range(counts.shape[1])], pred.METHODS
+    )
     from PIL import Image
 
     width, height = Image.open(path).size

@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -48,8 +49,16 @@ def _env() -> dict:
 
 
 def _command(out_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(TESTS / "train_tiny_se.py"), str(out_dir), "--max-steps", str(MAX_STEPS),
-            "--checkpoint-every", str(CHECKPOINT_EVERY), *extra]
+    return [
+        sys.executable,
+        str(TESTS / "train_tiny_se.py"),
+        str(out_dir),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+        *extra,
+    ]
 
 
 def interrupt_training(out_dir: Path, signum: int, after_step: int, timeout: float = 180) -> tuple[int, str]:
@@ -57,8 +66,9 @@ def interrupt_training(out_dir: Path, signum: int, after_step: int, timeout: flo
     checkpoint exists), and return (exit status, output)."""
     log_path = out_dir.parent / f"{out_dir.name}.{signum}.out"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_command(out_dir, "--step-delay", "0.25"), env=_env(), stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            _command(out_dir, "--step-delay", "0.25"), env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True
+        )
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -210,7 +220,12 @@ class StopAt(Callback):
                 raise RuntimeError(f"crash at step {self.step}")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if self.how == "signal-in-validation" and trainer.global_step == self.step and batch_idx == 0 and not trainer.sanity_checking:
+        if (
+            self.how == "signal-in-validation"
+            and trainer.global_step == self.step
+            and batch_idx == 0
+            and not trainer.sanity_checking
+        ):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -242,9 +257,17 @@ def _tiny_run(out: Path, stop: tuple[int, str] | None = None, monkeypatch=None, 
     def run():
         torch.manual_seed(123)  # torch's global stream before training must not matter
         module, cells, cfg = tiny_module(MAX_STEPS)
-        trainer = train_module.build_trainer(out, max_steps=MAX_STEPS, device="cpu", checkpoint_every_n_steps=every,
-                                             log_every_n_steps=1, enable_progress_bar=False)
-        train_module.fit(trainer, module, train_loader(cells, cfg.batch_size, seed=0), out_dir=out, settings={"run": "tiny"})
+        trainer = train_module.build_trainer(
+            out,
+            max_steps=MAX_STEPS,
+            device="cpu",
+            checkpoint_every_n_steps=every,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+        )
+        train_module.fit(
+            trainer, module, train_loader(cells, cfg.batch_size, seed=0), out_dir=out, settings={"run": "tiny"}
+        )
         return module
 
     if stop:
@@ -252,8 +275,11 @@ def _tiny_run(out: Path, stop: tuple[int, str] | None = None, monkeypatch=None, 
     return run()
 
 
-@pytest.mark.parametrize("stop", [(7, "signal"), (8, "signal"), (13, "crash"), (8, "crash")],
-                         ids=["signal-mid-epoch", "signal-epoch-end", "crash-after-checkpoint", "crash-at-checkpoint-epoch-end"])
+@pytest.mark.parametrize(
+    "stop",
+    [(7, "signal"), (8, "signal"), (13, "crash"), (8, "crash")],
+    ids=["signal-mid-epoch", "signal-epoch-end", "crash-after-checkpoint", "crash-at-checkpoint-epoch-end"],
+)
 def test_resumed_run_equals_the_uninterrupted_run(tmp_path, monkeypatch, stop):
     """Weights (torch.equal, every tensor) and the gathered loss log (every step once) of a run
     stopped at `stop` and re-run equal those of an uninterrupted run: the data order and each
@@ -275,7 +301,9 @@ def test_resumable_sampler_order_depends_on_seed_and_step_only():
         batcher, out = BatchSampler(sampler, 4, drop_last=True), []
         while start + len(out) < stop:
             it = iter(batcher)
-            out += [next(it) for _ in range(min(len(batcher) - (start + len(out)) % len(batcher), stop - start - len(out)))]
+            out += [
+                next(it) for _ in range(min(len(batcher) - (start + len(out)) % len(batcher), stop - start - len(out)))
+            ]
         return out
 
     full = batches(ResumableSampler(10, 4, seed=3, drop_last=True), 0, 7)  # 2 batches per epoch

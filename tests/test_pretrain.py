@@ -11,17 +11,37 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellfoundry.models.se_checkpoint import load_se, read_checkpoint_file
 from cellfoundry.models.se import energy_distance
+from cellfoundry.models.se_checkpoint import load_se, read_checkpoint_file
 from cellfoundry.se.data import sample_task_genes, subsample_sentence
 from cellfoundry.se.stage import run_pretrain_se, run_random_se
 from cellfoundry.tokenize import tokenize_h5ad
 from cellfoundry.vocab import build_random_vocab
 
 SE_CFG = dict(
-    model_folder=None, allow_unsafe_pickle=False, encoding="se", d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8, dropout=0.0,
-    pretrain=dict(max_steps=40, batch_size=16, lr=3e-3, weight_decay=0.01, warmup_steps=4, loss="mse", P=8, N=8, S=4,
-                  dataset_loss_weight=0.1, num_workers=0, sentence_genes=12),
+    model_folder=None,
+    allow_unsafe_pickle=False,
+    encoding="se",
+    d_model=16,
+    nhead=2,
+    d_hid=32,
+    nlayers=1,
+    output_dim=8,
+    dropout=0.0,
+    pretrain=dict(
+        max_steps=40,
+        batch_size=16,
+        lr=3e-3,
+        weight_decay=0.01,
+        warmup_steps=4,
+        loss="mse",
+        P=8,
+        N=8,
+        S=4,
+        dataset_loss_weight=0.1,
+        num_workers=0,
+        sentence_genes=12,
+    ),
     trainer=dict(devices=1, num_nodes=1, checkpoint_every_n_steps=20),
 )
 
@@ -66,7 +86,9 @@ def tiny_data(tmp_path_factory) -> dict:
         rates[kinds == f"t{k}", 20 * k : 20 * k + 20] = 6.0
     counts = rng.poisson(rates).astype(np.float32)
     genes = [f"G{i}" for i in range(60)]
-    obs = pd.DataFrame({"kind": kinds, "split": np.where(np.arange(90) % 5 == 0, "test", "train")}, index=[f"c{i}" for i in range(90)])
+    obs = pd.DataFrame(
+        {"kind": kinds, "split": np.where(np.arange(90) % 5 == 0, "test", "train")}, index=[f"c{i}" for i in range(90)]
+    )
     cells = root / "filtered.h5ad"
     ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(cells)
     vocab = build_random_vocab(genes, 16, seed=0)
@@ -79,7 +101,17 @@ def tiny_data(tmp_path_factory) -> dict:
 
 def pretrain(data: dict, out: Path, **overrides) -> Path:
     se = {**SE_CFG, "pretrain": {**SE_CFG["pretrain"], **overrides}}
-    run_pretrain_se([data["tokens"]], [data["cells"]], data["vocab"], out / "pretrained.ckpt", out / "losses.tsv", out / "work", se, 0, "cpu")
+    run_pretrain_se(
+        [data["tokens"]],
+        [data["cells"]],
+        data["vocab"],
+        out / "pretrained.ckpt",
+        out / "losses.tsv",
+        out / "work",
+        se,
+        0,
+        "cpu",
+    )
     return out
 
 
@@ -116,7 +148,10 @@ def test_random_model_has_the_same_architecture_and_seeded_weights(tiny_data, tm
     assert {k: v.shape for k, v in r1.items()} == {k: v.shape for k, v in trained.items()}
     assert all(torch.equal(r1[k], r2[k]) for k in r1)
     assert not torch.equal(r1["encoder.0.weight"], trained["encoder.0.weight"])
-    assert load_se(out / "r1.ckpt", gene_embeddings=tiny_data["vocab"])[1] == load_se(out / "pretrained.ckpt", gene_embeddings=tiny_data["vocab"])[1]
+    assert (
+        load_se(out / "r1.ckpt", gene_embeddings=tiny_data["vocab"])[1]
+        == load_se(out / "pretrained.ckpt", gene_embeddings=tiny_data["vocab"])[1]
+    )
 
 
 @pytest.mark.parametrize("stop", [(6, "signal"), (9, "crash")], ids=["signal", "crash-after-checkpoint"])
@@ -126,18 +161,33 @@ def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(tiny_data, 
     each step once. Dropout and sentence subsampling are on, so every random stream counts."""
     from test_preemption import assert_same_weights, interrupted
 
-    se = {**SE_CFG, "dropout": 0.1, "pretrain": {**SE_CFG["pretrain"], "max_steps": 12},  # 4 batches per epoch
-          "trainer": {**SE_CFG["trainer"], "checkpoint_every_n_steps": 4}}
+    se = {
+        **SE_CFG,
+        "dropout": 0.1,
+        "pretrain": {**SE_CFG["pretrain"], "max_steps": 12},  # 4 batches per epoch
+        "trainer": {**SE_CFG["trainer"], "checkpoint_every_n_steps": 4},
+    }
 
     def run(out: Path) -> None:
-        run_pretrain_se([tiny_data["tokens"]], [tiny_data["cells"]], tiny_data["vocab"], out / "pretrained.ckpt",
-                        out / "losses.tsv", out / "work", se, 0, "cpu")
+        run_pretrain_se(
+            [tiny_data["tokens"]],
+            [tiny_data["cells"]],
+            tiny_data["vocab"],
+            out / "pretrained.ckpt",
+            out / "losses.tsv",
+            out / "work",
+            se,
+            0,
+            "cpu",
+        )
 
     run(tmp_path / "reference")
     interrupted(monkeypatch, *stop, lambda: run(tmp_path / "resumed"))
     assert not (tmp_path / "resumed" / "losses.tsv").exists()
     run(tmp_path / "resumed")
-    reference, resumed = (read_checkpoint_file(tmp_path / d / "pretrained.ckpt")["state_dict"] for d in ("reference", "resumed"))
+    reference, resumed = (
+        read_checkpoint_file(tmp_path / d / "pretrained.ckpt")["state_dict"] for d in ("reference", "resumed")
+    )
     assert_same_weights(resumed, reference)
     expected = pd.read_csv(tmp_path / "reference" / "losses.tsv", sep="\t")
     assert list(expected["step"]) == list(range(12))

@@ -3,22 +3,20 @@
 
 from __future__ import annotations
 
-import os
-
 import anndata as ad
 import numpy as np
 import pytest
+from conftest import run_snakemake
 from test_diffusion import CONDITIONS, SAMPLE, SETTINGS, synthetic  # noqa: F401 - the fixture
 from test_embed import CKPT, FIXTURE, GENES, fixture_tokens  # noqa: F401 - the fixture
 from test_xpressor_stage import _train, inputs  # noqa: F401 - the fixture
 
-from cellfoundry import __version__, provenance as prov
+from cellfoundry import __version__
+from cellfoundry import provenance as prov
+from cellfoundry.provenance import provenance, read_provenance
 from cellfoundry.se.embed import embed_provenance, gather_shards, read_obs
 from cellfoundry.se.stage import run_embed
-from cellfoundry.provenance import provenance, read_provenance
 from cellfoundry.utils import file_sha256
-
-from conftest import run_snakemake
 
 
 def test_paths_below_the_working_directory_are_recorded_relative(tmp_path, monkeypatch):
@@ -33,8 +31,12 @@ def test_paths_below_the_working_directory_are_recorded_relative(tmp_path, monke
 
 def test_record_is_h5ad_safe_and_reads_back(tmp_path):
     config = {"batch_size": 64, "missing": None, "nested": {"steps": [1, 2]}}
-    record = provenance("embed", config, checkpoints={"se": CKPT, "other": None}, vocab=GENES, inputs={"cells": FIXTURE})
-    assert record["checkpoints"] == {"se": {"path": prov.recorded_path(CKPT), "sha256": file_sha256(CKPT)}}  # None left out
+    record = provenance(
+        "embed", config, checkpoints={"se": CKPT, "other": None}, vocab=GENES, inputs={"cells": FIXTURE}
+    )
+    assert record["checkpoints"] == {
+        "se": {"path": prov.recorded_path(CKPT), "sha256": file_sha256(CKPT)}
+    }  # None left out
     assert record["inputs"]["cells"]["size_bytes"] == sum(f.stat().st_size for f in FIXTURE.rglob("*") if f.is_file())
     adata = ad.AnnData(np.zeros((2, 3), np.float32))
     adata.uns["cellfoundry"] = record
@@ -69,7 +71,12 @@ def test_embed_outputs_carry_the_record(tmp_path, fixture_tokens):  # noqa: F811
     # the gathered output of shards records the same
     part = tmp_path / "part.npy"
     run_embed(CKPT, GENES, fixture_tokens, cells, part, {"batch_size": 64}, device="cpu", shards=1, shard=0)
-    gather_shards([part], read_obs(cells), tmp_path / "gathered.h5ad", uns=embed_provenance(CKPT, GENES, cells, fixture_tokens, {"batch_size": 64}))
+    gather_shards(
+        [part],
+        read_obs(cells),
+        tmp_path / "gathered.h5ad",
+        uns=embed_provenance(CKPT, GENES, cells, fixture_tokens, {"batch_size": 64}),
+    )
     assert read_provenance(tmp_path / "gathered.h5ad") == record
 
 
@@ -93,15 +100,34 @@ def test_xpressor_embedding_carries_the_record(inputs, tmp_path):  # noqa: F811
 
 
 def test_diffusion_samples_carry_the_record(synthetic, tmp_path):  # noqa: F811
-    from cellfoundry.diffusion.stage import run_diffusion_sample as run_sample, run_diffusion_train as run_train
+    from cellfoundry.diffusion.stage import run_diffusion_sample as run_sample
+    from cellfoundry.diffusion.stage import run_diffusion_train as run_train
 
     h5ad = synthetic / "filtered.h5ad"
-    run_train(h5ad, tmp_path / "model.ckpt", tmp_path / "train", {**SETTINGS, "token_space": "gene"}, CONDITIONS, seed=0, device="cpu")
-    run_sample(tmp_path / "model.ckpt", h5ad, tmp_path / "samples.h5ad", tmp_path / "summary.json",
-               {**SAMPLE, "guidance_check": False}, seed=0, device="cpu", config={"sample": {"steps": 5}})
+    run_train(
+        h5ad,
+        tmp_path / "model.ckpt",
+        tmp_path / "train",
+        {**SETTINGS, "token_space": "gene"},
+        CONDITIONS,
+        seed=0,
+        device="cpu",
+    )
+    run_sample(
+        tmp_path / "model.ckpt",
+        h5ad,
+        tmp_path / "samples.h5ad",
+        tmp_path / "summary.json",
+        {**SAMPLE, "guidance_check": False},
+        seed=0,
+        device="cpu",
+        config={"sample": {"steps": 5}},
+    )
     record = read_provenance(tmp_path / "samples.h5ad")
     assert record["stage"] == "diffusion_sample" and record["config"] == {"sample": {"steps": 5}}
-    assert record["checkpoints"] == {"diffusion": {"path": str(tmp_path / "model.ckpt"), "sha256": file_sha256(tmp_path / "model.ckpt")}}
+    assert record["checkpoints"] == {
+        "diffusion": {"path": str(tmp_path / "model.ckpt"), "sha256": file_sha256(tmp_path / "model.ckpt")}
+    }
     assert "vocab" not in record  # the gene token space uses no vocabulary
     assert record["inputs"]["cells"]["size_bytes"] == h5ad.stat().st_size
 

@@ -14,10 +14,16 @@ from cellfoundry.qc import annotate_genes, detect_doublets, mad_thresholds, run_
 from cellfoundry.utils import UserError
 
 BASE = {
-    "filter": "fixed", "min_genes": None, "max_genes": None, "min_counts": None, "max_counts": None,
-    "max_pct_mt": None, "max_pct_hb": None,
+    "filter": "fixed",
+    "min_genes": None,
+    "max_genes": None,
+    "min_counts": None,
+    "max_counts": None,
+    "max_pct_mt": None,
+    "max_pct_hb": None,
     "mad": {"n_mads": 3.0, "metrics": ["log1p_total_counts", "pct_counts_mt"]},
-    "min_cells": 0, "doublets": {"enabled": False, "expected_rate": 0.06, "threshold": None},
+    "min_cells": 0,
+    "doublets": {"enabled": False, "expected_rate": 0.06, "threshold": None},
     "test_fraction": 0.25,
 }
 
@@ -75,15 +81,19 @@ def test_fixed_thresholds_and_gene_filter():
     assert "G9" not in res.filtered.var_names and "G0" in res.filtered.var_names
     assert res.summary["steps"][-1]["genes_failing"] >= 1
     # raw counts are kept untouched in X
-    np.testing.assert_array_equal(res.filtered[:, "G0"].X.toarray().ravel(), adata[res.filtered.obs_names, "G0"].X.toarray().ravel())
+    np.testing.assert_array_equal(
+        res.filtered[:, "G0"].X.toarray().ravel(), adata[res.filtered.obs_names, "G0"].X.toarray().ravel()
+    )
 
 
 def test_mad_thresholds_are_per_batch():
-    obs = pd.DataFrame({
-        "batch": ["x"] * 50 + ["y"] * 50,
-        "log1p_total_counts": np.r_[np.full(49, 5.0), 9.0, np.full(49, 9.0), 9.1],
-        "pct_counts_mt": np.zeros(100),
-    })
+    obs = pd.DataFrame(
+        {
+            "batch": ["x"] * 50 + ["y"] * 50,
+            "log1p_total_counts": np.r_[np.full(49, 5.0), 9.0, np.full(49, 9.0), 9.1],
+            "pct_counts_mt": np.zeros(100),
+        }
+    )
     obs.loc[:48, "log1p_total_counts"] += np.linspace(-0.1, 0.1, 49)
     obs.loc[50:98, "log1p_total_counts"] += np.linspace(-0.1, 0.1, 49)
     th = mad_thresholds(obs, cfg(filter="mad"), "batch")
@@ -116,9 +126,18 @@ def test_demo_counts_are_integers_and_qc_keeps_most_cells():
     adata = pbmc68k_counts()
     assert adata.shape == (700, 765)
     assert np.array_equal(adata.X.data, np.round(adata.X.data))
-    res = run_qc(adata, cfg(min_genes=100, min_counts=300, max_pct_mt=20.0, min_cells=3,
-                            doublets={"enabled": True, "expected_rate": 0.06, "threshold": None}),
-                 cell_type="bulk_labels", seed=0)
+    res = run_qc(
+        adata,
+        cfg(
+            min_genes=100,
+            min_counts=300,
+            max_pct_mt=20.0,
+            min_cells=3,
+            doublets={"enabled": True, "expected_rate": 0.06, "threshold": None},
+        ),
+        cell_type="bulk_labels",
+        seed=0,
+    )
     assert 600 < res.filtered.n_obs < 700
     assert res.metrics["doublet_score"].notna().sum() == 700
     # every cell type is in both splits when it has two or more cells
@@ -138,7 +157,7 @@ def cells_with_doublets(n=5000, n_doublets=300, n_genes=2000, n_types=6, seed=0)
     n_single = n - n_doublets
     types = rng.integers(n_types, size=n_single + 2 * n_doublets)
     X = rng.poisson(profiles[types] * rng.lognormal(np.log(1500), 0.3, size=len(types))[:, None])
-    X = np.vstack([X[:n_single], X[n_single::2] + X[n_single + 1::2]]).astype(np.float32)
+    X = np.vstack([X[:n_single], X[n_single::2] + X[n_single + 1 :: 2]]).astype(np.float32)
     adata = ad.AnnData(X=sp.csr_matrix(X))
     adata.obs_names = [f"c{i}" for i in range(n)]
     return adata, np.r_[np.zeros(n_single, bool), np.ones(n_doublets, bool)]

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_workflow, run_snakemake
 
 DATA = REPO / "tests" / "data"

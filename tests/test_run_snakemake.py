@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, run_snakemake
 
 # The job records its sleep's pid, so the test can see that the process group was killed.
@@ -31,6 +30,9 @@ def test_a_timed_out_run_fails_alone_without_leaving_a_lock(tmp_path, monkeypatc
     assert not _running(int((tmp_path / "pid.txt").read_text()))  # the job went with snakemake
     # unlocked: a new snakemake in the workdir is not refused
     assert not list((tmp_path / ".snakemake" / "locks").glob("*"))
-    assert subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1"], cwd=tmp_path, capture_output=True).returncode == 0
+    assert (
+        subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1"], cwd=tmp_path, capture_output=True).returncode
+        == 0
+    )
     with pytest.raises(pytest.skip.Exception, match="timed out after 15 s"):
         run_snakemake(tmp_path, "done.txt")  # a dependent: skipped at once, with the cause

@@ -13,11 +13,11 @@ import scipy.io
 import scipy.sparse as sp
 import yaml
 from conftest import copy_workflow, run_snakemake
+from test_qc import cfg
 
 from cellfoundry.qc import run_qc
 from cellfoundry.samples import load_samples, read_sheet, sheet_inputs
 from cellfoundry.utils import UserError
-from test_qc import cfg
 
 
 def write_10x(folder, X, genes, barcodes):
@@ -111,9 +111,13 @@ def test_per_sample_overrides_of_thresholds_mad_and_doublets(tmp_path):
     # MAD windows per sample: a narrow window for s1 alone; doublets off for s3 alone
     big, _ = load_samples(three_samples(tmp_path / "big", (300, 250, 200), False, n_genes=300)[0], tmp_dir=tmp_path)
     # (structureless Poisson cells: scrublet's automatic threshold means nothing here, so a fixed one)
-    mad = run_qc(big, cfg(filter="mad", doublets={"enabled": True, "expected_rate": 0.06, "threshold": 0.99}),
-                 batch="sample", seed=0,
-                 sample_qc={"s1": {"mad": {"n_mads": 0.5}}, "s3": {"doublets": {"enabled": False}}})
+    mad = run_qc(
+        big,
+        cfg(filter="mad", doublets={"enabled": True, "expected_rate": 0.06, "threshold": 0.99}),
+        batch="sample",
+        seed=0,
+        sample_qc={"s1": {"mad": {"n_mads": 0.5}}, "s3": {"doublets": {"enabled": False}}},
+    )
     lost = 1 - mad.metrics["passed_qc"].groupby(big.obs["sample"], observed=True).mean()
     assert lost["s1"] > 0.5 and lost["s2"] < 0.2
     scored = mad.metrics["doublet_score"].notna().groupby(big.obs["sample"], observed=True).mean()
@@ -131,8 +135,13 @@ def test_qc_rule_reads_a_sample_sheet(tmp_path):
     sheet, counts = three_samples(work / "data" / "study", n_cells=(80, 70, 60))
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
     config["datasets"] = {"study": {"samples": "data/study/samples.tsv", "gene_join": "union"}}
-    config["qc"] = {"min_genes": 5, "min_counts": 20, "min_cells": 1, "doublets": {"enabled": False},
-                    "max_pct_mt": None}
+    config["qc"] = {
+        "min_genes": 5,
+        "min_counts": 20,
+        "min_cells": 1,
+        "doublets": {"enabled": False},
+        "max_pct_mt": None,
+    }
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     run_snakemake(work, "results/study/qc/summary.json")
     summary = json.loads((work / "results/study/qc/summary.json").read_text())

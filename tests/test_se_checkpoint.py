@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from cellfoundry.models.se import SEConfig, StateEmbedding
+from cellfoundry.models.se import SEConfig, StateEmbedding, TrainingHeads
 from cellfoundry.models.se_checkpoint import (
     link_checkpoint,
     load_se,
     read_checkpoint_file,
     save_se,
 )
-from cellfoundry.models.se import TrainingHeads
 from cellfoundry.tokenize import tokenize_anndata
 from cellfoundry.utils import UserError
 
@@ -32,12 +31,22 @@ GENES = FIXTURE / "protein_embeddings.pt"
 def embed_fixture_cells(model, cfg, vocab) -> np.ndarray:
     tokens = tokenize_anndata(ad.read_h5ad(FIXTURE / "cells.h5ad"), vocab, cfg.pad_length, "se", seed=0)
     with torch.inference_mode():
-        return model(torch.from_numpy(tokens.gene_ids.astype(np.int64)), torch.from_numpy(tokens.values), vocab.table).numpy()
+        return model(
+            torch.from_numpy(tokens.gene_ids.astype(np.int64)), torch.from_numpy(tokens.values), vocab.table
+        ).numpy()
 
 
 def test_embeddings_equal_the_reference_implementation():
     model, cfg, vocab = load_se(CKPT, gene_embeddings=GENES)
-    assert (cfg.token_dim, cfg.d_model, cfg.nhead, cfg.d_hid, cfg.nlayers, cfg.output_dim, cfg.pad_length) == (32, 64, 4, 128, 2, 48, 16)
+    assert (cfg.token_dim, cfg.d_model, cfg.nhead, cfg.d_hid, cfg.nlayers, cfg.output_dim, cfg.pad_length) == (
+        32,
+        64,
+        4,
+        128,
+        2,
+        48,
+        16,
+    )
     ours = embed_fixture_cells(model, cfg, vocab)
     reference = np.load(FIXTURE / "reference.npy")
     assert ours.shape == reference.shape == (8, 58)
@@ -100,7 +109,9 @@ def test_training_only_keys_are_ignored_and_needed(tmp_path):
     # the fixture holds binary_decoder.*, dataset_encoder.*, gene_embedding_layer.*, pe_embedding.*
     keys = read_checkpoint_file(CKPT)["state_dict"].keys()
     assert any(k.startswith("binary_decoder.") for k in keys) and "pe_embedding.weight" in keys
-    path = _write_modified(tmp_path, lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(("binary_decoder", "pe_embedding"))])
+    path = _write_modified(
+        tmp_path, lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(("binary_decoder", "pe_embedding"))]
+    )
     load_se(path, gene_embeddings=GENES)  # not needed for embedding
 
 
@@ -119,7 +130,14 @@ def test_saved_checkpoint_has_the_reference_layout_and_round_trips(tmp_path):
     torch.manual_seed(3)
     model = StateEmbedding(cfg).eval()
     path = tmp_path / "own.ckpt"
-    save_se(path, model, cfg, training_state=TrainingHeads(cfg).state_dict(), gene_embeddings=str(GENES), gene_table=vocab.table)
+    save_se(
+        path,
+        model,
+        cfg,
+        training_state=TrainingHeads(cfg).state_dict(),
+        gene_embeddings=str(GENES),
+        gene_table=vocab.table,
+    )
     ours = read_checkpoint_file(path)
     ref_shapes = {k: tuple(v.shape) for k, v in ref_ckpt["state_dict"].items()}
     assert {k: tuple(v.shape) for k, v in ours["state_dict"].items()} == ref_shapes
@@ -132,7 +150,9 @@ def test_saved_checkpoint_has_the_reference_layout_and_round_trips(tmp_path):
 
 
 def test_own_config_round_trips_scaled_encoding(tmp_path):
-    cfg = SEConfig(token_dim=32, d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8, pad_length=12, encoding="scaled")
+    cfg = SEConfig(
+        token_dim=32, d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8, pad_length=12, encoding="scaled"
+    )
     path = tmp_path / "scaled.ckpt"
     save_se(path, StateEmbedding(cfg), cfg)
     assert load_se(path, gene_embeddings=GENES)[1] == cfg

@@ -36,14 +36,22 @@ SE600M_KEYS = {
 }
 for i in range(16):
     p = f"transformer_encoder.layers.{i}."
-    SE600M_KEYS.update({
-        p + "qkv_proj.weight": (3 * D, D), p + "qkv_proj.bias": (3 * D,),
-        p + "out_proj.weight": (D, D), p + "out_proj.bias": (D,),
-        p + "norm1.weight": (D,), p + "norm1.bias": (D,),
-        p + "linear1.weight": (H, D), p + "linear1.bias": (H,),
-        p + "linear2.weight": (D, H), p + "linear2.bias": (D,),
-        p + "norm2.weight": (D,), p + "norm2.bias": (D,),
-    })
+    SE600M_KEYS.update(
+        {
+            p + "qkv_proj.weight": (3 * D, D),
+            p + "qkv_proj.bias": (3 * D,),
+            p + "out_proj.weight": (D, D),
+            p + "out_proj.bias": (D,),
+            p + "norm1.weight": (D,),
+            p + "norm1.bias": (D,),
+            p + "linear1.weight": (H, D),
+            p + "linear1.bias": (H,),
+            p + "linear2.weight": (D, H),
+            p + "linear2.bias": (D,),
+            p + "norm2.weight": (D,),
+            p + "norm2.bias": (D,),
+        }
+    )
 
 
 def tiny_cfg(**kw) -> SEConfig:
@@ -91,7 +99,9 @@ def test_decoder_on_cls_and_dataset_tokens_equals_full_decoder():
     ids, counts, table = tiny_inputs(cfg)
     outputs, _ = model.encode(ids, counts, table)
     full = model.decoder(outputs)  # what the reference does: every token through the decoder
-    expected = torch.cat([torch.nn.functional.normalize(full[:, 0], dim=-1), model.dataset_embedder(full[:, -1])], dim=-1)
+    expected = torch.cat(
+        [torch.nn.functional.normalize(full[:, 0], dim=-1), model.dataset_embedder(full[:, -1])], dim=-1
+    )
     torch.testing.assert_close(model(ids, counts, table), expected)
 
 
@@ -100,7 +110,12 @@ def test_gene_token_order_does_not_matter(encoding):
     cfg = tiny_cfg(encoding=encoding)
     model = StateEmbedding(cfg).eval()
     ids, counts, table = tiny_inputs(cfg)
-    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(cfg.pad_length - 1, generator=torch.Generator().manual_seed(1))])
+    perm = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.long),
+            1 + torch.randperm(cfg.pad_length - 1, generator=torch.Generator().manual_seed(1)),
+        ]
+    )
     with torch.inference_mode():
         a = model(ids, counts, table)
         b = model(ids[:, perm], counts[:, perm], table)

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import copy_workflow, run_snakemake
 from slurm_cluster import SlurmCluster, stop_leftovers, unavailable_reason
 from test_envs import parse_rules
@@ -43,15 +42,20 @@ pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 # comparison also shows that the gather keeps the cell order.
 EMBED_SHARDS = 2
 SLURM_TEST_ARGS = [
-    "--profile", "slurm",
-    "--sdm", "env-modules",
-    "--slurm-init-seconds-before-status-checks", "2",
-    "--slurm-status-command", "squeue",
+    "--profile",
+    "slurm",
+    "--sdm",
+    "env-modules",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
+    "--slurm-status-command",
+    "squeue",
     "--slurm-keep-successful-logs",
     "--verbose",
     # The placeholder GPU (/dev/null) hands GPU jobs CUDA_VISIBLE_DEVICES but no CUDA device:
     # device auto would rightly stop them (resolve_device), so the test runs them on the CPU on purpose.
-    "--config", "device=cpu",
+    "--config",
+    "device=cpu",
 ]
 # CPU rules whose memory comes from a GPU family's entry: random_se builds a model as large as
 # the embed jobs load (several GB for SE-600M) without needing a GPU.
@@ -80,7 +84,9 @@ def slurm_run(slurm, tmp_path_factory):
     """The whole demo through sbatch; returns (workdir, snakemake's combined output)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("slurm_demo"))
     config = workdir / "config" / "config.yaml"
-    text, n = re.subn(r"^(embed:.*(?:\n .*)*?\n\s+shards:\s*)\d+", rf"\g<1>{EMBED_SHARDS}", config.read_text(), count=1, flags=re.M)
+    text, n = re.subn(
+        r"^(embed:.*(?:\n .*)*?\n\s+shards:\s*)\d+", rf"\g<1>{EMBED_SHARDS}", config.read_text(), count=1, flags=re.M
+    )
     assert n == 1, "embed.shards not found in config/config.yaml"
     config.write_text(text)
     proc = run_snakemake(workdir, *SLURM_TEST_ARGS, check=False, timeout=2700)
@@ -90,8 +96,10 @@ def slurm_run(slurm, tmp_path_factory):
             f"--- {p.relative_to(workdir)}\n{p.read_text(errors='replace')[-2500:]}"
             for p in sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))
         )
-        pytest.fail(f"snakemake --profile slurm failed ({proc.returncode}):\n{output[-6000:]}\n"
-                    f"{slurm_logs[-8000:]}\n{slurm.tail_logs()}")
+        pytest.fail(
+            f"snakemake --profile slurm failed ({proc.returncode}):\n{output[-6000:]}\n"
+            f"{slurm_logs[-8000:]}\n{slurm.tail_logs()}"
+        )
     return workdir, output
 
 
@@ -113,7 +121,7 @@ def submissions(output: str) -> list[dict]:
     calls = SBATCH_CALL.findall(output)
     records = []
     for _, slurm_id, log_path in SUBMITTED.findall(output):
-        rule = next(p[len("rule_"):] for p in Path(log_path).parts if p.startswith("rule_"))
+        rule = next(p[len("rule_") :] for p in Path(log_path).parts if p.startswith("rule_"))
         # the plugin logs each call before submitting; its --output names the same log folder
         folder = str(Path(log_path).parent)
         call = next((c for c in calls if f"--output {folder}/" in c or f"--output '{folder}/" in c), "")
@@ -188,8 +196,9 @@ def _compare_h5ad(local: Path, remote: Path) -> None:
         xb = b.X.toarray() if sp.issparse(b.X) else np.asarray(b.X)
         np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6, err_msg=str(local))
     for key in a.obsm:
-        np.testing.assert_allclose(np.asarray(a.obsm[key]), np.asarray(b.obsm[key]), rtol=1e-4, atol=1e-5,
-                                   err_msg=f"{local}: obsm[{key}]")
+        np.testing.assert_allclose(
+            np.asarray(a.obsm[key]), np.asarray(b.obsm[key]), rtol=1e-4, atol=1e-5, err_msg=f"{local}: obsm[{key}]"
+        )
     assert a.obs.columns.tolist() == b.obs.columns.tolist()
 
 
@@ -198,7 +207,8 @@ def test_results_match_a_local_run(slurm_run, demo_all):
     local_results = demo_all / "results"
     # benchmark files name the jobs that ran (sharded embed here, one embed job locally)
     local_files = sorted(
-        rel for rel in (p.relative_to(local_results) for p in local_results.rglob("*") if p.is_file())
+        rel
+        for rel in (p.relative_to(local_results) for p in local_results.rglob("*") if p.is_file())
         if "benchmarks" not in rel.parts
     )
     assert local_files, "the local run wrote nothing"
@@ -244,9 +254,23 @@ def test_cancelled_training_job_is_retried_with_more_memory_and_resumes(slurm, t
     (retries: 1) with twice the memory, and training continues from the saved step."""
     script = Path(__file__).resolve().parent / "train_tiny_se.py"
     (tmp_path / "Snakefile").write_text(PREEMPT_SNAKEFILE.format(python=sys.executable, script=script))
-    command = [str(Path(sys.executable).parent / "snakemake"), "--executor", "slurm", "--jobs", "1",
-               "--retries", "1", "--workflow-profile", "none", "--slurm-init-seconds-before-status-checks", "2",
-               "--slurm-status-command", "squeue", "--latency-wait", "5"]
+    command = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "--executor",
+        "slurm",
+        "--jobs",
+        "1",
+        "--retries",
+        "1",
+        "--workflow-profile",
+        "none",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-status-command",
+        "squeue",
+        "--latency-wait",
+        "5",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, ckpt = tmp_path / "logs" / "train.log", tmp_path / "train" / "checkpoints" / "last.ckpt"
@@ -254,7 +278,8 @@ def test_cancelled_training_job_is_retried_with_more_memory_and_resumes(slurm, t
         deadline = time.monotonic() + 240
         while not (ckpt.exists() and log.exists() and "step 8\n" in log.read_text()):
             assert time.monotonic() < deadline and run.poll() is None, (
-                f"training never got going:\n{log.read_text() if log.exists() else ''}\n{slurm.tail_logs()}")
+                f"training never got going:\n{log.read_text() if log.exists() else ''}\n{slurm.tail_logs()}"
+            )
             time.sleep(0.2)
         queue = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True).stdout
         first_jobs = [line.split()[0] for line in queue.splitlines() if line.split()[1:] == ["rule_train"]]
@@ -317,24 +342,45 @@ def test_two_process_ddp_training_inside_one_slurm_job(slurm, tmp_path):
     (--ntasks=2), whose one-task script starts its own srun step of 2 gloo processes; both ranks
     train in lockstep and rank 0's checkpoint loads into a fresh module."""
     import torch
-
     from train_tiny_se import tiny_module, weights_checksum
 
     steps = 6
     tests = Path(__file__).resolve().parent
     (tmp_path / "Snakefile").write_text(DDP_SNAKEFILE.format(src=str(tests.parent / "src")))
     (tmp_path / "train_script.py").write_text(DDP_SCRIPT.format(steps=steps))
-    command = [str(Path(sys.executable).parent / "snakemake"), "--executor", "slurm", "--jobs", "1",
-               "--workflow-profile", "none", "--slurm-init-seconds-before-status-checks", "2",
-               "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", "--latency-wait", "5", "--verbose"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    command = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "--executor",
+        "slurm",
+        "--jobs",
+        "1",
+        "--workflow-profile",
+        "none",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-keep-successful-logs",
+        "--latency-wait",
+        "5",
+        "--verbose",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)]),
+    }
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     log = tmp_path / "logs" / "train.log"
     log_text = log.read_text() if log.exists() else ""
-    slurm_logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
-    assert proc.returncode == 0, f"{output[-5000:]}\n--- rule log\n{log_text[-4000:]}\n--- SLURM log\n{slurm_logs}\n{slurm.tail_logs()}"
+    slurm_logs = "\n".join(
+        p.read_text(errors="replace")[-3000:] for p in (tmp_path / ".snakemake" / "slurm_logs").rglob("*.log")
+    )
+    assert proc.returncode == 0, (
+        f"{output[-5000:]}\n--- rule log\n{log_text[-4000:]}\n--- SLURM log\n{slurm_logs}\n{slurm.tail_logs()}"
+    )
 
     (record,) = submissions(output)
     assert "--ntasks=2" in record["call"].split("--wrap", 1)[0], record["call"]
@@ -342,7 +388,10 @@ def test_two_process_ddp_training_inside_one_slurm_job(slurm, tmp_path):
     assert "starting 2 DDP processes" in log_text and "srun --overlap" in log_text, log_text[-3000:]
     assert "DDP rank 0/2 started" in log_text and "DDP rank 1/2 started" in log_text, log_text[-3000:]
     ranks = [json.loads((tmp_path / "train" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(r["world_size"], r["rank"], r["start_step"], r["final_step"]) for r in ranks] == [(2, 0, 0, steps), (2, 1, 0, steps)]
+    assert [(r["world_size"], r["rank"], r["start_step"], r["final_step"]) for r in ranks] == [
+        (2, 0, 0, steps),
+        (2, 1, 0, steps),
+    ]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced
 
     ckpt = torch.load(tmp_path / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

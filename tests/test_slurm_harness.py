@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-
 import slurm_cluster
 from slurm_cluster import MARKER, SlurmCluster, unavailable_reason
 
@@ -73,10 +72,14 @@ def test_daemons_recorded_by_a_killed_run_are_stopped_at_the_next_start(pidfile,
     foreign = sleepers(302)  # a daemon these tests did not start: not in the pidfile
     reused = sleepers(303)  # a recorded pid now running another program
     pidfile.parent.mkdir()
-    pidfile.write_text(json.dumps([
-        {"name": "slurmctld", "pid": left.pid, "cmdline": ["sleep", "301"]},
-        {"name": "slurmd", "pid": reused.pid, "cmdline": ["/usr/sbin/slurmd"]},
-    ]))
+    pidfile.write_text(
+        json.dumps(
+            [
+                {"name": "slurmctld", "pid": left.pid, "cmdline": ["sleep", "301"]},
+                {"name": "slurmd", "pid": reused.pid, "cmdline": ["/usr/sbin/slurmd"]},
+            ]
+        )
+    )
     assert slurm_cluster.stop_leftovers() == [left.pid]
     assert left.wait(timeout=10) == -signal.SIGTERM
     assert foreign.poll() is None and reused.poll() is None

@@ -27,8 +27,18 @@ from train_tiny_se import report_rank, train  # noqa: E402
 def test_srun_command_for_two_nodes_of_two_gpus():
     command = slurm.srun_command(2, 2, ["python", "-m", "cellfoundry.launch", "--entry", "m:f"])
     assert command == [
-        "srun", "--overlap", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "--export=ALL",
-        "python", "-m", "cellfoundry.launch", "--entry", "m:f",
+        "srun",
+        "--overlap",
+        "--nodes=2",
+        "--ntasks=4",
+        "--ntasks-per-node=2",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        "python",
+        "-m",
+        "cellfoundry.launch",
+        "--entry",
+        "m:f",
     ]
     assert slurm.srun_command(4, 1, ["x"])[1:5] == ["--overlap", "--nodes=1", "--ntasks=4", "--ntasks-per-node=4"]
 
@@ -56,11 +66,22 @@ def test_training_resources_follow_the_trainer_settings():
     keys = dict(trainer_key="se.trainer", resources_key="resources.pretrain_se")
     assert slurm.training_resources({"gpu": 1}, 1, 1, **keys) == {"gpu": 1}
     assert slurm.training_resources({"gpu": 4, "tasks": 4, "gpu_model": "a100", "cpus_per_gpu": 8}, 4, 1, **keys) == {
-        "gpu": 4, "tasks_per_gpu": 1, "nodes": 1, "gpu_model": "a100", "cpus_per_gpu": 8}
+        "gpu": 4,
+        "tasks_per_gpu": 1,
+        "nodes": 1,
+        "gpu_model": "a100",
+        "cpus_per_gpu": 8,
+    }
     assert slurm.training_resources({"gpu": 8, "tasks": 8, "nodes": 2, "gpu_model": "h100"}, 4, 2, **keys) == {
-        "gres": "gpu:h100:4", "tasks_per_gpu": 1, "nodes": 2}
+        "gres": "gpu:h100:4",
+        "tasks_per_gpu": 1,
+        "nodes": 2,
+    }
     assert slurm.training_resources({"gpu": 0, "tasks": 2}, 2, 1, **keys) == {"tasks": 2, "nodes": 1}
-    assert slurm.inference_resources({"gpu": 8, "tasks": 8, "nodes": 2, "gpu_model": "h100"}) == {"gpu": 1, "gpu_model": "h100"}
+    assert slurm.inference_resources({"gpu": 8, "tasks": 8, "nodes": 2, "gpu_model": "h100"}) == {
+        "gpu": 1,
+        "gpu_model": "h100",
+    }
 
 
 def test_inconsistent_resources_name_the_keys_to_fix():
@@ -68,8 +89,12 @@ def test_inconsistent_resources_name_the_keys_to_fix():
     with pytest.raises(slurm.ResourceMismatch) as err:
         slurm.training_resources({"gpu": 4, "tasks": None, "nodes": 1}, 4, 2, **keys)
     message = str(err.value)
-    for expected in ("resources.xpressor.tasks must be 8", "resources.xpressor.nodes must be 2",
-                     "resources.xpressor.gpu must be 8", "{gpu: 8, tasks: 8, nodes: 2}"):
+    for expected in (
+        "resources.xpressor.tasks must be 8",
+        "resources.xpressor.nodes must be 2",
+        "resources.xpressor.gpu must be 8",
+        "{gpu: 8, tasks: 8, nodes: 2}",
+    ):
         assert expected in message, message
     with pytest.raises(slurm.ResourceMismatch, match="tasks is 4"):
         slurm.training_resources({"gpu": 1, "tasks": 4}, 1, 1, **keys)
@@ -83,7 +108,12 @@ class _Resources(dict):
     "res, devices, num_nodes, expected",
     [
         ({"gpu": 4, "tasks": 4}, 4, 1, ["--gpus=4", "--ntasks-per-gpu=1", "--nodes=1"]),
-        ({"gpu": 8, "tasks": 8, "nodes": 2, "gpu_model": "h100"}, 4, 2, ["--gres=gpu:h100:4", "--ntasks-per-gpu=1", "--nodes=2"]),
+        (
+            {"gpu": 8, "tasks": 8, "nodes": 2, "gpu_model": "h100"},
+            4,
+            2,
+            ["--gres=gpu:h100:4", "--ntasks-per-gpu=1", "--nodes=2"],
+        ),
         ({"gpu": 0, "tasks": 2}, 2, 1, ["--ntasks=2", "--nodes=1"]),
     ],
 )
@@ -91,8 +121,9 @@ def test_the_slurm_plugin_turns_them_into_one_task_per_gpu(res, devices, num_nod
     """What snakemake-executor-plugin-slurm submits for these resources (its own functions)."""
     submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
     plugin = pytest.importorskip("snakemake_executor_plugin_slurm.utils")
-    resources = _Resources(mem_mb=1000, runtime=10, **slurm.training_resources(
-        res, devices, num_nodes, trainer_key="t", resources_key="r"))
+    resources = _Resources(
+        mem_mb=1000, runtime=10, **slurm.training_resources(res, devices, num_nodes, trainer_key="t", resources_key="r")
+    )
     job = SimpleNamespace(resources=resources, threads=2)
     params = dict(run_uuid="u", slurm_logfile="l", comment_str="c", account="", partition="", workdir="")
     call = submit_string.get_submit_command(job, params) + plugin.set_gres_string(job)
@@ -103,8 +134,17 @@ def test_the_slurm_plugin_turns_them_into_one_task_per_gpu(res, devices, num_nod
 
 
 def test_the_new_step_does_not_inherit_the_callers_step_settings():
-    env = slurm.step_environment({"SLURM_JOB_ID": "9", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_GPU": "1", "SLURM_CPUS_PER_TASK": "2",
-                                  "SLURM_CONF": "/etc/slurm/slurm.conf", "SRUN_CPUS_PER_TASK": "2", "PATH": "/bin"})
+    env = slurm.step_environment(
+        {
+            "SLURM_JOB_ID": "9",
+            "SLURM_NTASKS": "1",
+            "SLURM_NTASKS_PER_GPU": "1",
+            "SLURM_CPUS_PER_TASK": "2",
+            "SLURM_CONF": "/etc/slurm/slurm.conf",
+            "SRUN_CPUS_PER_TASK": "2",
+            "PATH": "/bin",
+        }
+    )
     assert env == {"SLURM_JOB_ID": "9", "SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin"}
 
 
@@ -140,7 +180,9 @@ def fake_slurm_job(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho \"JobId=42 NumNodes=${FAKE_NODES:-1} NumCPUs=${FAKE_CPUS:-2} NumTasks=2\"\n")
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\necho "JobId=42 NumNodes=${FAKE_NODES:-1} NumCPUs=${FAKE_CPUS:-2} NumTasks=2"\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
@@ -149,8 +191,14 @@ def fake_slurm_job(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SRC), str(TESTS)]))
     monkeypatch.setenv("FAKE_SRUN_RECORD", str(tmp_path / "srun.json"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for key, value in {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "snakejob",
-                       "SLURM_NTASKS_PER_GPU": "1", "SLURM_CPUS_PER_TASK": "2"}.items():
+    for key, value in {
+        "SLURM_JOB_ID": "42",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_JOB_NAME": "snakejob",
+        "SLURM_NTASKS_PER_GPU": "1",
+        "SLURM_CPUS_PER_TASK": "2",
+    }.items():
         monkeypatch.setenv(key, value)
     return tmp_path
 
@@ -159,13 +207,30 @@ def test_run_stage_in_a_slurm_job_starts_one_process_per_rank(fake_slurm_job, ca
     caplog.set_level(logging.INFO, logger="cellfoundry")
     out, log = fake_slurm_job / "out", fake_slurm_job / "train.log"
     out.mkdir()
-    run_stage(report_rank, {"out_dir": str(out)}, trainer={"devices": 2, "num_nodes": 1}, log_path=log, threads=1,
-              trainer_key="se.trainer", resources_key="resources.pretrain_se")
+    run_stage(
+        report_rank,
+        {"out_dir": str(out)},
+        trainer={"devices": 2, "num_nodes": 1},
+        log_path=log,
+        threads=1,
+        trainer_key="se.trainer",
+        resources_key="resources.pretrain_se",
+    )
     srun = json.loads((fake_slurm_job / "srun.json").read_text())
-    assert srun["opts"] == {"overlap": "", "nodes": "1", "ntasks": "2", "ntasks-per-node": "2", "kill-on-bad-exit": "1", "export": "ALL"}
+    assert srun["opts"] == {
+        "overlap": "",
+        "nodes": "1",
+        "ntasks": "2",
+        "ntasks-per-node": "2",
+        "kill-on-bad-exit": "1",
+        "export": "ALL",
+    }
     assert srun["inherited"] == ["SLURM_JOB_ID"]  # the caller's step settings are not passed on
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(r["SLURM_PROCID"], r["SLURM_LOCALID"], r["SLURM_NTASKS"]) for r in ranks] == [("0", "0", "2"), ("1", "1", "2")]
+    assert [(r["SLURM_PROCID"], r["SLURM_LOCALID"], r["SLURM_NTASKS"]) for r in ranks] == [
+        ("0", "0", "2"),
+        ("1", "1", "2"),
+    ]
     assert all(r["SLURM_NTASKS_PER_GPU"] is None for r in ranks)
     assert "starting 2 DDP processes (2 per node on 1 node(s)) in a new step of SLURM job 42: " in caplog.text
     assert "/srun --overlap --nodes=1 --ntasks=2 --ntasks-per-node=2" in caplog.text
@@ -176,7 +241,12 @@ def test_run_stage_in_a_slurm_job_starts_one_process_per_rank(fake_slurm_job, ca
 def test_a_failing_rank_fails_the_rule_with_its_traceback_in_the_log(fake_slurm_job, caplog):
     log = fake_slurm_job / "train.log"
     with pytest.raises(SystemExit) as ended:
-        run_stage(report_rank, {"out_dir": str(fake_slurm_job), "fail_on_rank": 1}, trainer={"devices": 2, "num_nodes": 1}, log_path=log)
+        run_stage(
+            report_rank,
+            {"out_dir": str(fake_slurm_job), "fail_on_rank": 1},
+            trainer={"devices": 2, "num_nodes": 1},
+            log_path=log,
+        )
     assert ended.value.code == 1
     assert "rank 1 failed" in log.read_text() and "RuntimeError: rank 1 fails on purpose" in log.read_text()
     assert "the 2 DDP processes of train_tiny_se:report_rank ended with status 1" in caplog.text
@@ -185,7 +255,15 @@ def test_a_failing_rank_fails_the_rule_with_its_traceback_in_the_log(fake_slurm_
 def test_a_job_without_room_for_the_ranks_is_a_user_error(fake_slurm_job, monkeypatch):
     monkeypatch.setenv("FAKE_NODES", "1")
     monkeypatch.setenv("FAKE_CPUS", "2")
-    with pytest.raises(UserError, match=r"job has 1 node.*num_nodes=2.*job has 2 CPU.*resources.diffusion: \{gpu: 4, tasks: 4, nodes: 2\}"):
-        run_stage(report_rank, {"out_dir": "x"}, trainer={"devices": 2, "num_nodes": 2},
-                  trainer_key="diffusion.trainer", resources_key="resources.diffusion")
+    with pytest.raises(
+        UserError,
+        match=r"job has 1 node.*num_nodes=2.*job has 2 CPU.*resources.diffusion: \{gpu: 4, tasks: 4, nodes: 2\}",
+    ):
+        run_stage(
+            report_rank,
+            {"out_dir": "x"},
+            trainer={"devices": 2, "num_nodes": 2},
+            trainer_key="diffusion.trainer",
+            resources_key="resources.diffusion",
+        )
     assert not (fake_slurm_job / "srun.json").exists()

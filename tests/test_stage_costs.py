@@ -7,7 +7,6 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_workflow, run_snakemake
 
 
@@ -34,7 +33,9 @@ def _dry_run_benchmarks(work):
     out = run_snakemake(work, "-n", "--forceall").stdout
     jobs = out.split("\nrule ")[1:]
     declared = {b for job in jobs if not job.startswith("stage_costs:") for b in re.findall(r"benchmark: (\S+)", job)}
-    gathered = {p for job in jobs if job.startswith("stage_costs:") for p in re.search(r"input: (.*)", job)[1].split(", ")}
+    gathered = {
+        p for job in jobs if job.startswith("stage_costs:") for p in re.search(r"input: (.*)", job)[1].split(", ")
+    }
     return declared, gathered
 
 

@@ -100,17 +100,17 @@ def synthetic(n_cells=40, n_genes=60, seed=1):
     density = rng.uniform(0.05, 0.9, size=(n_cells, 1))
     X = (rng.random((n_cells, n_genes)) < density) * rng.integers(1, 6, size=(n_cells, n_genes))
     X = X.astype(np.float32)
-    X[0] = 0                                         # empty cell: all fillers, uniform weights
+    X[0] = 0  # empty cell: all fillers, uniform weights
     X[1] = 0
-    X[1, [2, 5]] = [40, 3]                           # nearly empty, raw (max > 35)
-    X[2] = np.log1p(X[2])                            # already log1p: must not be logged twice
-    X[3, :] = 2                                      # every gene expressed and tied
-    X[4, 7] = -3                                     # negatives are clipped
+    X[1, [2, 5]] = [40, 3]  # nearly empty, raw (max > 35)
+    X[2] = np.log1p(X[2])  # already log1p: must not be logged twice
+    X[3, :] = 2  # every gene expressed and tied
+    X[4, 7] = -3  # negatives are clipped
     X[5] = 0
-    X[5, :10] = 14                                   # max <= 35 but sum(expm1) > 5e6: raw counts
+    X[5, :10] = 14  # max <= 35 but sum(expm1) > 5e6: raw counts
     X[5, 0] = 3
     X[6] = 0
-    X[6, :40] = 10                                   # max <= 35, sum(expm1) < 5e6: taken as log1p
+    X[6, :40] = 10  # max <= 35, sum(expm1) < 5e6: taken as log1p
     X[6, 0] = 2
     return X
 
@@ -227,10 +227,31 @@ def test_tokenize_h5ad_folder_workers_and_read(tmp_path):
     adata = make_adata(X)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     vocab = vocab_for(X.shape[1])
-    row = tokenize_h5ad(tmp_path / "cells.h5ad", tmp_path / "t1", vocab, 16, "se", seed=4, chunk_size=7,
-                        min_coverage=0.5, dataset="toy", source_hash="abc")
-    tokenize_h5ad(tmp_path / "cells.h5ad", tmp_path / "t2", vocab, 16, "se", seed=4, chunk_size=4, workers=2,
-                  min_coverage=0.5, dataset="toy", source_hash="abc")
+    row = tokenize_h5ad(
+        tmp_path / "cells.h5ad",
+        tmp_path / "t1",
+        vocab,
+        16,
+        "se",
+        seed=4,
+        chunk_size=7,
+        min_coverage=0.5,
+        dataset="toy",
+        source_hash="abc",
+    )
+    tokenize_h5ad(
+        tmp_path / "cells.h5ad",
+        tmp_path / "t2",
+        vocab,
+        16,
+        "se",
+        seed=4,
+        chunk_size=4,
+        workers=2,
+        min_coverage=0.5,
+        dataset="toy",
+        source_hash="abc",
+    )
     t1 = read_tokens(tmp_path / "t1", vocab_hash=vocab.hash)
     t2 = read_tokens(tmp_path / "t2", vocab_hash=vocab.hash)
     mem = tokenize_anndata(adata, vocab, 16, "se", seed=4)
@@ -339,8 +360,18 @@ def test_direct_and_plain_writes_give_the_same_files(tmp_path, monkeypatch, L):
     for direct, chunk_size, workers in ((False, 300, 1), (True, 7, 1), (True, 64, 2), (True, 300, 1)):
         monkeypatch.setattr(tok, "DIRECT_IO", direct)
         out = tmp_path / f"t_{direct}_{chunk_size}_{workers}"
-        tokenize_h5ad(tmp_path / "cells.h5ad", out, vocab, L, "se", seed=4, chunk_size=chunk_size, workers=workers,
-                      min_coverage=0.5, dataset="toy")
+        tokenize_h5ad(
+            tmp_path / "cells.h5ad",
+            out,
+            vocab,
+            L,
+            "se",
+            seed=4,
+            chunk_size=chunk_size,
+            workers=workers,
+            min_coverage=0.5,
+            dataset="toy",
+        )
         folders.append(out)
     for other in folders[1:]:
         for name in ("gene_ids.npy", "values.npy", "n_expressed.npy"):
@@ -385,8 +416,8 @@ def test_raw_counts_near_expm1_overflow_give_no_warning(method):
     # with many genes expressed; the tokens stay those of the per-cell reference.
     X = synthetic(n_cells=8, n_genes=300)
     X[7, :] = 1
-    X[7, 0] = 708                                      # expm1 finite, 300 * expm1 is not
-    X[6, 0] = 800                                      # expm1 itself is inf (already ignored)
+    X[7, 0] = 708  # expm1 finite, 300 * expm1 is not
+    X[6, 0] = 800  # expm1 itself is inf (already ignored)
     l2g = vocab_for(300).lookup([f"G{i}" for i in range(300)])
     import warnings
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_snakemake
 
 from cellfoundry.tokenize import CLS_ID, read_tokens
 from cellfoundry.vocab import GeneVocab
-from conftest import run_snakemake
 
 
 @pytest.mark.workflow
@@ -32,8 +32,10 @@ def test_tokenize_stage_on_demo(demo_workdir):
     assert cov.loc[0, "n_genes_matched"] == cells.n_vars and cov.loc[0, "fraction_counts_covered"] == 1.0
     # the top token of the first cell is its most expressed gene
     x = np.asarray(cells.X[0].todense()).ravel()
-    assert vocab.symbols[tokens.gene_ids[0, 1]] == cells.var_names[np.argmax(x)] or \
-        x[cells.var_names.get_loc(vocab.symbols[tokens.gene_ids[0, 1]])] == x.max()
+    assert (
+        vocab.symbols[tokens.gene_ids[0, 1]] == cells.var_names[np.argmax(x)]
+        or x[cells.var_names.get_loc(vocab.symbols[tokens.gene_ids[0, 1]])] == x.max()
+    )
     assert json.loads((demo_workdir / "results/pbmc68k/tokens/attrs.json").read_text())["n_cells"] == cells.n_obs
     log = (demo_workdir / "logs/pbmc68k/tokenize.log").read_text()
     assert "genes matched" in log and "cells/s" in log

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import copy_workflow, run_snakemake
 
 
@@ -40,7 +39,9 @@ def _tiny_config(work, datasets):
     cfg["se"].update(d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8)
     cfg["se"]["pretrain"].update(max_steps=4, warmup_steps=1, batch_size=8, P=8, N=4, S=4, sentence_genes=16)
     cfg["embed"].update(pca_components=5)
-    cfg["xpressor"].update(n_latent=2, d_model=16, n_blocks=1, n_heads=2, adapter_hidden=16, max_epochs=1, batch_size=64, genes_per_step=32)
+    cfg["xpressor"].update(
+        n_latent=2, d_model=16, n_blocks=1, n_heads=2, adapter_hidden=16, max_epochs=1, batch_size=64, genes_per_step=32
+    )
     cfg["diffusion"].update(hidden=32, depth=1, heads=2, max_steps=4, log_every_n_steps=1)
     cfg["diffusion"]["sample"].update(steps=2)
     cfg["evaluate"].update(leiden_resolutions=[0.5, 1.0], n_folds=2, pca={"n_hvg": 100, "n_pcs": 5})
@@ -102,21 +103,45 @@ def test_unlabelled_dataset_runs_to_the_report_beside_a_broken_one(kept_going):
     # every job wrote its benchmark file, and costs.tsv has one row per job behind the dataset
     # (shared ones included; stage_costs itself has none: it runs after the table's jobs)
     costs = pd.read_csv(res / "eval" / "costs.tsv", sep="\t")
-    written = {p.stem for p in [*(res / "benchmarks").glob("*.tsv"), *(work / "results" / "shared" / "benchmarks").glob("*.tsv")]}
+    written = {
+        p.stem
+        for p in [*(res / "benchmarks").glob("*.tsv"), *(work / "results" / "shared" / "benchmarks").glob("*.tsv")]
+    }
     assert sorted(costs["job"]) == sorted(written - {"stage_costs"})
     assert set(costs["rule"]) == {
-        "build_vocab", "pretrain_se", "random_se", "qc", "tokenize", "embed", "embed_umap", "embed_knn",
-        "xpressor_train", "xpressor_encode", "evaluate_embeddings", "evaluate_xpressor",
-        "diffusion_train", "diffusion_sample", "evaluate_generation",
+        "build_vocab",
+        "pretrain_se",
+        "random_se",
+        "qc",
+        "tokenize",
+        "embed",
+        "embed_umap",
+        "embed_knn",
+        "xpressor_train",
+        "xpressor_encode",
+        "evaluate_embeddings",
+        "evaluate_xpressor",
+        "diffusion_train",
+        "diffusion_sample",
+        "evaluate_generation",
     }
     assert len(costs) == 17 and (costs["wall_s"] > 0).all() and costs["wall_share"].sum() == pytest.approx(1, abs=0.01)
-    assert costs.set_index("job").loc[["build_vocab", "pretrain_se", "qc"], "scope"].tolist() == ["shared", "shared", "dataset"]
+    assert costs.set_index("job").loc[["build_vocab", "pretrain_se", "qc"], "scope"].tolist() == [
+        "shared",
+        "shared",
+        "dataset",
+    ]
     assert costs["max_rss_mb"].max() > 50  # a python process with torch or scanpy loaded
 
     # the report builds from the finished dataset and says which label metrics were skipped
     report = work / "report.html"
     # (rule all's report needs every dataset's files: name the finished dataset's targets)
-    run_snakemake(work, "--report", str(report), *(f"results/unl/{n}" for n in ("eval/embeddings.json", "eval/generation.json", "embed/knn_accuracy.json")))
+    run_snakemake(
+        work,
+        "--report",
+        str(report),
+        *(f"results/unl/{n}" for n in ("eval/embeddings.json", "eval/generation.json", "embed/knn_accuracy.json")),
+    )
     html = report.read_text()
     assert "No cell-type labels" in html and "No diffusion conditions" in html and "Skipped</strong>" in html
 

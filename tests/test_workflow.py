@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import BIN, REPO, copy_workflow, run_snakemake
 
 

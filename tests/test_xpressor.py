@@ -7,6 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from cellfoundry.evaluate.knn import knn_split_accuracy
+from cellfoundry.evaluate.reconstruction import reconstruction_metrics
 from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.xpressor import (
     Attention,
@@ -23,8 +25,6 @@ from cellfoundry.models.xpressor import (
     zinb_log_prob,
 )
 from cellfoundry.utils import UserError, file_sha256
-from cellfoundry.evaluate.knn import knn_split_accuracy
-from cellfoundry.evaluate.reconstruction import reconstruction_metrics
 from cellfoundry.xpressor.data import (
     CellBatches,
     CellData,

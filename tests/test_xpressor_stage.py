@@ -144,8 +144,11 @@ def test_resolve_label_columns_maps_roles():
     assert resolve_label_columns(["cell_type", "batch", "donor"], ds) == ["bulk_labels", "donor"]
 
 
-@pytest.mark.parametrize("stop", [(14, "signal"), (20, "signal-in-validation"), (11, "crash")],
-                         ids=["signal", "signal-in-validation", "crash-after-checkpoint-before-validation"])
+@pytest.mark.parametrize(
+    "stop",
+    [(14, "signal"), (20, "signal-in-validation"), (11, "crash")],
+    ids=["signal", "signal-in-validation", "crash-after-checkpoint-before-validation"],
+)
 def test_interrupted_training_resumes_to_the_uninterrupted_result(inputs, tmp_path, monkeypatch, stop):
     """xpressor_train stopped (SIGTERM mid-epoch; SIGTERM during the validation after step 20;
     a crash after the step-10 checkpoint, which precedes epoch 0's validation) and re-run gives
@@ -157,7 +160,9 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(inputs, tmp_pa
     from cellfoundry.trainer import read_metrics
 
     # 10 batches per epoch, 3 validation batches, a checkpoint every 10 steps, 30 steps
-    settings = dict(baselines=False, max_epochs=3, batch_size=4, trainer={**stage_cfg()["trainer"], "checkpoint_every_n_steps": 10})
+    settings = dict(
+        baselines=False, max_epochs=3, batch_size=4, trainer={**stage_cfg()["trainer"], "checkpoint_every_n_steps": 10}
+    )
     _train(inputs, tmp_path / "reference", **settings)
     interrupted(monkeypatch, *stop, lambda: _train(inputs, tmp_path / "resumed", **settings))
     _train(inputs, tmp_path / "resumed", **settings)

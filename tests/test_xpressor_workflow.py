@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_snakemake
 
 from cellfoundry.models.xpressor import load_xpressor
-from conftest import run_snakemake
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def test_xpressor_stage_on_demo(xpressor_demo):
     assert list(emb.obs_names) == list(cells.obs_names)
     assert emb.obsm["X_xpressor"].shape == (cells.n_obs, cfg["label_dim"])
 
-    ckpt = load_xpressor(res / "xpressor" / "model.ckpt", base_checkpoint=demo_workdir / "results/shared/se/pretrained.ckpt")
+    ckpt = load_xpressor(
+        res / "xpressor" / "model.ckpt", base_checkpoint=demo_workdir / "results/shared/se/pretrained.ckpt"
+    )
     assert ckpt.base_state_dict == {}  # the SE model stayed frozen
 
     summary = json.loads((res / "xpressor" / "summary.json").read_text())

@@ -44,8 +44,13 @@ def tiny_cells(seed: int = 0) -> tuple[PretrainCells, torch.Tensor]:
     order = np.argsort(-counts, axis=1, kind="stable")[:, : LENGTH - 1]
     gene_ids = np.concatenate([np.full((N_CELLS, 1), CLS_ID), order], axis=1).astype(np.int32)
     values = np.concatenate([np.zeros((N_CELLS, 1)), np.take_along_axis(counts, order, 1)], axis=1).astype(np.float32)
-    part = dict(gene_ids=gene_ids, values=values, counts=sp.csr_matrix(counts),
-                gene_vocab_ids=np.arange(N_GENES), rows=np.arange(N_CELLS))
+    part = dict(
+        gene_ids=gene_ids,
+        values=values,
+        counts=sp.csr_matrix(counts),
+        gene_vocab_ids=np.arange(N_GENES),
+        rows=np.arange(N_CELLS),
+    )
     table = torch.from_numpy(rng.normal(size=(N_GENES, TOKEN_DIM)).astype(np.float32))
     return PretrainCells([part]), table
 
@@ -53,8 +58,9 @@ def tiny_cells(seed: int = 0) -> tuple[PretrainCells, torch.Tensor]:
 def tiny_module(max_steps: int, seed: int = 0) -> tuple[SEPretrainModule, PretrainCells, PretrainConfig]:
     torch.manual_seed(seed)
     cells, table = tiny_cells(seed)
-    cfg = SEConfig(token_dim=TOKEN_DIM, d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8,
-                   pad_length=LENGTH, encoding="se")
+    cfg = SEConfig(
+        token_dim=TOKEN_DIM, d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8, pad_length=LENGTH, encoding="se"
+    )
     train_cfg = PretrainConfig(max_steps=max_steps, batch_size=8, warmup_steps=2, P=4, N=4, S=4)
     return SEPretrainModule(cfg, train_cfg, table, torch.from_numpy(cells.gene_cols)), cells, train_cfg
 
@@ -84,13 +90,25 @@ class Report(Callback):
         print(f"step {trainer.global_step}", flush=True)
 
     def on_train_end(self, trainer, pl_module):
-        record = dict(world_size=trainer.world_size, rank=trainer.global_rank, start_step=self.start_step,
-                      final_step=trainer.global_step, checksum=weights_checksum(pl_module))
+        record = dict(
+            world_size=trainer.world_size,
+            rank=trainer.global_rank,
+            start_step=self.start_step,
+            final_step=trainer.global_step,
+            checksum=weights_checksum(pl_module),
+        )
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def train(out_dir: str | os.PathLike, max_steps: int = 20, devices: int = 1, num_nodes: int = 1, step_delay: float = 0.0,
-          checkpoint_every: int = 5, settings: dict | None = None) -> None:
+def train(
+    out_dir: str | os.PathLike,
+    max_steps: int = 20,
+    devices: int = 1,
+    num_nodes: int = 1,
+    step_delay: float = 0.0,
+    checkpoint_every: int = 5,
+    settings: dict | None = None,
+) -> None:
     """One training run (also the entry point that cellfoundry.launch.run_stage starts per rank)."""
     out_dir = Path(out_dir)
     torch.set_num_threads(1)
@@ -116,7 +134,14 @@ def report_rank(out_dir: str, fail_on_rank: int | None = None) -> None:
     rank = int(os.environ["SLURM_PROCID"])
     if rank == fail_on_rank:
         raise RuntimeError(f"rank {rank} fails on purpose")
-    keys = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NTASKS_PER_GPU", "SLURM_JOB_ID")
+    keys = (
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_NTASKS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_NTASKS_PER_GPU",
+        "SLURM_JOB_ID",
+    )
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({k: os.environ.get(k) for k in keys}))
 
 

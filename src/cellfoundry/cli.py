@@ -7,8 +7,8 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cellfoundry.utils import UserError, setup_logging
 
@@ -42,17 +42,31 @@ def add_embed(subparsers) -> None:
     p.add_argument("--input", required=True, help="raw integer counts: .h5ad, 10x .h5, 10x mtx folder or .zarr")
     p.add_argument("--format", choices=["auto", *FORMATS], default="auto", help="input format (default: from the name)")
     p.add_argument("--counts", default="X", help="where the raw counts are: X, raw or a layer name (default X)")
-    p.add_argument("--gene-symbols", "--gene-column", dest="gene_symbols", default=None,
-                   help="var column with gene symbols (default: var_names)")
+    p.add_argument(
+        "--gene-symbols",
+        "--gene-column",
+        dest="gene_symbols",
+        default=None,
+        help="var column with gene symbols (default: var_names)",
+    )
     p.add_argument("--output", required=True, help="output .h5ad")
     p.add_argument("--embed-key", default="X_state", help="obsm key of the embeddings (default X_state)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="cells per inference batch (default 64)")
-    p.add_argument("--chunk-size", type=_positive_int, default=4096, help="cells tokenized and embedded at a time (default 4096)")
+    p.add_argument(
+        "--chunk-size", type=_positive_int, default=4096, help="cells tokenized and embedded at a time (default 4096)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of tie-breaks and filler genes (default 0)")
-    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
-                   help="log a progress line every SECONDS (default 30)")
-    p.add_argument("--allow-unsafe-pickle", action="store_true", help="load a trusted checkpoint with arbitrary unpickling")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="log a progress line every SECONDS (default 30)",
+    )
+    p.add_argument(
+        "--allow-unsafe-pickle", action="store_true", help="load a trusted checkpoint with arbitrary unpickling"
+    )
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     p.set_defaults(func=run_embed)
 
@@ -77,12 +91,18 @@ def _in_cli_terms(message: str) -> UserError:
 def _check_embed_paths(args: argparse.Namespace) -> None:
     """Path mistakes, caught before anything is loaded."""
     if args.model_folder and not Path(args.model_folder).is_dir():
-        raise UserError(f"--model-folder {args.model_folder}: no such folder; point it at an SE model folder "
-                        "(one .ckpt + protein_embeddings.pt), or pass a checkpoint file with --checkpoint.")
+        raise UserError(
+            f"--model-folder {args.model_folder}: no such folder; point it at an SE model folder "
+            "(one .ckpt + protein_embeddings.pt), or pass a checkpoint file with --checkpoint."
+        )
     if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise UserError(f"--checkpoint {args.checkpoint}: no such file; pass an SE .ckpt file, or a model folder with --model-folder.")
+        raise UserError(
+            f"--checkpoint {args.checkpoint}: no such file; pass an SE .ckpt file, or a model folder with --model-folder."
+        )
     if args.gene_embeddings and not Path(args.gene_embeddings).is_file():
-        raise UserError(f"--gene-embeddings {args.gene_embeddings}: no such file; pass the model's protein_embeddings.pt.")
+        raise UserError(
+            f"--gene-embeddings {args.gene_embeddings}: no such file; pass the model's protein_embeddings.pt."
+        )
     if not Path(args.input).exists():
         raise UserError(f"--input {args.input}: no such file or folder; check the path.")
     out = Path(args.output)
@@ -112,14 +132,20 @@ def _open_counts(args: argparse.Namespace):
     try:
         adata = ad.read_h5ad(args.input, backed="r")
     except Exception as exc:  # a reader's own error: say which file failed
-        raise UserError(f"could not read {args.input} as h5ad: {exc}. Check that the file is complete, "
-                        "or pass --format for another format.") from exc
+        raise UserError(
+            f"could not read {args.input} as h5ad: {exc}. Check that the file is complete, "
+            "or pass --format for another format."
+        ) from exc
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise UserError(f"{args.input} holds {adata.n_obs} cells x {adata.n_vars} genes; check that it is the right file.")
+        raise UserError(
+            f"{args.input} holds {adata.n_obs} cells x {adata.n_vars} genes; check that it is the right file."
+        )
     if args.gene_symbols is not None:
         if args.gene_symbols not in adata.var.columns:
-            raise UserError(f"--gene-symbols {args.gene_symbols} is not a var column of {args.input}; var columns are "
-                            f"{list(adata.var.columns) or 'none'} (leave it out to use var_names).")
+            raise UserError(
+                f"--gene-symbols {args.gene_symbols} is not a var column of {args.input}; var columns are "
+                f"{list(adata.var.columns) or 'none'} (leave it out to use var_names)."
+            )
         adata.var_names = adata.var[args.gene_symbols].astype(str).to_numpy()
     if adata.var_names.has_duplicates:  # as load_counts: a repeated symbol matches once
         log.warning("gene names occur more than once; made unique by appending -1, -2, ...")
@@ -129,19 +155,21 @@ def _open_counts(args: argparse.Namespace):
         counts = adata.X[start:stop]
         problem = count_problem(counts)
         if problem:
-            raise UserError(f"{args.input} (X) is not a raw count matrix: {problem} in cells {start}..{stop - 1}. "
-                            "Point --input at the raw (unnormalised) count matrix, or name the layer holding it in --counts.")
+            raise UserError(
+                f"{args.input} (X) is not a raw count matrix: {problem} in cells {start}..{stop - 1}. "
+                "Point --input at the raw (unnormalised) count matrix, or name the layer holding it in --counts."
+            )
         return counts
 
     return adata, rows
 
 
 def run_embed(args: argparse.Namespace) -> None:
+    from cellfoundry.models.se_checkpoint import _resolve_paths, load_se
+    from cellfoundry.progress import Progress
+    from cellfoundry.provenance import KEY, provenance
     from cellfoundry.se.data import METHOD_FOR_ENCODING
     from cellfoundry.se.embed import iter_embeddings, write_embedding_h5ad
-    from cellfoundry.progress import Progress
-    from cellfoundry.models.se_checkpoint import _resolve_paths, load_se
-    from cellfoundry.provenance import KEY, provenance
     from cellfoundry.tokenize import tokenize_csr
     from cellfoundry.utils import resolve_device
     from cellfoundry.vocab import explain_poor_match, match_genes
@@ -156,9 +184,11 @@ def run_embed(args: argparse.Namespace) -> None:
     match = match_genes(symbols, vocab)
     if match.n_matched == 0:
         columns = {c: adata.var[c] for c in adata.var.columns if adata.var[c].dtype.kind not in "biufc"}
-        raise _in_cli_terms(f"none of the genes of {args.input} are in the model's vocabulary: "
-                            f"{explain_poor_match(symbols, vocab, columns)}. Name a var column of gene symbols "
-                            "with --gene-symbols, or use a model whose vocabulary holds these genes.")
+        raise _in_cli_terms(
+            f"none of the genes of {args.input} are in the model's vocabulary: "
+            f"{explain_poor_match(symbols, vocab, columns)}. Name a var column of gene symbols "
+            "with --gene-symbols, or use a model whose vocabulary holds these genes."
+        )
     log.info("%d of %d genes are in the vocabulary of %d", match.n_matched, match.n_genes, len(vocab))
     method = METHOD_FOR_ENCODING[cfg.encoding]
     progress = Progress(adata.n_obs, args.progress_every)  # one count over all chunks
@@ -167,15 +197,25 @@ def run_embed(args: argparse.Namespace) -> None:
         for start in range(0, adata.n_obs, args.chunk_size):
             stop = min(start + args.chunk_size, adata.n_obs)
             tokens = tokenize_csr(counts(start, stop), match.local_to_global, cfg.pad_length, method, args.seed, start)
-            yield from iter_embeddings(model, tokens.gene_ids, tokens.values, vocab.table, batch_size=args.batch_size,
-                                       device=device, progress=progress)
+            yield from iter_embeddings(
+                model,
+                tokens.gene_ids,
+                tokens.values,
+                vocab.table,
+                batch_size=args.batch_size,
+                device=device,
+                progress=progress,
+            )
 
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "log")}
-    record = provenance("cli_embed", settings, checkpoints={"se": ckpt_path}, vocab=genes_path, inputs={"input": args.input})
+    record = provenance(
+        "cli_embed", settings, checkpoints={"se": ckpt_path}, vocab=genes_path, inputs={"input": args.input}
+    )
     # var is kept (as `state emb transform` does) but not X: the output holds embeddings only
     try:
-        write_embedding_h5ad(args.output, adata.obs, chunks(), cfg.embedding_dim, key=args.embed_key, var=adata.var,
-                             uns={KEY: record})
+        write_embedding_h5ad(
+            args.output, adata.obs, chunks(), cfg.embedding_dim, key=args.embed_key, var=adata.var, uns={KEY: record}
+        )
     finally:
         if adata.isbacked:
             adata.file.close()
@@ -211,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         return _error(str(err), args.debug)
     except OSError as err:  # a path given cannot be read or written (permissions, disk full, ...)
-        return _error(f"{err}; check the path, its permissions and the free space (--debug shows the traceback).", args.debug)
+        return _error(
+            f"{err}; check the path, its permissions and the free space (--debug shows the traceback).", args.debug
+        )
     except KeyboardInterrupt:
         log.error("interrupted; no output was written")
         return 130

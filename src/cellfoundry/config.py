@@ -42,12 +42,13 @@ def validate_config(config: dict, schema_path: str | Path) -> None:
     schema_path = Path(schema_path).resolve()  # validate() resolves relative paths from its caller's workflow
     try:
         validate(config, schema=str(schema_path))
-    except WorkflowError as err:
+    except WorkflowError:
         lines = config_errors(config, yaml.safe_load(schema_path.read_text()))
         if not lines:  # not a schema violation (e.g. an unreadable schema): keep snakemake's message
             raise
         more = f"\n  ... and {len(lines) - MAX_ERRORS} more" if len(lines) > MAX_ERRORS else ""
         raise WorkflowError(
             f"config does not match {schema_path.name} (see config/README.md):\n  "
-            + "\n  ".join(lines[:MAX_ERRORS]) + more
+            + "\n  ".join(lines[:MAX_ERRORS])
+            + more
         ) from None

@@ -27,8 +27,8 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -71,8 +71,10 @@ def vocab_symbols(path: str | os.PathLike) -> list[str]:
             pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
             obj = _KeysOnly(zf.open(pkl)).load()
     except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError) as exc:
-        raise UserError(f"cannot read the gene names of {path} ({exc}); expected a torch.save'd dict gene "
-                        "symbol -> vector (SE protein_embeddings.pt); re-save it with a current torch.save") from exc
+        raise UserError(
+            f"cannot read the gene names of {path} ({exc}); expected a torch.save'd dict gene "
+            "symbol -> vector (SE protein_embeddings.pt); re-save it with a current torch.save"
+        ) from exc
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path} does not hold a dict gene symbol -> vector (SE protein_embeddings.pt format)")
     return [str(k) for k in obj]
@@ -85,11 +87,15 @@ def read_gene_map(path: str | os.PathLike) -> pd.DataFrame:
     except FileNotFoundError:
         raise UserError(f"gene map {path} does not exist; fix datasets.<name>.gene_map") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read gene map {path} as a tab-separated table ({exc}); "
-                        "it needs two tab-separated columns: source gene, target gene") from None
+        raise UserError(
+            f"cannot read gene map {path} as a tab-separated table ({exc}); "
+            "it needs two tab-separated columns: source gene, target gene"
+        ) from None
     if table.shape[1] != 2:
-        raise UserError(f"gene map {path} has {table.shape[1]} tab-separated column(s), expected 2 (source gene, "
-                        "target gene); export only those two columns (tab-separated)")
+        raise UserError(
+            f"gene map {path} has {table.shape[1]} tab-separated column(s), expected 2 (source gene, "
+            "target gene); export only those two columns (tab-separated)"
+        )
     pairs = table.set_axis(["source", "target"], axis=1).fillna("").apply(lambda col: col.str.strip())
     return pairs[(pairs.source != "") & (pairs.target != "")].drop_duplicates().reset_index(drop=True)
 
@@ -102,7 +108,9 @@ def name_candidates(adata: ad.AnnData) -> dict[str, list[str]]:
     out = {"var_names": [str(v) for v in adata.var_names]}
     for col in adata.var.columns:
         values = adata.var[col]
-        if col != MAP_COLUMN and (values.dtype == object or isinstance(values.dtype, (pd.CategoricalDtype, pd.StringDtype))):
+        if col != MAP_COLUMN and (
+            values.dtype == object or isinstance(values.dtype, (pd.CategoricalDtype, pd.StringDtype))
+        ):
             out[str(col)] = values.astype(str).tolist()
     return out
 
@@ -111,8 +119,9 @@ def _translate(names: Sequence[str], lookup: dict[str, str] | None) -> list[str]
     return list(names) if lookup is None else [lookup.get(n, n) for n in names]
 
 
-def choose_names(candidates: dict[str, list[str]], vocab: Sequence[str] | None = None,
-                 pairs: pd.DataFrame | None = None) -> tuple[str, dict[str, float], str]:
+def choose_names(
+    candidates: dict[str, list[str]], vocab: Sequence[str] | None = None, pairs: pd.DataFrame | None = None
+) -> tuple[str, dict[str, float], str]:
     """(best candidate, score of each candidate, what the score measures); see the module doc."""
     lookup = None if pairs is None else dict(zip(pairs.source, pairs.target))
     if vocab is not None:
@@ -143,14 +152,16 @@ def apply_gene_map(adata: ad.AnnData, pairs: pd.DataFrame) -> tuple[ad.AnnData, 
         raise UserError(
             f"the gene map maps {len(ambiguous)} gene(s) of the dataset to several genes ({shown}"
             f"{'; ...' if len(ambiguous) > 5 else ''}); counts cannot be split between targets: keep one "
-            "target per source gene (e.g. only one-to-one orthologs) in the map")
+            "target per source gene (e.g. only one-to-one orthologs) in the map"
+        )
     lookup = dict(zip(present.source, present.target))
     in_map = names.isin(present.source)
     # output genes in the order of their first source gene; column = output gene of each gene
     column, out_names = pd.factorize(np.array([lookup.get(n, n) for n in names], dtype=object))
     first = np.unique(column, return_index=True)[1]
-    M = sp.csr_matrix((np.ones(len(names), dtype=np.float32), (np.arange(len(names)), column)),
-                      shape=(len(names), len(out_names)))
+    M = sp.csr_matrix(
+        (np.ones(len(names), dtype=np.float32), (np.arange(len(names)), column)), shape=(len(names), len(out_names))
+    )
     X = sp.csr_matrix(adata.X @ M, dtype=np.float32)  # exact: integer counts far below 2**24 per entry
     X.sort_indices()
     var = adata.var.iloc[first].copy()
@@ -174,32 +185,53 @@ def _set_names(adata: ad.AnnData, names: Sequence[str]) -> None:
     adata.var_names = pd.Index(names, dtype=str)
     if adata.var_names.has_duplicates:
         dups = adata.var_names[adata.var_names.duplicated()].unique()
-        log.warning("%d gene names occur more than once (e.g. %s); made unique by appending -1, -2, ...",
-                    len(dups), ", ".join(dups[:5]))
+        log.warning(
+            "%d gene names occur more than once (e.g. %s); made unique by appending -1, -2, ...",
+            len(dups),
+            ", ".join(dups[:5]),
+        )
         adata.var_names_make_unique()
 
 
-def prepare_genes(adata: ad.AnnData, gene_symbols: str | None, gene_map: str | os.PathLike | None = None,
-                  vocab: str | os.PathLike | None = None) -> tuple[ad.AnnData, dict[str, Any]]:
+def prepare_genes(
+    adata: ad.AnnData,
+    gene_symbols: str | None,
+    gene_map: str | os.PathLike | None = None,
+    vocab: str | os.PathLike | None = None,
+) -> tuple[ad.AnnData, dict[str, Any]]:
     """Apply `gene_symbols: auto` (load_counts has applied a named column already) and the gene
     map to freshly loaded counts; returns the counts and a summary for qc/summary.json."""
     pairs = read_gene_map(gene_map) if gene_map else None
-    summary: dict[str, Any] = {"gene_symbols": gene_symbols, "names": gene_symbols or "var_names",
-                               "gene_map": str(gene_map) if gene_map else None}
+    summary: dict[str, Any] = {
+        "gene_symbols": gene_symbols,
+        "names": gene_symbols or "var_names",
+        "gene_map": str(gene_map) if gene_map else None,
+    }
     if gene_symbols == AUTO:
         symbols = vocab_symbols(vocab) if vocab else None
         best, scores, measure = choose_names(name_candidates(adata), symbols, pairs)
-        log.info("gene_symbols auto (%s): %s -> %s", measure,
-                 ", ".join(f"{name} {s:.1%}" for name, s in scores.items()), best)
+        log.info(
+            "gene_symbols auto (%s): %s -> %s",
+            measure,
+            ", ".join(f"{name} {s:.1%}" for name, s in scores.items()),
+            best,
+        )
         summary.update(names=best, auto_scores=scores, auto_measure=measure)
         if best != "var_names":
             _set_names(adata, adata.var[best].astype(str).tolist())
     if pairs is not None:
         adata, counts = apply_gene_map(adata, pairs)
         summary.update(counts)
-        log.info("gene map %s: %d of %d genes in the map -> %d genes from the map; %d genes not in the map kept; "
-                 "%d genes summed into others", gene_map, counts["genes_in_map"], counts["genes_in"],
-                 counts["genes_out_from_map"], counts["genes_not_in_map"], counts["genes_summed_away"])
+        log.info(
+            "gene map %s: %d of %d genes in the map -> %d genes from the map; %d genes not in the map kept; "
+            "%d genes summed into others",
+            gene_map,
+            counts["genes_in_map"],
+            counts["genes_in"],
+            counts["genes_out_from_map"],
+            counts["genes_not_in_map"],
+            counts["genes_summed_away"],
+        )
     return adata, summary
 
 

@@ -150,8 +150,7 @@ def load_counts(
     if problem:
         elsewhere = _where_counts_live(adata, skip=counts)
         hint = (
-            f" Raw integer counts seem to be in {', '.join(elsewhere)}: set the dataset's `counts` "
-            f"to {elsewhere[0]!r}."
+            f" Raw integer counts seem to be in {', '.join(elsewhere)}: set the dataset's `counts` to {elsewhere[0]!r}."
             if elsewhere
             else " Point `path` at the raw (unnormalised) count matrix, or name the layer holding it in `counts`."
         )

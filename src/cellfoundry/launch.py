@@ -21,7 +21,8 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -60,18 +61,27 @@ def cluster_environment(devices: int, num_nodes: int) -> list:
     )
 
 
-
 def resolve_entry(entry: str) -> Callable[..., Any]:
-    """"package.module:function" -> the function."""
+    """ "package.module:function" -> the function."""
     module, _, name = entry.partition(":")
     if not module or not name:
         raise ValueError(f"entry point {entry!r} is not 'module:function'")
     return getattr(importlib.import_module(module), name)
 
 
-def rank_command(entry: str, kwargs: Mapping[str, Any], *, log_path: str | None = None, threads: int | None = None) -> list[str]:
+def rank_command(
+    entry: str, kwargs: Mapping[str, Any], *, log_path: str | None = None, threads: int | None = None
+) -> list[str]:
     """The command each rank runs: this module's entry point with the stage's entry and kwargs."""
-    command = [sys.executable, "-m", "cellfoundry.launch", "--entry", entry, "--kwargs", json.dumps(kwargs, default=str)]
+    command = [
+        sys.executable,
+        "-m",
+        "cellfoundry.launch",
+        "--entry",
+        entry,
+        "--kwargs",
+        json.dumps(kwargs, default=str),
+    ]
     if log_path:
         command += ["--log", str(log_path)]
     if threads:
@@ -80,7 +90,7 @@ def rank_command(entry: str, kwargs: Mapping[str, Any], *, log_path: str | None 
 
 
 def entry_name(entry: str | Callable[..., Any]) -> str:
-    """"module:function" of a module-level function (ranks import it by that name)."""
+    """ "module:function" of a module-level function (ranks import it by that name)."""
     if isinstance(entry, str):
         return entry
     module, name = getattr(entry, "__module__", None), getattr(entry, "__qualname__", "")
@@ -118,7 +128,9 @@ def run_stage(
     world = devices * num_nodes
     srun = shutil.which("srun")
     if srun is None:
-        raise UserError(f"{trainer_key} asks for {world} DDP processes inside SLURM job {os.environ.get('SLURM_JOB_ID')}, but srun is not on PATH.")
+        raise UserError(
+            f"{trainer_key} asks for {world} DDP processes inside SLURM job {os.environ.get('SLURM_JOB_ID')}, but srun is not on PATH."
+        )
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID", "")
     problems = slurm.allocation_problems(slurm.job_allocation(job_id), devices, num_nodes)
     if problems:
@@ -128,14 +140,27 @@ def run_stage(
             + f". Set {resources_key}: {{gpu: {world}, tasks: {world}, nodes: {num_nodes}}} in config/config.yaml "
             "(gpu: 0 for CPU processes), and remove gpu/tasks/nodes overrides of this rule from the profile's set-resources."
         )
-    command = slurm.srun_command(devices, num_nodes, rank_command(entry, kwargs, log_path=log_path, threads=threads), srun=srun)
+    command = slurm.srun_command(
+        devices, num_nodes, rank_command(entry, kwargs, log_path=log_path, threads=threads), srun=srun
+    )
     shown = command[: command.index("--kwargs")] + ["--kwargs", "'{...}'"]
-    log.info("starting %d DDP processes (%d per node on %d node(s)) in a new step of SLURM job %s: %s",
-             world, devices, num_nodes, job_id, " ".join(shlex.quote(c) if c != "'{...}'" else c for c in shown))
+    log.info(
+        "starting %d DDP processes (%d per node on %d node(s)) in a new step of SLURM job %s: %s",
+        world,
+        devices,
+        num_nodes,
+        job_id,
+        " ".join(shlex.quote(c) if c != "'{...}'" else c for c in shown),
+    )
     proc = subprocess.Popen(command, env=slurm.step_environment())
     status = _wait_forwarding_signals(proc)
     if status != 0:
-        log.error("the %d DDP processes of %s ended with status %d (see the lines above and the SLURM log)", world, entry, status)
+        log.error(
+            "the %d DDP processes of %s ended with status %d (see the lines above and the SLURM log)",
+            world,
+            entry,
+            status,
+        )
         raise SystemExit(status if 0 < status < 256 else 1)
     log.info("all %d DDP processes of %s finished", world, entry)
     return None
@@ -176,8 +201,14 @@ def _rank_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank, world = os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1")
     setup_logging(args.log)
-    log.info("DDP rank %s/%s started on %s (local rank %s, pid %d)", rank, world, socket.gethostname(),
-             os.environ.get("SLURM_LOCALID", "0"), os.getpid())
+    log.info(
+        "DDP rank %s/%s started on %s (local rank %s, pid %d)",
+        rank,
+        world,
+        socket.gethostname(),
+        os.environ.get("SLURM_LOCALID", "0"),
+        os.getpid(),
+    )
     if rank != "0":
         logging.getLogger().setLevel(logging.WARNING)
     set_torch_threads(args.threads)
@@ -194,4 +225,5 @@ def _rank_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from cellfoundry.launch import _rank_main as main  # the imported module, not this __main__ copy
+
     sys.exit(main())

@@ -7,7 +7,8 @@ Functions take plain arrays so any stage can use them; none reads the Snakemake 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -33,7 +34,9 @@ def umap_coordinates(X: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.
 
     X = np.asarray(X, dtype=np.float32)
     n_neighbors = max(2, min(n_neighbors, len(X) - 1))
-    reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1, init="random" if len(X) < 10 else "spectral")
+    reducer = umap.UMAP(
+        n_neighbors=n_neighbors, random_state=seed, n_jobs=1, init="random" if len(X) < 10 else "spectral"
+    )
     return reducer.fit_transform(X).astype(np.float32)
 
 
@@ -45,7 +48,9 @@ def _category_colors(values: Sequence) -> tuple[np.ndarray, list[str], np.ndarra
     return codes, list(names), colors
 
 
-def scatter_panel(ax, xy: np.ndarray, values: Sequence, title: str, legend: bool = True, point_size: float | None = None) -> None:
+def scatter_panel(
+    ax, xy: np.ndarray, values: Sequence, title: str, legend: bool = True, point_size: float | None = None
+) -> None:
     """Draw one categorical scatter `xy` [N, 2] coloured by `values` [N] on `ax`."""
     codes, names, colors = _category_colors(values)
     size = point_size or max(1.0, min(20.0, 12000.0 / max(len(xy), 1)))
@@ -55,7 +60,9 @@ def scatter_panel(ax, xy: np.ndarray, values: Sequence, title: str, legend: bool
     ax.set_xticks([])
     ax.set_yticks([])
     if legend and len(names) <= 30:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=colors[i], label=n, markersize=4) for i, n in enumerate(names)]
+        handles = [
+            plt.Line2D([], [], marker="o", ls="", color=colors[i], label=n, markersize=4) for i, n in enumerate(names)
+        ]
         ax.legend(handles=handles, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
@@ -78,7 +85,9 @@ def umap_grid(
     save_figure(fig, path)
 
 
-def umap_scatter(path: str | os.PathLike, X: np.ndarray, labels: dict[str, Sequence], seed: int = 0, title: str | None = None) -> np.ndarray:
+def umap_scatter(
+    path: str | os.PathLike, X: np.ndarray, labels: dict[str, Sequence], seed: int = 0, title: str | None = None
+) -> np.ndarray:
     """UMAP of `X` [N, D] coloured by each entry of `labels` (name -> [N] values), one panel each.
 
     Returns the UMAP coordinates [N, 2] so callers can reuse them.
@@ -130,7 +139,13 @@ def decoded_vs_observed(
     save_figure(fig, path)
 
 
-def metric_bars(path: str | os.PathLike, table, metrics: Sequence[str], title: str | None = None, lower_is_better: Sequence[str] = ()) -> None:
+def metric_bars(
+    path: str | os.PathLike,
+    table,
+    metrics: Sequence[str],
+    title: str | None = None,
+    lower_is_better: Sequence[str] = (),
+) -> None:
     """Grouped bars of a long-format table (columns method, metric, value): one panel per metric,
     one bar per method, in the table's method order."""
     methods = list(dict.fromkeys(table["method"]))
@@ -138,7 +153,7 @@ def metric_bars(path: str | os.PathLike, table, metrics: Sequence[str], title: s
     cols = min(4, max(1, len(metrics)))
     rows = int(np.ceil(len(metrics) / cols)) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.ravel()[len(metrics):]:
+    for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
     colors = [_PALETTE[2 * i % len(_PALETTE)] for i in range(len(methods))]
     for ax, metric in zip(axes.ravel(), metrics):
@@ -155,7 +170,11 @@ def metric_bars(path: str | os.PathLike, table, metrics: Sequence[str], title: s
 
 
 def plot_prediction(
-    path, per_combination: Mapping[str, dict], gene_names: Sequence[str], methods: Sequence[str], title: str | None = None
+    path,
+    per_combination: Mapping[str, dict],
+    gene_names: Sequence[str],
+    methods: Sequence[str],
+    title: str | None = None,
 ) -> None:
     """One row per combination, one panel per method: predicted vs real per-gene mean log1p over
     all genes (grey) and the top DE genes (colour; the five first named), titled with the table's
@@ -226,7 +245,9 @@ def _log_transform(metric: str, values: np.ndarray, log_scale: bool) -> np.ndarr
     return np.log10(np.maximum(values, 1)) if log_scale else values
 
 
-def plot_distributions(metrics: pd.DataFrame, thresholds: list[Threshold], path: str | os.PathLike, title: str = "") -> None:
+def plot_distributions(
+    metrics: pd.DataFrame, thresholds: list[Threshold], path: str | os.PathLike, title: str = ""
+) -> None:
     """Histograms of each metric for all cells and for the kept cells, thresholds as lines."""
     panels = [p for p in _QC_PANELS if p[0] in metrics and metrics[p[0]].notna().any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
@@ -265,8 +286,12 @@ def plot_counts_vs_genes(metrics: pd.DataFrame, path: str | os.PathLike, title: 
         if mask.any():
             kw["c"] = metrics.loc[mask, "pct_counts_mt"]
             points = ax.scatter(
-                metrics.loc[mask, "total_counts"], metrics.loc[mask, "n_genes_by_counts"],
-                s=8, marker=marker, label=f"{label} ({mask.sum()})", **kw,
+                metrics.loc[mask, "total_counts"],
+                metrics.loc[mask, "n_genes_by_counts"],
+                s=8,
+                marker=marker,
+                label=f"{label} ({mask.sum()})",
+                **kw,
             )
     fig.colorbar(points, ax=ax, label="% counts mitochondrial")
     ax.set_xscale("log")

@@ -118,7 +118,9 @@ def mad_thresholds(
             median = float(np.median(values))
             mad = float(np.median(np.abs(values - median)))
             lower = None if metric in PERCENT_METRICS else median - n_mads * mad
-            out.append(Threshold(f"mad_{metric}", metric, lower, median + n_mads * mad, None if batch is None else str(batch)))
+            out.append(
+                Threshold(f"mad_{metric}", metric, lower, median + n_mads * mad, None if batch is None else str(batch))
+            )
     return out
 
 
@@ -153,7 +155,12 @@ def detect_doublets(
         if not bcfg.get("enabled", True):
             continue
         if len(rows) < MIN_DOUBLET_CELLS:  # scrublet's PCA and kNN need more cells than this
-            log.warning("batch %s: only %d cells, too few for scrublet (%d); no doublets called there", batch, len(rows), MIN_DOUBLET_CELLS)
+            log.warning(
+                "batch %s: only %d cells, too few for scrublet (%d); no doublets called there",
+                batch,
+                len(rows),
+                MIN_DOUBLET_CELLS,
+            )
             continue
         part = adata[rows].copy()
         sc.pp.scrublet(
@@ -165,7 +172,9 @@ def detect_doublets(
             verbose=False,
         )
         adata.obs.iloc[rows, adata.obs.columns.get_loc("doublet_score")] = part.obs["doublet_score"].to_numpy()
-        adata.obs.iloc[rows, adata.obs.columns.get_loc("predicted_doublet")] = part.obs["predicted_doublet"].to_numpy(bool)
+        adata.obs.iloc[rows, adata.obs.columns.get_loc("predicted_doublet")] = part.obs["predicted_doublet"].to_numpy(
+            bool
+        )
     return adata.obs["predicted_doublet"].to_numpy(dtype=bool)
 
 
@@ -265,7 +274,9 @@ def sample_configs(
     for name, override in sample_qc.items():
         bad = sorted(set(override) - set(SAMPLE_QC_KEYS))
         if bad:
-            raise UserError(f"sample_qc.{name} sets {bad}, which are dataset-wide; allowed per sample: {list(SAMPLE_QC_KEYS)}.")
+            raise UserError(
+                f"sample_qc.{name} sets {bad}, which are dataset-wide; allowed per sample: {list(SAMPLE_QC_KEYS)}."
+            )
         if cfg["filter"] == "mad" and set(override) & set(FIXED_KEYS):
             raise UserError(
                 f"sample_qc.{name} sets fixed thresholds {sorted(set(override) & set(FIXED_KEYS))} but qc.filter "
@@ -296,11 +307,18 @@ def large_removal(n_before: int, n_after: int, steps: list[dict], sample: str | 
     message = (
         ("" if sample is None else f"sample {sample}: ")
         + f"QC removes {removed} of {n_before} cells ({100 * removed / n_before:.0f}%), more than half: "
-        + "; ".join(f"{f['filter']} removes {f['cells_failing']} on its own (change {f['config_key']})" for f in filters)
+        + "; ".join(
+            f"{f['filter']} removes {f['cells_failing']} on its own (change {f['config_key']})" for f in filters
+        )
         + ". Check the thresholds suit this data (species, chemistry, depth); change them in the qc section, "
         "the dataset's qc overrides or " + ("its sample_qc." if sample is None else f"sample_qc.{sample}.")
     )
-    return {"cells_removed": removed, "fraction_removed": round(removed / n_before, 4), "filters": filters, "message": message}
+    return {
+        "cells_removed": removed,
+        "fraction_removed": round(removed / n_before, 4),
+        "filters": filters,
+        "message": message,
+    }
 
 
 def run_qc(
@@ -331,8 +349,13 @@ def run_qc(
     # QC adds obs/var columns and only reads the matrices: share them rather than copy (a copy
     # of X is ~16 GB per million cells at 2,000 detected genes each)
     adata = ad.AnnData(
-        adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns),
-        layers=dict(adata.layers), obsm=dict(adata.obsm), varm=dict(adata.varm),
+        adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        uns=dict(adata.uns),
+        layers=dict(adata.layers),
+        obsm=dict(adata.obsm),
+        varm=dict(adata.varm),
     )
     compute_metrics(adata)
     obs = adata.obs
@@ -341,7 +364,9 @@ def run_qc(
     thresholds = []
     for sample, scfg in group_cfg.items() or [(None, cfg)]:
         part = (fixed_thresholds(scfg) if cfg["filter"] == "fixed" else []) + percent_thresholds(scfg)
-        thresholds += [Threshold(t.name, t.metric, t.lower, t.upper, sample, sample_key if sample else None) for t in part]
+        thresholds += [
+            Threshold(t.name, t.metric, t.lower, t.upper, sample, sample_key if sample else None) for t in part
+        ]
     if cfg["filter"] == "mad":
         thresholds = mad_thresholds(obs, cfg, batch, group_cfg) + thresholds
     masks = apply_thresholds(obs, thresholds, batch)
@@ -367,9 +392,7 @@ def run_qc(
     failed = {name: ~ok for name, ok in masks.items()}
     failed["doublets"] = obs["predicted_doublet"].to_numpy(dtype=bool)
     obs["passed_qc"] = keep
-    obs["failed_filters"] = [
-        ",".join(name for name, bad in failed.items() if bad[i]) for i in range(adata.n_obs)
-    ]
+    obs["failed_filters"] = [",".join(name for name, bad in failed.items() if bad[i]) for i in range(adata.n_obs)]
 
     summary = {
         "cells_before": int(adata.n_obs),
@@ -402,7 +425,11 @@ def run_qc(
         filtered = filtered[:, keep_genes].copy()
     filtered.var["n_cells"] = gene_cells[keep_genes]
     summary["steps"].append(
-        {"filter": "min_cells (genes)", "genes_failing": int((~keep_genes).sum()), "genes_remaining": int(keep_genes.sum())}
+        {
+            "filter": "min_cells (genes)",
+            "genes_failing": int((~keep_genes).sum()),
+            "genes_remaining": int(keep_genes.sum()),
+        }
     )
     if filtered.n_vars == 0:
         raise UserError(
@@ -417,11 +444,16 @@ def run_qc(
         split, held = holdout_split(filtered.obs, holdout, labels, cfg["test_fraction"], seed)
         filtered.obs["holdout"] = held
         summary["holdout"] = [
-            {"combination": {k: str(v) for k, v in combo.items()}, "cells": int(combination_mask(filtered.obs, combo).sum())}
+            {
+                "combination": {k: str(v) for k, v in combo.items()},
+                "cells": int(combination_mask(filtered.obs, combo).sum()),
+            }
             for combo in holdout
         ]
         for entry in summary["holdout"]:
-            log.info("held out %d cells of %s (test split only)", entry["cells"], combination_label(entry["combination"]))
+            log.info(
+                "held out %d cells of %s (test split only)", entry["cells"], combination_label(entry["combination"])
+            )
     else:
         split = stratified_split(labels, filtered.n_obs, cfg["test_fraction"], seed)
     filtered.obs["split"] = pd.Categorical(split, categories=["train", "test"])
@@ -432,8 +464,16 @@ def run_qc(
         split={k: int(v) for k, v in filtered.obs["split"].value_counts().items()},
     )
     metric_cols = [
-        "total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo", "pct_counts_hb",
-        "doublet_score", "predicted_doublet", "passed_qc", "failed_filters", "split",
+        "total_counts",
+        "n_genes_by_counts",
+        "pct_counts_mt",
+        "pct_counts_ribo",
+        "pct_counts_hb",
+        "doublet_score",
+        "predicted_doublet",
+        "passed_qc",
+        "failed_filters",
+        "split",
     ]
     for entry in summary["steps"]:
         log.info("QC %s", entry)

@@ -33,7 +33,13 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False):
         # no DistributedSampler.__init__: the ranks are known only once the process group is up
-        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = int(n), int(batch_size), int(seed), shuffle, drop_last
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = (
+            int(n),
+            int(batch_size),
+            int(seed),
+            shuffle,
+            drop_last,
+        )
         self.epoch, self.start, self._step = 0, 0, None
 
     @staticmethod
@@ -54,7 +60,9 @@ class ResumableSampler(DistributedSampler):
         """This rank's items of `epoch`, in order."""
         world, rank = self._ranks()
         if self.shuffle:
-            idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch)))
+            idx = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch))
+            )
         else:
             idx = torch.arange(self.n)
         idx = idx.repeat(math.ceil(len(self) * world / max(self.n, 1)))[: len(self) * world]
@@ -82,13 +90,21 @@ class ResumableSampler(DistributedSampler):
             yield order[self.start - 1]
 
 
-def resumable_loader(dataset: Dataset, batch_size: int, seed: int, *, shuffle: bool = True, drop_last: bool = False, **kwargs: Any) -> DataLoader:
+def resumable_loader(
+    dataset: Dataset, batch_size: int, seed: int, *, shuffle: bool = True, drop_last: bool = False, **kwargs: Any
+) -> DataLoader:
     """A training DataLoader with a ResumableSampler, so that `fit` resumes it exactly. `kwargs`
     go to DataLoader (num_workers, collate_fn, ...)."""
     sampler = ResumableSampler(len(dataset), batch_size, seed, shuffle=shuffle, drop_last=drop_last)
     # its own generator: creating the iterator then draws no numbers from torch's global stream
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(seed), **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
 
 
 class ExactResume(Callback):

@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("sample", "path")
 GENE_JOINS = ("intersection", "union")
-MTX_PARTS = (("matrix.mtx.gz", "matrix.mtx"), ("features.tsv.gz", "genes.tsv.gz", "features.tsv", "genes.tsv"),
-             ("barcodes.tsv.gz", "barcodes.tsv"))
+MTX_PARTS = (
+    ("matrix.mtx.gz", "matrix.mtx"),
+    ("features.tsv.gz", "genes.tsv.gz", "features.tsv", "genes.tsv"),
+    ("barcodes.tsv.gz", "barcodes.tsv"),
+)
 
 
 def read_sheet(sheet: str | os.PathLike) -> pd.DataFrame:
@@ -33,7 +36,9 @@ def read_sheet(sheet: str | os.PathLike) -> pd.DataFrame:
 
     sheet = Path(sheet)
     if not sheet.is_file():
-        raise UserError(f"sample sheet not found: {sheet}. Check the dataset's `samples` (relative to the repository root).")
+        raise UserError(
+            f"sample sheet not found: {sheet}. Check the dataset's `samples` (relative to the repository root)."
+        )
     table = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
     table.columns = table.columns.str.strip()
     missing = [c for c in REQUIRED if c not in table.columns]
@@ -47,7 +52,9 @@ def read_sheet(sheet: str | os.PathLike) -> pd.DataFrame:
         raise UserError(f"sample sheet {sheet} lists no samples; add one row per sample.")
     blank = table.index[(table["sample"] == "") | (table["path"] == "")]
     if len(blank):
-        raise UserError(f"sample sheet {sheet}: rows {[int(i) + 2 for i in blank]} have an empty `sample` or `path`; fill them in.")
+        raise UserError(
+            f"sample sheet {sheet}: rows {[int(i) + 2 for i in blank]} have an empty `sample` or `path`; fill them in."
+        )
     dups = sorted(table["sample"][table["sample"].duplicated()].unique())
     if dups:
         raise UserError(f"sample sheet {sheet}: sample names {dups} occur more than once; give every row its own name.")
@@ -62,7 +69,9 @@ def read_sheet(sheet: str | os.PathLike) -> pd.DataFrame:
         table["format"] = ""
     bad = sorted(set(table["format"]) - {"", "auto", *FORMATS})
     if bad:
-        raise UserError(f"sample sheet {sheet}: unknown format(s) {bad}; use auto, {', '.join(FORMATS)} (or leave it empty).")
+        raise UserError(
+            f"sample sheet {sheet}: unknown format(s) {bad}; use auto, {', '.join(FORMATS)} (or leave it empty)."
+        )
     return table
 
 
@@ -77,8 +86,14 @@ def sheet_inputs(sheet: str | os.PathLike) -> list[str]:
         return [str(sheet)]  # Snakemake then reports the missing sheet as a missing input
     out = [str(sheet)]
     for path in read_sheet(sheet)["path"]:
-        parts = [next((os.path.join(path, f) for f in names if os.path.exists(os.path.join(path, f))), None)
-                 for names in MTX_PARTS] if os.path.isdir(path) else [None]
+        parts = (
+            [
+                next((os.path.join(path, f) for f in names if os.path.exists(os.path.join(path, f))), None)
+                for names in MTX_PARTS
+            ]
+            if os.path.isdir(path)
+            else [None]
+        )
         out += [p for p in parts if p] if all(parts) else [path]
     return out
 
@@ -137,8 +152,12 @@ def load_samples(
         adata.obs[col] = pd.Categorical(adata.obs[col].astype(str), categories=pd.unique(table[col]))
     kept = set(adata.var_names)
     per_sample = [
-        {"sample": s, "cells": cells[s], "genes": len(g),
-         ("genes_dropped" if gene_join == "intersection" else "genes_absent"): len(kept.symmetric_difference(g))}
+        {
+            "sample": s,
+            "cells": cells[s],
+            "genes": len(g),
+            ("genes_dropped" if gene_join == "intersection" else "genes_absent"): len(kept.symmetric_difference(g)),
+        }
         for s, g in genes.items()
     ]
     summary = {"sheet": str(sheet), "gene_join": gene_join, "genes": int(adata.n_vars), "per_sample": per_sample}
@@ -147,7 +166,9 @@ def load_samples(
         what = "dropped (not in every sample)" if gene_join == "intersection" else "absent (counted as zero)"
         log.warning(
             "samples' gene sets differ: gene_join %s keeps %d genes; genes %s per sample: %s",
-            gene_join, adata.n_vars, what,
+            gene_join,
+            adata.n_vars,
+            what,
             ", ".join(f"{p['sample']} {p.get('genes_dropped', p.get('genes_absent'))}" for p in changed),
         )
     log.info("read %d samples: %d cells x %d genes", len(pieces), adata.n_obs, adata.n_vars)

@@ -22,16 +22,27 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 # Environment of the process that calls srun: SLURM_*/SRUN_*/SBATCH_* variables describe the
 # caller's own step (1 task, its CPUs and GPUs, `--ntasks-per-gpu` of the batch job) and srun
 # would take them as options for the new step. Only the job's identity and the config survive
 # (as in snakemake-executor-plugin-slurm-jobstep).
-KEEP_SLURM_VARS = frozenset({
-    "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CONF", "SLURM_CLUSTER_NAME", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST",
-    "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP",
-})
+KEEP_SLURM_VARS = frozenset(
+    {
+        "SLURM_JOB_ID",
+        "SLURM_JOBID",
+        "SLURM_CONF",
+        "SLURM_CLUSTER_NAME",
+        "SLURM_SUBMIT_DIR",
+        "SLURM_SUBMIT_HOST",
+        "SLURM_ARRAY_JOB_ID",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_MAX",
+        "SLURM_ARRAY_TASK_STEP",
+    }
+)
 
 
 class ResourceMismatch(ValueError):
@@ -59,7 +70,9 @@ def check_training_resources(
     if nodes != num_nodes:
         problems.append(f"{resources_key}.nodes must be {num_nodes} ({trainer_key}.num_nodes), not {nodes}")
     if gpu and gpu != world and world > 1:
-        problems.append(f"{resources_key}.gpu must be {world} ({trainer_key}.devices x num_nodes: one GPU per process), not {gpu}")
+        problems.append(
+            f"{resources_key}.gpu must be {world} ({trainer_key}.devices x num_nodes: one GPU per process), not {gpu}"
+        )
     if problems:
         raise ResourceMismatch(
             f"{trainer_key} asks for devices={devices} x num_nodes={num_nodes} = {world} process(es), but "
@@ -69,9 +82,7 @@ def check_training_resources(
         )
 
 
-def training_resources(
-    res: Mapping, devices: int, num_nodes: int, *, trainer_key: str, resources_key: str
-) -> dict:
+def training_resources(res: Mapping, devices: int, num_nodes: int, *, trainer_key: str, resources_key: str) -> dict:
     """The executor plugin's resources (besides memory and runtime) for a training rule.
 
     One process: `gpu` (default 1), `gpu_model`, `cpus_per_gpu`, as for any GPU rule. Several
@@ -174,7 +185,9 @@ def step_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]
 def job_allocation(job_id: str) -> dict[str, str]:
     """`scontrol show job -o JOB_ID` as a dict ({} when scontrol is missing or fails)."""
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     fields = {}

@@ -35,8 +35,9 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
-
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -124,7 +124,9 @@ class CheckpointOnSignal(Callback):
                 batches.current.ready -= 1
                 batches.is_last_batch = False
             trainer.save_checkpoint(self.path)
-            log.warning("signal %d: saved %s at step %d; a re-run resumes from it", self.signum, self.path, trainer.global_step)
+            log.warning(
+                "signal %d: saved %s at step %d; a re-run resumes from it", self.signum, self.path, trainer.global_step
+            )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # A checkpoint saved after a training batch whose validation is still to run (periodic
@@ -137,7 +139,9 @@ class CheckpointOnSignal(Callback):
         if trainer.validating:
             pending = not epoch_loop.val_loop.batch_progress.is_last_batch
         else:  # inside on_train_batch_end: the batch is processed but not completed
-            pending = train.processed == train.completed + 1 and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+            pending = train.processed == train.completed + 1 and epoch_loop._should_check_val_fx(
+                trainer.fit_loop._data_fetcher
+            )
         state = checkpoint.get("loops", {}).get("fit_loop", {})
         if not pending or "epoch_loop.val_loop.batch_progress" not in state:
             return
@@ -203,8 +207,12 @@ class LogProgress(Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val") and v.numel() == 1}
         if metrics:
-            log.info("epoch %d, step %d: %s", trainer.current_epoch, trainer.global_step,
-                     ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+            log.info(
+                "epoch %d, step %d: %s",
+                trainer.current_epoch,
+                trainer.global_step,
+                ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())),
+            )
 
 
 def build_trainer(
@@ -320,7 +328,8 @@ def resume_path(out_dir: str | os.PathLike, settings: Mapping[str, Any] | None =
             if is_global_zero():  # every DDP rank decides the same; one line in the log
                 log.warning(
                     "not resuming from %s: the settings changed since it was written (%s); training starts over from step 0",
-                    out_dir, ", ".join(changed[:12]) if changed else f"no settings fingerprint in {out_dir / SETTINGS_FILE}",
+                    out_dir,
+                    ", ".join(changed[:12]) if changed else f"no settings fingerprint in {out_dir / SETTINGS_FILE}",
                 )
             return None
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
@@ -378,7 +387,9 @@ def fit(
     out_dir = Path(out_dir)
     ckpt_path = resume_path(out_dir, settings)
     if settings is not None:
-        trainer.callbacks.insert(0, _SettingsStamp(out_dir, settings, fresh=ckpt_path is None))  # before ModelCheckpoint
+        trainer.callbacks.insert(
+            0, _SettingsStamp(out_dir, settings, fresh=ckpt_path is None)
+        )  # before ModelCheckpoint
     if isinstance(trainer.logger, CSVLogger):
         # a CSV log per attempt (CSVLogger empties an existing metrics.csv); read_metrics gathers them
         trainer.logger._version = _attempt(Path(trainer.logger.root_dir)) if ckpt_path else 0
@@ -408,7 +419,7 @@ def _attempt(log_root: Path) -> int:
     return max((v for v, _ in _versions(log_root)), default=-1) + 1
 
 
-def read_metrics(out_dir: str | os.PathLike) -> "pd.DataFrame":
+def read_metrics(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Every attempt's CSV log of the run in `out_dir` (logs/version_*/metrics.csv) as one table
     sorted by step, each row once: a resumed attempt logs again what it re-runs after its
     checkpoint (steps, a validation), so of the rows with the same step and the same metrics the

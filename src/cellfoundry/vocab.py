@@ -15,9 +15,9 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -79,25 +79,31 @@ class GeneVocab:
         return {s: self.table[i] for i, s in enumerate(self.symbols)}
 
     @classmethod
-    def from_dict(cls, embeddings: dict) -> "GeneVocab":
+    def from_dict(cls, embeddings: dict) -> GeneVocab:
         if not isinstance(embeddings, dict) or not embeddings:
-            raise UserError("a gene-embedding file must hold a non-empty dict gene symbol -> vector (SE protein_embeddings.pt format)")
+            raise UserError(
+                "a gene-embedding file must hold a non-empty dict gene symbol -> vector (SE protein_embeddings.pt format)"
+            )
         symbols = [str(k) for k in embeddings]
         table = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in embeddings.values()])
         return cls(symbols, table)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "GeneVocab":
+    def load(cls, path: str | os.PathLike) -> GeneVocab:
         """Read a protein_embeddings.pt-style file (safe unpickling: tensors and strings only)."""
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"gene-embedding file {path} does not exist; check se.model_folder or build the vocabulary (rule build_vocab)")
+            raise UserError(
+                f"gene-embedding file {path} does not exist; check se.model_folder or build the vocabulary (rule build_vocab)"
+            )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - turned into a message the user can act on
-            raise UserError(f"cannot read gene embeddings from {path}: {exc}. Expected a torch dict gene symbol -> FloatTensor") from exc
+            raise UserError(
+                f"cannot read gene embeddings from {path}: {exc}. Expected a torch dict gene symbol -> FloatTensor"
+            ) from exc
         return cls.from_dict(obj)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -114,7 +120,7 @@ class GeneVocab:
 
 def _symbol_seed(seed: int, symbol: str) -> list[int]:
     """Philox key words for one symbol: the vector depends on (seed, symbol) only."""
-    digest = hashlib.sha256(f"{seed}\0{symbol}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\0{symbol}".encode()).digest()
     return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
 
 
@@ -147,9 +153,7 @@ def log_normalise(X: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
     return X
 
 
-def build_coexpression_vocab(
-    matrices: Sequence[tuple[sp.spmatrix, Sequence[str]]], dim: int, seed: int
-) -> GeneVocab:
+def build_coexpression_vocab(matrices: Sequence[tuple[sp.spmatrix, Sequence[str]]], dim: int, seed: int) -> GeneVocab:
     """Gene vectors from co-expression across the given cells.
 
     matrices: (X [cells, genes] raw counts, gene symbols) per dataset. Genes are the sorted union
@@ -180,8 +184,14 @@ def build_coexpression_vocab(
         seen = norms > 1e-12
         table[seen, :rank] = (loadings[seen] / norms[seen, None]).astype(np.float32)
         table[seen, rank:] = 0.0
-        log.info("co-expression vectors: %d cells, %d genes, rank %d of dim %d, %d genes without expression use random vectors",
-                 X.shape[0], len(symbols), rank, dim, int((~seen).sum()))
+        log.info(
+            "co-expression vectors: %d cells, %d genes, rank %d of dim %d, %d genes without expression use random vectors",
+            X.shape[0],
+            len(symbols),
+            rank,
+            dim,
+            int((~seen).sum()),
+        )
     return GeneVocab(symbols, torch.from_numpy(table))
 
 
@@ -226,13 +236,17 @@ def explain_poor_match(symbols: Sequence[str], vocab: GeneVocab, var_columns: di
     examples = ", ".join(symbols[:3])
     ensembl = sum(bool(_ENSEMBL.match(s)) for s in symbols) / n
     if ensembl > 0.5:
-        hints.append(f"the gene names look like Ensembl IDs (e.g. {examples}) but the vocabulary holds gene symbols; "
-                     "point datasets.<name>.gene_symbols at a var column of symbols")
+        hints.append(
+            f"the gene names look like Ensembl IDs (e.g. {examples}) but the vocabulary holds gene symbols; "
+            "point datasets.<name>.gene_symbols at a var column of symbols"
+        )
     upper = sum(s.upper() in vocab.index for s in symbols) / n
     exact = sum(s in vocab.index for s in symbols) / n
     if upper > exact + 0.2:
-        hints.append(f"{upper:.0%} would match in upper case (e.g. {examples}): these look like mouse symbols against a "
-                     "human vocabulary; map them to human orthologs (or use a vocabulary of this species)")
+        hints.append(
+            f"{upper:.0%} would match in upper case (e.g. {examples}): these look like mouse symbols against a "
+            "human vocabulary; map them to human orthologs (or use a vocabulary of this species)"
+        )
     best = None
     for name, values in (var_columns or {}).items():
         vals = [str(v) for v in values]
@@ -240,7 +254,9 @@ def explain_poor_match(symbols: Sequence[str], vocab: GeneVocab, var_columns: di
         if frac > exact and (best is None or frac > best[1]):
             best = (name, frac)
     if best is not None:
-        hints.append(f"var column '{best[0]}' matches {best[1]:.0%} of genes: set datasets.<name>.gene_symbols: {best[0]}")
+        hints.append(
+            f"var column '{best[0]}' matches {best[1]:.0%} of genes: set datasets.<name>.gene_symbols: {best[0]}"
+        )
     if not hints:
         vocab_examples = ", ".join(vocab.symbols[:3])
         hints.append(f"dataset genes look like {examples}; vocabulary genes look like {vocab_examples}")
@@ -259,8 +275,9 @@ def read_var(path: str | os.PathLike):
         return ad.io.read_elem(f["var"])
 
 
-def read_training_counts(path: str | os.PathLike, max_cells: int | None, seed: int,
-                         chunk: int = 10_000) -> tuple[sp.csr_matrix, list[str]]:
+def read_training_counts(
+    path: str | os.PathLike, max_cells: int | None, seed: int, chunk: int = 10_000
+) -> tuple[sp.csr_matrix, list[str]]:
     """Counts of a QC'd h5ad's training cells (obs["split"] == "train"; all cells when the column
     is absent), at most `max_cells` of them chosen with `seed`, read in backed mode chunk by chunk.
     Returns (CSR [cells, genes], gene symbols)."""
@@ -287,8 +304,9 @@ def read_training_counts(path: str | os.PathLike, max_cells: int | None, seed: i
     return X, symbols
 
 
-def build_vocab_from_h5ads(paths: Sequence[str | os.PathLike], source: str, dim: int, seed: int,
-                           max_cells: int | None = None) -> GeneVocab:
+def build_vocab_from_h5ads(
+    paths: Sequence[str | os.PathLike], source: str, dim: int, seed: int, max_cells: int | None = None
+) -> GeneVocab:
     """The workflow's own vocabulary over the union of the datasets' genes (sorted symbols).
 
     source "random": deterministic random vectors per symbol; "coexpression": truncated SVD of

@@ -67,7 +67,9 @@ class CellDataset(Dataset):
         return len(self.x0)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.asarray(self.x0[i], dtype=np.float32)), {k: torch.as_tensor(v[i]) for k, v in self.conditions.items()}
+        return torch.from_numpy(np.asarray(self.x0[i], dtype=np.float32)), {
+            k: torch.as_tensor(v[i]) for k, v in self.conditions.items()
+        }
 
 
 def condition_specs(dataset_conditions: Sequence[Mapping[str, Any]]) -> list[ConditionSpec]:

@@ -23,7 +23,9 @@ from cellfoundry.utils import UserError, atomic_output
 CHECKPOINT_FORMAT = "cellfoundry-diffusion/1"
 
 
-def build_denoiser(settings: Mapping[str, Any], codec: ConditionCodec, token_shape: Sequence[int]) -> ConditionalDenoiser:
+def build_denoiser(
+    settings: Mapping[str, Any], codec: ConditionCodec, token_shape: Sequence[int]
+) -> ConditionalDenoiser:
     """The ConditionalDenoiser for the token space (token_shape = [M, D] latent or [G] gene)."""
     cross = bool(settings["cross_attention"])
     if settings["token_space"] == "latent":
@@ -39,7 +41,11 @@ def build_denoiser(settings: Mapping[str, Any], codec: ConditionCodec, token_sha
         mlp_ratio=settings["mlp_ratio"],
         cross_attention=cross,
     )
-    net = LatentDiT(cfg) if settings["token_space"] == "latent" else GeneDiT(cfg, int(token_shape[0]), settings["gene_encoder_hidden"])
+    net = (
+        LatentDiT(cfg)
+        if settings["token_space"] == "latent"
+        else GeneDiT(cfg, int(token_shape[0]), settings["gene_encoder_hidden"])
+    )
     return ConditionalDenoiser(net, ConditionModel(codec, settings["hidden"]), cross)
 
 
@@ -75,7 +81,9 @@ class DiffusionModule(pl.LightningModule):
         self.ema.update(self.model, self.global_step + 1)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.settings["lr"], weight_decay=self.settings["weight_decay"])
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.settings["lr"], weight_decay=self.settings["weight_decay"]
+        )
 
 
 def save_diffusion(path: str | os.PathLike, module: DiffusionModule, data: dict, extra: Mapping[str, Any]) -> None:

@@ -20,12 +20,15 @@ PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim")
 
 
-def make_betas(kind: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def make_betas(
+    kind: str = "linear", timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
     """β_1..β_T (float64 [T]): linear from beta_start to beta_end, or cosine (squaredcos_cap_v2:
     ᾱ(t) = cos²((t/T + 0.008)/1.008 · π/2), β clipped at 0.999)."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
     if kind == "cosine":
+
         def alpha_bar(s):
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 

@@ -71,13 +71,20 @@ def draw_library_sizes(request_obs: pd.DataFrame, payload: Mapping, rng: np.rand
     """One library size per requested cell, drawn from training cells with the same labels in the
     requested (non-missing) columns; from all training cells when none match."""
     library = payload["library"].numpy()
-    train = pd.DataFrame(payload["train_labels"]) if payload["train_labels"] else pd.DataFrame(index=range(len(library)))
+    train = (
+        pd.DataFrame(payload["train_labels"]) if payload["train_labels"] else pd.DataFrame(index=range(len(library)))
+    )
     out = np.empty(len(request_obs), dtype=np.float32)
     cache: dict[tuple, np.ndarray] = {}
     for i in range(len(request_obs)):
         row = request_obs.iloc[i]
         items = tuple(
-            (c, str(row[c])) for c in train.columns if c in row.index and row[c] is not None and not isinstance(row[c], (list, tuple, np.ndarray)) and not pd.isna(row[c])
+            (c, str(row[c]))
+            for c in train.columns
+            if c in row.index
+            and row[c] is not None
+            and not isinstance(row[c], (list, tuple, np.ndarray))
+            and not pd.isna(row[c])
         )
         if items not in cache:
             mask = np.ones(len(library), dtype=bool)
@@ -168,7 +175,9 @@ def xpressor_decoder(xpressor_ckpt: str | os.PathLike, vocab_path: str | os.Path
     if len(cols) == 0:
         raise UserError(f"none of the dataset's genes is in the vocabulary {vocab_path}; check the gene symbols.")
     if len(cols) < len(var_names):
-        log.warning("%d of %d genes are not in the vocabulary and are left at zero", len(var_names) - len(cols), len(var_names))
+        log.warning(
+            "%d of %d genes are not in the vocabulary and are left at zero", len(var_names) - len(cols), len(var_names)
+        )
     gene_vectors = torch.as_tensor(vocab.table)[torch.as_tensor([index[var_names[i]] for i in cols])].float()
     model, loss = xp.model, xp.config.loss
 
@@ -189,7 +198,9 @@ def xpressor_decoder(xpressor_ckpt: str | os.PathLike, vocab_path: str | os.Path
     return decode
 
 
-def samples_anndata(decoded: Decoded, request_obs: pd.DataFrame, codec: ConditionCodec, var_names: Sequence[str], library: np.ndarray) -> ad.AnnData:
+def samples_anndata(
+    decoded: Decoded, request_obs: pd.DataFrame, codec: ConditionCodec, var_names: Sequence[str], library: np.ndarray
+) -> ad.AnnData:
     """samples.h5ad: X = sampled counts (CSR float32), layers["mean"], obs = condition columns,
     obs["condition"] (readable label; obs["condition_label"] when a condition column is itself
     named "condition", e.g. Kang 2018's stimulus) and obs["library_size"]."""
@@ -197,7 +208,9 @@ def samples_anndata(decoded: Decoded, request_obs: pd.DataFrame, codec: Conditio
     for col in codec.columns:
         values = request_obs[col].tolist()
         values = ["+".join(map(str, v)) if isinstance(v, (list, tuple, np.ndarray)) else v for v in values]
-        obs[col] = pd.Categorical([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values])
+        obs[col] = pd.Categorical(
+            [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+        )
     obs["condition_label" if "condition" in codec.columns else "condition"] = pd.Categorical(codec.labels(request_obs))
     obs["library_size"] = library.astype(np.float32)
     out = ad.AnnData(X=sp.csr_matrix(decoded.counts), obs=obs, var=pd.DataFrame(index=list(var_names)))

@@ -160,7 +160,14 @@ def run_diffusion_sample(
         return decoder(tokens, library, seed), library, tokens
 
     scale = float(settings["guidance_scale"])
-    log.info("sampling %d cells (%s, %d steps, eta %.2f, guidance %.2f)", len(request_obs), settings["sampler"], settings["steps"], settings["eta"], scale)
+    log.info(
+        "sampling %d cells (%s, %d steps, eta %.2f, guidance %.2f)",
+        len(request_obs),
+        settings["sampler"],
+        settings["steps"],
+        settings["eta"],
+        scale,
+    )
     decoded, library, tokens = generate(scale)
     out = samples_anndata(decoded, request_obs, codec, var_names, library)
     out.uns[PROVENANCE_KEY] = provenance(
@@ -189,7 +196,9 @@ def run_diffusion_sample(
                 d, _, t = generate(s)
                 runs[name] = (d, t)
         real_latents = np.load(latents, mmap_mode="r") if latents is not None and latent_space else None
-        result["guidance_check"] = guidance_check(adata.obs, counts_matrix(adata), spec, request_obs, runs, seed, real_latents, decoder)
+        result["guidance_check"] = guidance_check(
+            adata.obs, counts_matrix(adata), spec, request_obs, runs, seed, real_latents, decoder
+        )
     with atomic_output(summary) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result

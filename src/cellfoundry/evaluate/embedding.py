@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
@@ -104,7 +104,9 @@ def _subset(nn, n: int):
     return nn.subset_neighbors(min(n, nn.n_neighbors))
 
 
-def leiden_nmi_ari(nn, labels: Sequence, resolutions: Sequence[float] = DEFAULT_RESOLUTIONS, seed: int = 0) -> dict[str, float]:
+def leiden_nmi_ari(
+    nn, labels: Sequence, resolutions: Sequence[float] = DEFAULT_RESOLUTIONS, seed: int = 0
+) -> dict[str, float]:
     """scib-metrics' Leiden NMI/ARI on the 15-neighbour graph of `nn` (from `neighbors`): the
     resolution with the best NMI (first on ties) among `resolutions`, as its optimize_resolution
     does over DEFAULT_RESOLUTIONS. Returns {"nmi", "ari", "leiden_resolution"}."""
@@ -113,7 +115,9 @@ def leiden_nmi_ari(nn, labels: Sequence, resolutions: Sequence[float] = DEFAULT_
     graph, y = _subset(nn, N_GRAPH), _labels(labels)
     best = None
     for res in resolutions:
-        got = scib_metrics.nmi_ari_cluster_labels_leiden(graph, y, optimize_resolution=False, resolution=float(res), seed=seed)
+        got = scib_metrics.nmi_ari_cluster_labels_leiden(
+            graph, y, optimize_resolution=False, resolution=float(res), seed=seed
+        )
         if best is None or got["nmi"] > best[0]:
             best = (float(got["nmi"]), float(got["ari"]), float(res))
     return dict(zip(("nmi", "ari", "leiden_resolution"), best))
@@ -172,7 +176,9 @@ def embedding_metrics(
         if X_pre is not None:
             with warnings.catch_warnings():  # a negative score is set to 0 by scib-metrics; the warning says so
                 warnings.filterwarnings("ignore", message="PCR comparison score is negative")
-                out["pcr_comparison"] = scib_metrics.pcr_comparison(np.asarray(X_pre, dtype=np.float32), X, b, categorical=True)
+                out["pcr_comparison"] = scib_metrics.pcr_comparison(
+                    np.asarray(X_pre, dtype=np.float32), X, b, categorical=True
+                )
     return {key: float(value) for key, value in out.items()}
 
 
@@ -231,10 +237,17 @@ def compare_embeddings(
             del values[metric]
         values.update(aggregates(values))
         scores[method] = values
-        rows += [dict(method=method, metric=m, value=v, dim=X.shape[1], source=SOURCE[m], skipped="") for m, v in values.items()]
+        rows += [
+            dict(method=method, metric=m, value=v, dim=X.shape[1], source=SOURCE[m], skipped="")
+            for m, v in values.items()
+        ]
         log.info("%s (%d dims): %s", method, X.shape[1], ", ".join(f"{m}={v:.3f}" for m, v in values.items()))
     for method, X in embeddings.items():
-        rows += [dict(method=method, metric=m, value=np.nan, dim=X.shape[1], source=SOURCE[m], skipped=r) for m, r in skipped.items() if m not in scores[method]]
+        rows += [
+            dict(method=method, metric=m, value=np.nan, dim=X.shape[1], source=SOURCE[m], skipped=r)
+            for m, r in skipped.items()
+            if m not in scores[method]
+        ]
     n_cells = int(len(next(iter(embeddings.values()))))
     n_unlabelled = int(unlabelled(labels).sum()) if labels is not None else n_cells
     first = next(iter(scores.values()))
@@ -249,7 +262,11 @@ def compare_embeddings(
         for model in model_methods:
             if model not in scores:
                 continue
-            beaten_by = [m for m in scores if m not in model_methods and scores[m].get(metric, -np.inf) > scores[model].get(metric, np.inf)]
+            beaten_by = [
+                m
+                for m in scores
+                if m not in model_methods and scores[m].get(metric, -np.inf) > scores[model].get(metric, np.inf)
+            ]
             if beaten_by:
                 summary["model_loses_to"].setdefault(model, {})[metric] = beaten_by
     summary["scores"] = scores

@@ -179,7 +179,9 @@ def fit_cfgen_space(train_counts, test_counts, n_hvg: int = 2000, n_pcs: int = 3
     return space
 
 
-def independent_genes_sample(train_counts, train_groups: Sequence, wanted_groups: Sequence, seed: int = 0) -> np.ndarray:
+def independent_genes_sample(
+    train_counts, train_groups: Sequence, wanted_groups: Sequence, seed: int = 0
+) -> np.ndarray:
     """The weak reference generator: for each wanted cell (its group in `wanted_groups` [m]),
     each gene's count is drawn independently from that gene's values in the real training
     cells of the same group (`train_counts` [n, G], `train_groups` [n]). Returns [m, G] float32.
@@ -269,7 +271,12 @@ def compare_sets(
     """
     rng = np.random.default_rng(seed)
     space = fit_cfgen_space(real_train_counts, real_test_counts, n_hvg=n_hvg, n_pcs=n_pcs, seed=seed)
-    log.info("CFGen space: %d HVGs, %d PCs fitted on %d real test cells", len(space.genes), space.components.shape[0], real_test_counts.shape[0])
+    log.info(
+        "CFGen space: %d HVGs, %d PCs fitted on %d real test cells",
+        len(space.genes),
+        space.components.shape[0],
+        real_test_counts.shape[0],
+    )
 
     test_groups = groups_of(real_test_obs, group_columns)
     gen_groups = groups_of(generated_obs, group_columns)
@@ -298,11 +305,20 @@ def compare_sets(
         labels = obs[label_column].to_numpy(dtype=object) if label_column and label_column in obs else None
         per_group: dict[str, dict[str, float]] = {}
         scopes = [("all", np.ones(len(pc), bool), np.ones(len(test_pc), bool))]
-        scopes += [(g, groups == g, test_groups == g) for g in np.unique(test_groups) if len(group_columns) and g != UNLABELLED]
+        scopes += [
+            (g, groups == g, test_groups == g) for g in np.unique(test_groups) if len(group_columns) and g != UNLABELLED
+        ]
         for scope, mask, test_mask in scopes:
             n_x, n_y = int(mask.sum()), int(test_mask.sum())
             if scope != "all" and (n_x < min_cells_per_group or n_y < min_cells_per_group):
-                log.info("%s: condition %r skipped (%d generated, %d real test cells < %d)", method, scope, n_x, n_y, min_cells_per_group)
+                log.info(
+                    "%s: condition %r skipped (%d generated, %d real test cells < %d)",
+                    method,
+                    scope,
+                    n_x,
+                    n_y,
+                    min_cells_per_group,
+                )
                 continue
             ix = np.flatnonzero(mask)[_subsample(n_x, max_cells, rng)]
             iy = np.flatnonzero(test_mask)[_subsample(n_y, max_cells, rng)]
@@ -312,7 +328,9 @@ def compare_sets(
                 if method == REFERENCE_REAL:
                     # The floor for label accuracy: the real held-out cells themselves.
                     test_labels = real_test_obs[label_column].to_numpy(dtype=object)
-                    values["label_accuracy"] = label_accuracy(train_pc, train_labels, test_pc[test_mask], test_labels[test_mask], k=k_label)
+                    values["label_accuracy"] = label_accuracy(
+                        train_pc, train_labels, test_pc[test_mask], test_labels[test_mask], k=k_label
+                    )
                 else:
                     values["label_accuracy"] = label_accuracy(train_pc, train_labels, pc[mask], labels[mask], k=k_label)
             for metric, value in values.items():
@@ -322,7 +340,15 @@ def compare_sets(
         if per_group:
             for metric in next(iter(per_group.values())):
                 vals = [v[metric] for v in per_group.values()]
-                rows.append(dict(method=method, condition="mean over conditions", metric=metric, value=float(np.nanmean(vals)), n_cells=len(per_group)))
+                rows.append(
+                    dict(
+                        method=method,
+                        condition="mean over conditions",
+                        metric=metric,
+                        value=float(np.nanmean(vals)),
+                        n_cells=len(per_group),
+                    )
+                )
         log.info("%s scored (%d conditions)", method, len(per_group))
     embedding = dict(
         coords=np.concatenate([coords["real_test"], coords["generated"]]),
@@ -416,9 +442,18 @@ def guidance_check(
         result["latent"] = {
             "classifier": "logistic regression on the standardised, flattened latent tokens of real train cells",
             "real_test_accuracy": float(np.mean(clf.predict(flat[test]) == labels[test])),
-            "accuracy": {name: requested_label_accuracy(clf.predict(t.reshape(len(t), -1)), requested) for name, (_, t) in runs.items()},
+            "accuracy": {
+                name: requested_label_accuracy(clf.predict(t.reshape(len(t), -1)), requested)
+                for name, (_, t) in runs.items()
+            },
         }
     for space in ("expression", "latent"):
         for name, acc in result.get(space, {}).get("accuracy", {}).items():
-            log.info("guidance check (%s classifier): %s -> %.3f of samples classified as their requested %s", space, name, acc if acc is not None else float("nan"), column)
+            log.info(
+                "guidance check (%s classifier): %s -> %.3f of samples classified as their requested %s",
+                space,
+                name,
+                acc if acc is not None else float("nan"),
+                column,
+            )
     return result

@@ -17,7 +17,9 @@ def require(path: str | os.PathLike, producer: str) -> Path:
     """`path` as a Path; UserError naming the rule that makes it when it is missing."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} is missing; it is made by rule {producer}: run `snakemake {path}` (or --forcerun {producer}).")
+        raise UserError(
+            f"{path} is missing; it is made by rule {producer}: run `snakemake {path}` (or --forcerun {producer})."
+        )
     return path
 
 
@@ -29,7 +31,9 @@ def read_h5ad(path: str | os.PathLike, producer: str):
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # noqa: BLE001 - turned into an actionable message
-        raise UserError(f"cannot read {path} as .h5ad ({exc}); re-run rule {producer} (snakemake --forcerun {producer}).") from exc
+        raise UserError(
+            f"cannot read {path} as .h5ad ({exc}); re-run rule {producer} (snakemake --forcerun {producer})."
+        ) from exc
 
 
 def read_embedding(path: str | os.PathLike, key: str, obs_names, producer: str) -> np.ndarray:
@@ -38,7 +42,9 @@ def read_embedding(path: str | os.PathLike, key: str, obs_names, producer: str) 
     Returns float32 [N, D]."""
     adata = read_h5ad(path, producer)
     if key not in adata.obsm:
-        raise UserError(f"{path} has no obsm[{key!r}] (it has {sorted(adata.obsm)}); re-run rule {producer} (snakemake --forcerun {producer}).")
+        raise UserError(
+            f"{path} has no obsm[{key!r}] (it has {sorted(adata.obsm)}); re-run rule {producer} (snakemake --forcerun {producer})."
+        )
     if adata.n_obs != len(obs_names) or not np.array_equal(adata.obs_names.to_numpy(), np.asarray(obs_names)):
         raise UserError(
             f"{path} holds {adata.n_obs} cells that do not match the {len(obs_names)} cells of qc/filtered.h5ad in order; "
@@ -46,7 +52,9 @@ def read_embedding(path: str | os.PathLike, key: str, obs_names, producer: str) 
         )
     X = np.asarray(adata.obsm[key], dtype=np.float32)
     if X.ndim != 2 or not np.isfinite(X).all():
-        raise UserError(f"{path} obsm[{key!r}] must be a finite 2-D array, got shape {X.shape}; re-run rule {producer}.")
+        raise UserError(
+            f"{path} obsm[{key!r}] must be a finite 2-D array, got shape {X.shape}; re-run rule {producer}."
+        )
     return X
 
 

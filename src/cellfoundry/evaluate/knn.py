@@ -5,7 +5,7 @@ scored on the test split (Xpressor's stage summary)."""
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
@@ -13,7 +13,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 
-def knn_label_transfer(X: np.ndarray, labels: Sequence, k: int = 15, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
+def knn_label_transfer(
+    X: np.ndarray, labels: Sequence, k: int = 15, n_folds: int = 5, seed: int = 0
+) -> dict[str, float]:
     """kNN (k neighbours, Euclidean) label prediction, stratified `n_folds`-fold cross-validation.
 
     X: [N, D]; labels: [N]. Returns {"knn_accuracy", "knn_macro_f1"} over all out-of-fold

@@ -100,7 +100,9 @@ def mean_metrics(predicted: np.ndarray, real: np.ndarray, control_mean: np.ndarr
     return out
 
 
-def linear_shift(logx: np.ndarray, obs: pd.DataFrame, combo: Mapping, control: Mapping, usable: np.ndarray) -> np.ndarray:
+def linear_shift(
+    logx: np.ndarray, obs: pd.DataFrame, combo: Mapping, control: Mapping, usable: np.ndarray
+) -> np.ndarray:
     """Control cells of the combination plus the mean (stimulated - control) shift of the other
     groups (the values of the non-stimulus columns), each group with both kinds of cells."""
     stimulus = [c for c in combo if str(control[c]) != str(combo[c])]
@@ -168,7 +170,9 @@ def evaluate_combination(
         LINEAR: (linear_shift(logx, real_obs, combo, control, usable), real),
         CEILING: (real[half_a], real[half_b]),
     }
-    space = gen.fit_cfgen_space(real_counts[np.flatnonzero(usable)], real_counts[np.flatnonzero(real_cells)], n_hvg, n_pcs, seed)
+    space = gen.fit_cfgen_space(
+        real_counts[np.flatnonzero(usable)], real_counts[np.flatnonzero(real_cells)], n_hvg, n_pcs, seed
+    )
 
     def project(x):
         x = x[gen._subsample(len(x), max_cells, np.random.default_rng(seed))]
@@ -181,8 +185,18 @@ def evaluate_combination(
         px, tx = project(pred), project(target)
         values.update(energy=gen.energy_distance(px, tx), mmd_rbf=gen.mmd_rbf(px, tx),
                       knn_auc=gen.knn_real_vs_generated_auc(tx, px, k=k_auc, seed=seed))  # fmt: skip
-        rows += [{"combination": label, "method": method, "metric": m, "value": v, "n_cells": len(pred)} for m, v in values.items()]
+        rows += [
+            {"combination": label, "method": method, "metric": m, "value": v, "n_cells": len(pred)}
+            for m, v in values.items()
+        ]
         means[method] = pred.mean(0)
         means[f"{method} r2"] = (values["r2_all"], values["r2_de"])  # the plot's titles: the table's figures
-        log.info("%s / %s: r2_de %.3f, r2_all %.3f, delta_pearson_de %.3f", label, method, values["r2_de"], values["r2_all"], values["delta_pearson_de"])
+        log.info(
+            "%s / %s: r2_de %.3f, r2_all %.3f, delta_pearson_de %.3f",
+            label,
+            method,
+            values["r2_de"],
+            values["r2_all"],
+            values["delta_pearson_de"],
+        )
     return rows, means

@@ -20,7 +20,15 @@ from cellfoundry.evaluate import prediction as pred
 from cellfoundry.evaluate import reconstruction as rec
 from cellfoundry.evaluate.baselines import pca_baseline
 from cellfoundry.evaluate.embedding import AGGREGATES, BATCH_METRICS, BIO_METRICS, compare_embeddings
-from cellfoundry.evaluate.inputs import read_embedding, read_h5ad, read_json, read_table, require, write_json, write_table
+from cellfoundry.evaluate.inputs import (
+    read_embedding,
+    read_h5ad,
+    read_json,
+    read_table,
+    require,
+    write_json,
+    write_table,
+)
 from cellfoundry.plots import decoded_vs_observed, metric_bars, plot_prediction, umap_coordinates, umap_grid
 from cellfoundry.utils import UserError, atomic_output, resolve_device, seed_everything, unlabelled
 
@@ -75,7 +83,9 @@ def run_evaluate_embeddings(
         silhouette_max_cells=settings["silhouette_max_cells"],
         seed=seed,
     )
-    result.update(dataset=dataset, label=cell_type, batch=batch, dims={k: int(v.shape[1]) for k, v in embeddings.items()})
+    result.update(
+        dataset=dataset, label=cell_type, batch=batch, dims={k: int(v.shape[1]) for k, v in embeddings.items()}
+    )
     written = write_table(rows, table)
     write_json(result, summary)
 
@@ -133,7 +143,9 @@ def run_evaluate_xpressor(
     ckpt = load_xpressor(require(xpressor_checkpoint, "xpressor_train"))
     genes = list(ckpt.meta.get("genes", []))
     if not genes:
-        raise UserError(f"{xpressor_checkpoint} does not list its decoded genes (meta['genes']); re-run rule xpressor_train.")
+        raise UserError(
+            f"{xpressor_checkpoint} does not list its decoded genes (meta['genes']); re-run rule xpressor_train."
+        )
     absent = [g for g in genes if g not in set(adata.var_names)]
     if absent:
         raise UserError(
@@ -253,7 +265,9 @@ def run_evaluate_generation(
         # each cell's library size, exactly as the diffusion samples are decoded.
         cell_latents = np.load(latents, mmap_mode="r")
         if cell_latents.shape[0] != real.n_obs:
-            raise UserError(f"{latents} holds {cell_latents.shape[0]} cells but {h5ad} has {real.n_obs}; re-run xpressor_encode.")
+            raise UserError(
+                f"{latents} holds {cell_latents.shape[0]} cells but {h5ad} has {real.n_obs}; re-run xpressor_encode."
+            )
         decode = xpressor_decoder(xpressor_checkpoint, vocab, list(real.var_names))
         ceiling = decode(np.asarray(cell_latents[split == "test"]), library[split == "test"], seed).counts
     else:
@@ -364,7 +378,9 @@ def run_evaluate_prediction(
         "holdout": holdout,
         "n_de_genes": settings["prediction"]["n_de_genes"],
         "metrics": {
-            label: {method: dict(zip(sub["metric"], sub["value"])) for method, sub in part.groupby("method", sort=False)}
+            label: {
+                method: dict(zip(sub["metric"], sub["value"])) for method, sub in part.groupby("method", sort=False)
+            }
             for label, part in written.groupby("combination", sort=False)
         },
     }

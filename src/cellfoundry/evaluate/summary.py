@@ -14,12 +14,36 @@ from pathlib import Path
 import pandas as pd
 
 EMBEDDING_METRICS = [
-    "knn_accuracy", "knn_macro_f1", "asw_label", "nmi", "ari", "clisi", "isolated_labels", "asw_batch", "ilisi",
-    "kbet_acceptance", "graph_connectivity", "pcr_comparison", "bio_conservation", "batch_correction", "scib_total",
+    "knn_accuracy",
+    "knn_macro_f1",
+    "asw_label",
+    "nmi",
+    "ari",
+    "clisi",
+    "isolated_labels",
+    "asw_batch",
+    "ilisi",
+    "kbet_acceptance",
+    "graph_connectivity",
+    "pcr_comparison",
+    "bio_conservation",
+    "batch_correction",
+    "scib_total",
 ]
 EMBEDDING_MODELS = ("se", "xpressor")
 RECONSTRUCTION_METRICS = ["pearson_mean", "spearman_mean", "mse", "gene_pearson_mean", "trainable_fraction"]
-GENERATION_METRICS = ["w1", "w2", "mmd_rbf", "mmd_linear", "energy", "knn_auc", "r2_mean", "r2_var", "pearson_mean", "label_accuracy"]
+GENERATION_METRICS = [
+    "w1",
+    "w2",
+    "mmd_rbf",
+    "mmd_linear",
+    "energy",
+    "knn_auc",
+    "r2_mean",
+    "r2_var",
+    "pearson_mean",
+    "label_accuracy",
+]
 LOWER_IS_BETTER = {"mse", "w1", "w2", "mmd_rbf", "mmd_linear", "energy", "knn_auc"}  # knn_auc: 0.5 is best
 
 
@@ -74,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     print("Xpressor reconstruction (held-out cells)\n\n" + reconstruction_table(eval_dir / "reconstruction.tsv") + "\n")
     if (eval_dir / "generation.tsv").exists():
         for condition in ("all", "mean over conditions"):
-            print(f"Generated cells ({condition})\n\n" + generation_table(eval_dir / "generation.tsv", condition) + "\n")
+            print(
+                f"Generated cells ({condition})\n\n" + generation_table(eval_dir / "generation.tsv", condition) + "\n"
+            )
 
 
 if __name__ == "__main__":

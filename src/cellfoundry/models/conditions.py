@@ -18,8 +18,9 @@ Conditions are declared in the config from obs columns (`datasets.<ds>.condition
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,7 +101,7 @@ class ConditionCodec:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def fit(cls, specs: Sequence[ConditionSpec], obs: pd.DataFrame) -> "ConditionCodec":
+    def fit(cls, specs: Sequence[ConditionSpec], obs: pd.DataFrame) -> ConditionCodec:
         vocab: dict[str, list[list[str]]] = {}
         cont_stats: dict[str, tuple[list[float], list[float]]] = {}
         for spec in specs:
@@ -133,7 +134,7 @@ class ConditionCodec:
         return {"specs": [asdict(s) for s in self.specs], "vocab": self.vocab, "cont_stats": self.cont_stats}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "ConditionCodec":
+    def from_dict(cls, data: Mapping) -> ConditionCodec:
         return cls([ConditionSpec(**s) for s in data["specs"]], dict(data["vocab"]), dict(data["cont_stats"]))
 
     @property
@@ -318,7 +319,9 @@ class SetEmbedder(nn.Module):
         super().__init__()
         heads = heads if dim % heads == 0 else 1
         self.embedding = nn.Embedding(n_elements + 1, dim, padding_idx=0)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.empty = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.empty, std=0.02)
@@ -416,7 +419,11 @@ class ConditionModel(nn.Module):
                     none &= batch[f"{name}.cont_mask"].sum(1) == 0
                 cols.append(none)
             else:
-                cols.append(torch.zeros(batch[f"{name}.elements"].shape[0], dtype=torch.bool, device=batch[f"{name}.elements"].device))
+                cols.append(
+                    torch.zeros(
+                        batch[f"{name}.elements"].shape[0], dtype=torch.bool, device=batch[f"{name}.elements"].device
+                    )
+                )
         return torch.stack(cols, dim=1)
 
     def forward(self, batch: Mapping[str, torch.Tensor], keep: torch.Tensor | None = None):

@@ -29,4 +29,3 @@ class ConditionalDenoiser(nn.Module):
         if cond_batch is not None and self.conditions.n_conditions:
             vector, tokens = self.conditions(cond_batch, keep)
         return self.net(x_t, t, vector, tokens if self.cross_attention else None)
-

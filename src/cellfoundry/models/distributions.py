@@ -54,7 +54,6 @@ def zinb_log_prob(x: Tensor, mu: Tensor, theta: Tensor, pi_logit: Tensor) -> Ten
     return torch.where(x < 0.5, case_zero, case_nonzero)
 
 
-
 def mean_fraction(scale: Tensor, pi_logit: Tensor, loss: str) -> Tensor:
     """Decoded mean as a fraction of the library [B, G]: scale, times 1 - pi for ZINB."""
     return scale * torch.sigmoid(-pi_logit) if loss == "zinb" else scale
@@ -65,7 +64,9 @@ def expected_counts(out: DecoderOutput, library_size: Tensor, loss: str) -> Tens
     return mean_fraction(out.scale, out.pi_logit, loss) * library_size.to(out.scale)[:, None]
 
 
-def sample_counts(out: DecoderOutput, library_size: Tensor, loss: str, generator: torch.Generator | None = None) -> Tensor:
+def sample_counts(
+    out: DecoderOutput, library_size: Tensor, loss: str, generator: torch.Generator | None = None
+) -> Tensor:
     """Counts [B, G] drawn from the decoded NB (gamma-Poisson) or ZINB; for loss "mse" a Poisson
     around the mean. Seeded through `generator`."""
     mu = out.scale * library_size.to(out.scale)[:, None]

@@ -75,13 +75,17 @@ class DiTBlock(nn.Module):
     cross-attention to condition tokens has a zero-initialised output projection for the same
     reason."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden)
+        )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)

@@ -59,7 +59,7 @@ class SEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SEConfig":
+    def from_dict(cls, values: dict) -> SEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -140,7 +140,9 @@ class StateEmbedding(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, t))
         self.dataset_token = nn.Parameter(torch.randn(1, t))
         self.encoder = nn.Sequential(nn.Linear(t, d), nn.LayerNorm(d), nn.SiLU())
-        self.count_encoder = nn.Sequential(nn.Linear(1, COUNT_HIDDEN), nn.LeakyReLU(0.01), nn.Linear(COUNT_HIDDEN, N_BINS))
+        self.count_encoder = nn.Sequential(
+            nn.Linear(1, COUNT_HIDDEN), nn.LeakyReLU(0.01), nn.Linear(COUNT_HIDDEN, N_BINS)
+        )
         self.bin_encoder = nn.Embedding(N_BINS, d)
         self.transformer_encoder = SETransformer(cfg)
         self.decoder = nn.Sequential(SkipBlock(d, cfg.dropout), nn.Linear(d, cfg.output_dim))
@@ -157,7 +159,11 @@ class StateEmbedding(nn.Module):
         if self.cfg.encoding == "scaled":
             genes = genes * counts.to(genes.dtype).unsqueeze(-1).masked_fill(padding.unsqueeze(-1), 0.0)
         x = torch.cat(
-            [self.cls_token.to(genes.dtype).expand(b, 1, -1), genes[:, 1:], self.dataset_token.to(genes.dtype).expand(b, 1, -1)],
+            [
+                self.cls_token.to(genes.dtype).expand(b, 1, -1),
+                genes[:, 1:],
+                self.dataset_token.to(genes.dtype).expand(b, 1, -1),
+            ],
             dim=1,
         )  # [B, L+1, T]: CLS replaces slot 0, dataset token appended
         h = self.encoder(x) * math.sqrt(self.cfg.d_model)
@@ -213,7 +219,9 @@ class TrainingHeads(nn.Module):
     def __init__(self, cfg: SEConfig):
         super().__init__()
         width = cfg.d_model + cfg.output_dim + 1 + DATASET_DIM  # gene, cell, read depth, dataset
-        self.binary_decoder = nn.Sequential(SkipBlock(width, cfg.dropout), SkipBlock(width, cfg.dropout), nn.Linear(width, 1))
+        self.binary_decoder = nn.Sequential(
+            SkipBlock(width, cfg.dropout), SkipBlock(width, cfg.dropout), nn.Linear(width, 1)
+        )
         self.dataset_encoder = nn.Sequential(
             nn.Linear(cfg.output_dim, cfg.d_model),
             nn.ReLU(),

@@ -137,7 +137,11 @@ def check_state_dict(state: dict[str, torch.Tensor], cfg: SEConfig) -> tuple[dic
             f"SE checkpoint lacks {len(missing)} embedding weight(s): {', '.join(missing[:8])}"
             f"{' ...' if len(missing) > 8 else ''}. It is not an SE model of this architecture."
         )
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {shape})" for k, shape in expected.items() if tuple(state[k].shape) != shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {shape})"
+        for k, shape in expected.items()
+        if tuple(state[k].shape) != shape
+    ]
     if wrong:
         raise UserError(f"SE checkpoint weights have the wrong shape: {'; '.join(wrong[:8])}.")
     ignored = sorted(k for k in state if k not in expected)
@@ -154,7 +158,9 @@ def _resolve_paths(path_or_folder: str | os.PathLike, gene_embeddings: str | os.
         if not ckpts:
             raise UserError(f"SE model folder {path} has no .ckpt file; point se.model_folder at an SE model folder.")
         if len(ckpts) > 1:
-            log.warning("%s holds %d checkpoints; using %s (pass the file itself to choose)", path, len(ckpts), ckpts[-1].name)
+            log.warning(
+                "%s holds %d checkpoints; using %s (pass the file itself to choose)", path, len(ckpts), ckpts[-1].name
+            )
         ckpt_path = ckpts[-1]
         folder = path
     else:
@@ -206,7 +212,9 @@ def load_se(
     return model, cfg, vocab
 
 
-def reference_cfg(cfg: SEConfig, gene_embeddings: str | None = None, n_genes: int = 0, extra: dict | None = None) -> dict:
+def reference_cfg(
+    cfg: SEConfig, gene_embeddings: str | None = None, n_genes: int = 0, extra: dict | None = None
+) -> dict:
     """The reference's config tree for `cfg` (what its loader and `state emb transform` read)."""
     tree: dict[str, Any] = {
         "embeddings": {

@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +130,7 @@ class XpressorConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "XpressorConfig":
+    def from_dict(cls, values: dict) -> XpressorConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -259,7 +260,9 @@ class Xpressor(nn.Module):
         k = cfg.n_base_layers
         if cfg.pooling is None:
             # base tokens d -> d_x, one projection per layer read; a learned embedding marks the layer
-            self.token_proj = nn.Linear(cfg.d_base, d) if k == 1 else nn.ModuleList(nn.Linear(cfg.d_base, d) for _ in range(k))
+            self.token_proj = (
+                nn.Linear(cfg.d_base, d) if k == 1 else nn.ModuleList(nn.Linear(cfg.d_base, d) for _ in range(k))
+            )
             if k > 1:
                 self.layer_embed = nn.Parameter(torch.randn(k, d) * 0.02)
             self.latents = nn.Parameter(torch.randn(cfg.n_tokens, d) * 0.02)

@@ -82,8 +82,14 @@ def train_loader(cells: PretrainCells, batch_size: int, seed: int, num_workers: 
     is dropped so every step has B cells."""
     from cellfoundry.resumable import resumable_loader
 
-    return resumable_loader(cells, min(batch_size, len(cells)), seed, drop_last=True,
-                            num_workers=num_workers, persistent_workers=num_workers > 0)
+    return resumable_loader(
+        cells,
+        min(batch_size, len(cells)),
+        seed,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, int, str]:
@@ -101,17 +107,28 @@ def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, in
         rows = np.flatnonzero(adata.obs["split"].astype(str).to_numpy() == "train")
         if len(rows) == 0:
             raise UserError(f"{h5ad} has no cells with obs['split'] == 'train'; lower qc.test_fraction.")
-        parts.append(dict(gene_ids=tokens.gene_ids, values=tokens.values, counts=adata.X,
-                          gene_vocab_ids=vocab.lookup(adata.var_names), rows=rows))
+        parts.append(
+            dict(
+                gene_ids=tokens.gene_ids,
+                values=tokens.values,
+                counts=adata.X,
+                gene_vocab_ids=vocab.lookup(adata.var_names),
+                rows=rows,
+            )
+        )
         lengths.add(int(tokens.attrs["L"]))
         methods.add(tokens.attrs.get("method", "se"))
         log.info("%s: %d training cells", h5ad, len(rows))
     if len(lengths) != 1 or len(methods) != 1:
-        raise UserError(f"datasets were tokenized with different settings (L {sorted(lengths)}, method {sorted(methods)}); re-run tokenize.")
+        raise UserError(
+            f"datasets were tokenized with different settings (L {sorted(lengths)}, method {sorted(methods)}); re-run tokenize."
+        )
     return PretrainCells(parts), lengths.pop(), methods.pop()
 
 
-def subsample_sentence(gene_ids: Tensor, values: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def subsample_sentence(
+    gene_ids: Tensor, values: Tensor, k: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Keep the CLS slot and `k` random gene slots per cell ([B, L] -> [B, 1 + k]).
 
     SE has no positions, so a random subset of a sentence is still a valid (shorter) sentence;
@@ -125,7 +142,9 @@ def subsample_sentence(gene_ids: Tensor, values: Tensor, k: int, generator: torc
     return gene_ids.gather(1, slots), values.gather(1, slots)
 
 
-def sample_task_genes(expr: Tensor, measured: Tensor, P: int, N: int, S: int, generator: torch.Generator | None = None) -> Tensor:
+def sample_task_genes(
+    expr: Tensor, measured: Tensor, P: int, N: int, S: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Task gene columns [B, P + N + S] of `expr` [B, G] (log1p counts; `measured` [B, G] bool).
 
     P expressed and N unexpressed measured genes per cell (with replacement, so cells with

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import anndata as ad
 import h5py
@@ -93,7 +93,9 @@ def write_embedding_h5ad(
         adata.write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:
             # h5py refuses a chunk larger than an empty dataset
-            dset = f["obsm"].create_dataset(key, shape=(n, dim), dtype="float32", chunks=(min(n, 4096), dim) if n else None)
+            dset = f["obsm"].create_dataset(
+                key, shape=(n, dim), dtype="float32", chunks=(min(n, 4096), dim) if n else None
+            )
             dset.attrs["encoding-type"] = "array"
             dset.attrs["encoding-version"] = "0.2.0"
             pos = 0
@@ -172,7 +174,9 @@ def embed_provenance(ckpt, vocab_path, cells_h5ad, tokens_dir=None, config: dict
     """uns of an embedding .h5ad: the provenance record of the embed stage."""
     from cellfoundry.provenance import KEY, provenance
 
-    record = provenance("embed", config, checkpoints={"se": ckpt}, vocab=vocab_path, inputs={"cells": cells_h5ad, "tokens": tokens_dir})
+    record = provenance(
+        "embed", config, checkpoints={"se": ckpt}, vocab=vocab_path, inputs={"cells": cells_h5ad, "tokens": tokens_dir}
+    )
     return {KEY: record}
 
 

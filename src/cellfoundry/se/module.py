@@ -87,7 +87,9 @@ class SEPretrainModule(pl.LightningModule):
         tc = self.train_cfg
         if tc.sentence_genes:
             batch = dict(batch)
-            batch["gene_ids"], batch["values"] = subsample_sentence(batch["gene_ids"], batch["values"], tc.sentence_genes)
+            batch["gene_ids"], batch["values"] = subsample_sentence(
+                batch["gene_ids"], batch["values"], tc.sentence_genes
+            )
         task = sample_task_genes(batch["expr"], batch["measured"], tc.P, tc.N, tc.S)
         target = batch["expr"].gather(1, task)
         pred, emb = self.predict_expression(batch, task)

@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import anndata as ad
 import numpy as np
@@ -65,10 +65,26 @@ def run_pretrain_se(
     from cellfoundry.launch import run_stage
 
     device = resolve_device(device)
-    kwargs = dict(tokens=[str(p) for p in tokens], h5ad=[str(p) for p in h5ad], vocab=str(vocab), checkpoint=str(checkpoint),
-                  losses=str(losses), work_dir=str(work_dir), settings=dict(settings), seed=seed, device=device)
-    run_stage(train_se, kwargs, trainer=settings["trainer"], log_path=log_path, threads=threads,
-              trainer_key="se.trainer", resources_key="resources.pretrain_se")
+    kwargs = dict(
+        tokens=[str(p) for p in tokens],
+        h5ad=[str(p) for p in h5ad],
+        vocab=str(vocab),
+        checkpoint=str(checkpoint),
+        losses=str(losses),
+        work_dir=str(work_dir),
+        settings=dict(settings),
+        seed=seed,
+        device=device,
+    )
+    run_stage(
+        train_se,
+        kwargs,
+        trainer=settings["trainer"],
+        log_path=log_path,
+        threads=threads,
+        trainer_key="se.trainer",
+        resources_key="resources.pretrain_se",
+    )
     if datasets_record is not None:
         # with se.pretrain.datasets null, later runs keep training on this list (workflow/rules/common.smk)
         with atomic_output(datasets_record) as tmp:
@@ -110,22 +126,44 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
         log_every_n_steps=max(1, min(10, train_cfg.max_steps // 20)),
     )
     # a checkpoint is resumed only by a run of the same model, objective, data and seed
-    fingerprint = {"se": {k: v for k, v in settings.items() if k != "trainer"}, "seed": seed, "datasets": [str(t) for t in tokens],
-                   "cells": len(cells), "sentence_length": length, "vocab": gene_vocab.hash}
-    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed, train_cfg.num_workers), out_dir=work_dir, settings=fingerprint)
+    fingerprint = {
+        "se": {k: v for k, v in settings.items() if k != "trainer"},
+        "seed": seed,
+        "datasets": [str(t) for t in tokens],
+        "cells": len(cells),
+        "sentence_length": length,
+        "vocab": gene_vocab.hash,
+    }
+    fit(
+        trainer,
+        module,
+        train_loader(cells, train_cfg.batch_size, seed, train_cfg.num_workers),
+        out_dir=work_dir,
+        settings=fingerprint,
+    )
     if not trainer.is_global_zero:
         return
-    save_se(checkpoint, module.model, cfg, training_state=module.heads.state_dict(),
-            gene_embeddings=str(vocab), gene_table=gene_vocab.table)
+    save_se(
+        checkpoint,
+        module.model,
+        cfg,
+        training_state=module.heads.state_dict(),
+        gene_embeddings=str(vocab),
+        gene_table=gene_vocab.table,
+    )
     metrics = read_metrics(work_dir)  # every attempt's rows, when the run was interrupted and resumed
-    table = metrics[[c for c in ("step", "train_loss", "expr_loss", "dataset_loss") if c in metrics]].dropna(subset=["train_loss"])
+    table = metrics[[c for c in ("step", "train_loss", "expr_loss", "dataset_loss") if c in metrics]].dropna(
+        subset=["train_loss"]
+    )
     with atomic_output(losses) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     shutil.rmtree(Path(work_dir) / "checkpoints", ignore_errors=True)
     log.info("wrote %s (final loss %.4f)", checkpoint, float(table["train_loss"].iloc[-1]))
 
 
-def run_random_se(se_checkpoint: PathLike, vocab: PathLike, checkpoint: PathLike, seed: int, allow_unsafe_pickle: bool = False) -> None:
+def run_random_se(
+    se_checkpoint: PathLike, vocab: PathLike, checkpoint: PathLike, seed: int, allow_unsafe_pickle: bool = False
+) -> None:
     """Rule random_se: an untrained model of `se_checkpoint`'s architecture (seeded init), in the
     same layout, as the baseline."""
     from cellfoundry.models.se import StateEmbedding, TrainingHeads
@@ -136,7 +174,14 @@ def run_random_se(se_checkpoint: PathLike, vocab: PathLike, checkpoint: PathLike
     cfg = config_from_checkpoint(read_checkpoint_file(se_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle))
     model, heads = StateEmbedding(cfg), TrainingHeads(cfg)
     gene_vocab = GeneVocab.load(vocab)
-    save_se(checkpoint, model, cfg, training_state=heads.state_dict(), gene_embeddings=str(vocab), gene_table=gene_vocab.table)
+    save_se(
+        checkpoint,
+        model,
+        cfg,
+        training_state=heads.state_dict(),
+        gene_embeddings=str(vocab),
+        gene_table=gene_vocab.table,
+    )
     log.info("wrote random-weights SE model %s (%s)", checkpoint, cfg)
 
 
@@ -182,7 +227,9 @@ def run_embed(
     model, cfg, gene_vocab = load_se(se_checkpoint, gene_embeddings=vocab, allow_unsafe_pickle=allow_unsafe_pickle)
     token_arrays = read_tokens(tokens, vocab_hash=gene_vocab.hash)
     check_tokens_match_model(token_arrays.attrs.get("method", "se"), cfg.encoding, tokens)
-    log.info("embedding %d cells (L=%d) on %s, batch size %d", len(token_arrays), token_arrays.attrs["L"], device, batch_size)
+    log.info(
+        "embedding %d cells (L=%d) on %s, batch size %d", len(token_arrays), token_arrays.attrs["L"], device, batch_size
+    )
     ids, values = token_arrays.gene_ids, token_arrays.values
     if shard is None:
         uns = embed_provenance(se_checkpoint, vocab, h5ad, tokens, settings)
@@ -194,7 +241,13 @@ def run_embed(
 
 
 def run_embed_gather(
-    shards: Sequence[PathLike], h5ad: PathLike, embedding: PathLike, se_checkpoint: PathLike, vocab: PathLike, tokens: PathLike, settings: dict
+    shards: Sequence[PathLike],
+    h5ad: PathLike,
+    embedding: PathLike,
+    se_checkpoint: PathLike,
+    vocab: PathLike,
+    tokens: PathLike,
+    settings: dict,
 ) -> None:
     """Rule embed_gather: concatenate the embedding `shards`, in order, into one .h5ad with the
     obs of `h5ad` and the provenance run_embed records for the whole dataset."""
@@ -257,7 +310,9 @@ def run_embed_knn(
     return result
 
 
-def run_embed_umap(embedding: PathLike, plot: PathLike, labels: Sequence[str], max_cells: int = 20000, seed: int = 0) -> None:
+def run_embed_umap(
+    embedding: PathLike, plot: PathLike, labels: Sequence[str], max_cells: int = 20000, seed: int = 0
+) -> None:
     """Rule embed_umap: UMAP of the embedding's obsm["X_state"], one panel per obs column in
     `labels` (at most `max_cells` cells, a seeded subsample)."""
     from cellfoundry import plots

@@ -25,7 +25,24 @@ from cellfoundry.tokenize.stage import run_build_vocab, run_tokenize
 from cellfoundry.tokenize.store import FORMAT_VERSION, Tokens, read_tokens
 
 __all__ = [
-    "CLS_ID", "FORMAT_VERSION", "METHODS", "PAD_ID", "TokenChunk", "Tokens", "cell_keys", "check_coverage",
-    "coverage_row", "filler_draws", "gene_keys", "key_layout", "read_tokens", "run_build_vocab", "run_tokenize",
-    "splitmix64", "tie_keys", "tokenize_anndata", "tokenize_csr", "tokenize_h5ad",
+    "CLS_ID",
+    "FORMAT_VERSION",
+    "METHODS",
+    "PAD_ID",
+    "TokenChunk",
+    "Tokens",
+    "cell_keys",
+    "check_coverage",
+    "coverage_row",
+    "filler_draws",
+    "gene_keys",
+    "key_layout",
+    "read_tokens",
+    "run_build_vocab",
+    "run_tokenize",
+    "splitmix64",
+    "tie_keys",
+    "tokenize_anndata",
+    "tokenize_csr",
+    "tokenize_h5ad",
 ]

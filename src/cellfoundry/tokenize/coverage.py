@@ -3,7 +3,8 @@ explains a poor match."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -11,8 +12,9 @@ from cellfoundry.utils import UserError
 from cellfoundry.vocab import GeneMatch, GeneVocab, explain_poor_match
 
 
-def coverage_row(name: str, match: GeneMatch, vocab: GeneVocab, total: float, in_vocab: float,
-                 mapped: np.ndarray | None = None) -> dict[str, Any]:
+def coverage_row(
+    name: str, match: GeneMatch, vocab: GeneVocab, total: float, in_vocab: float, mapped: np.ndarray | None = None
+) -> dict[str, Any]:
     """mapped: bool [G], the dataset genes that came from the dataset's gene map (None: no map)."""
     mapped = np.zeros(match.n_genes, dtype=bool) if mapped is None else np.asarray(mapped, dtype=bool)
     return {
@@ -27,8 +29,13 @@ def coverage_row(name: str, match: GeneMatch, vocab: GeneVocab, total: float, in
     }
 
 
-def check_coverage(row: dict[str, Any], min_coverage: float, match: GeneMatch, vocab: GeneVocab,
-                   var_columns: dict[str, Sequence] | Callable[[], dict[str, Sequence]] | None = None) -> None:
+def check_coverage(
+    row: dict[str, Any],
+    min_coverage: float,
+    match: GeneMatch,
+    vocab: GeneVocab,
+    var_columns: dict[str, Sequence] | Callable[[], dict[str, Sequence]] | None = None,
+) -> None:
     """Raise UserError when too few counts fall on vocabulary genes, saying why (var_columns, or a
     function returning them, feed the explanation)."""
     covered = row["fraction_counts_covered"]

@@ -25,9 +25,17 @@ from cellfoundry.vocab import GeneVocab, match_genes, read_var
 log = logging.getLogger(__name__)
 
 
-def tokenize_anndata(adata, vocab: GeneVocab, length: int, method: str = "se", seed: int = 0,
-                     chunk_size: int = 1024, target_sum: float = 1e4, min_coverage: float = 0.0,
-                     name: str = "input") -> Tokens:
+def tokenize_anndata(
+    adata,
+    vocab: GeneVocab,
+    length: int,
+    method: str = "se",
+    seed: int = 0,
+    chunk_size: int = 1024,
+    target_sum: float = 1e4,
+    min_coverage: float = 0.0,
+    name: str = "input",
+) -> Tokens:
     """Tokenize an in-memory AnnData (X over var_names as gene symbols); returns in-memory Tokens."""
     match = match_genes(adata.var_names, vocab)
     N = adata.n_obs
@@ -37,8 +45,16 @@ def tokenize_anndata(adata, vocab: GeneVocab, length: int, method: str = "se", s
     total = in_vocab = 0.0
     for start in range(0, N, chunk_size):
         stop = min(start + chunk_size, N)
-        chunk = tokenize_csr(adata.X[start:stop], match.local_to_global, length, method, seed, start, target_sum,
-                             out=(gene_ids[start:stop], values[start:stop]))
+        chunk = tokenize_csr(
+            adata.X[start:stop],
+            match.local_to_global,
+            length,
+            method,
+            seed,
+            start,
+            target_sum,
+            out=(gene_ids[start:stop], values[start:stop]),
+        )
         n_expressed[start:stop] = chunk.n_expressed
         total += chunk.total
         in_vocab += chunk.in_vocab
@@ -214,8 +230,16 @@ def _worker_chunk(args) -> tuple[int, int, float, float]:
     """Tokenize rows [start, stop) of the worker's open h5ad and write them in place."""
     start, stop, local_to_global, length, method, seed, target_sum = args
     reader, writer = _WORKER["reader"], _WORKER["writer"]
-    chunk = _tokenize_rows(reader.rows(start, stop), start, local_to_global, length, method, seed, target_sum,
-                           out=writer.buffers(start, stop - start))
+    chunk = _tokenize_rows(
+        reader.rows(start, stop),
+        start,
+        local_to_global,
+        length,
+        method,
+        seed,
+        target_sum,
+        out=writer.buffers(start, stop - start),
+    )
     writer.write(start, chunk)
     return start, stop, chunk.total, chunk.in_vocab
 
@@ -232,8 +256,16 @@ def _tokenize_rows(X, start, local_to_global, length, method, seed, target_sum, 
     total = in_vocab = 0.0
     for a in range(0, n, _BLOCK_CELLS):
         b = min(a + _BLOCK_CELLS, n)
-        block = tokenize_csr(_csr_rows(X, a, b), local_to_global, length, method, seed, start + a, target_sum,
-                             out=(gene_ids[a:b], values[a:b]))
+        block = tokenize_csr(
+            _csr_rows(X, a, b),
+            local_to_global,
+            length,
+            method,
+            seed,
+            start + a,
+            target_sum,
+            out=(gene_ids[a:b], values[a:b]),
+        )
         n_expressed[a:b] = block.n_expressed
         total, in_vocab = total + block.total, in_vocab + block.in_vocab
     return TokenChunk(gene_ids, values, n_expressed, total, in_vocab)
@@ -277,14 +309,27 @@ def tokenize_h5ad(
         raise UserError(f"tokenize.method '{method}' is unknown; use one of {', '.join(METHODS)}")
     _keep_freed_memory()  # for the whole call (worker processes inherit it); restored after
     try:
-        return _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, workers, min_coverage,
-                              target_sum, dataset, source_hash)
+        return _tokenize_h5ad(
+            path,
+            out_dir,
+            vocab,
+            length,
+            method,
+            seed,
+            chunk_size,
+            workers,
+            min_coverage,
+            target_sum,
+            dataset,
+            source_hash,
+        )
     finally:
         _keep_freed_memory(False)
 
 
-def _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, workers, min_coverage, target_sum,
-                   dataset, source_hash) -> dict[str, Any]:
+def _tokenize_h5ad(
+    path, out_dir, vocab, length, method, seed, chunk_size, workers, min_coverage, target_sum, dataset, source_hash
+) -> dict[str, Any]:
     var_names = _var_names(path)
     if var_names is None:  # another layout of var: anndata reads it
         var = read_var(path)
@@ -301,28 +346,44 @@ def _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, worke
         if N == 0:
             raise UserError(f"{path} holds no cells; check the QC thresholds of dataset '{dataset}'")
         # Fail fast on a vocabulary mismatch, judged on the first chunk (kept and written below).
-        first = _tokenize_rows(reader.rows(0, min(chunk_size, N)), 0, match.local_to_global, length, method, seed,
-                               target_sum)
+        first = _tokenize_rows(
+            reader.rows(0, min(chunk_size, N)), 0, match.local_to_global, length, method, seed, target_sum
+        )
     finally:
         reader.close()
-    check_coverage(coverage_row(dataset, match, vocab, first.total, first.in_vocab),
-                   min_coverage, match, vocab, var_columns)
-    log.info("dataset %s: %d of %d genes in the vocabulary (%d genes); %d cells, L = %d, method %s, %d worker(s)",
-             dataset, match.n_matched, match.n_genes, len(vocab), N, length, method, workers)
+    check_coverage(
+        coverage_row(dataset, match, vocab, first.total, first.in_vocab), min_coverage, match, vocab, var_columns
+    )
+    log.info(
+        "dataset %s: %d of %d genes in the vocabulary (%d genes); %d cells, L = %d, method %s, %d worker(s)",
+        dataset,
+        match.n_matched,
+        match.n_genes,
+        len(vocab),
+        N,
+        length,
+        method,
+        workers,
+    )
 
     out_dir = Path(out_dir)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir()
         offsets = {}
-        for name, dtype, shape in (("gene_ids", np.int32, (N, length)), ("values", np.float32, (N, length)),
-                                   ("n_expressed", np.int32, (N,))):
+        for name, dtype, shape in (
+            ("gene_ids", np.int32, (N, length)),
+            ("values", np.float32, (N, length)),
+            ("n_expressed", np.int32, (N,)),
+        ):
             mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
             offsets[name] = mm.offset
             del mm
         done = len(first.n_expressed)
         total, in_vocab = first.total, first.in_vocab
-        jobs = [(s, min(s + chunk_size, N), match.local_to_global, length, method, seed, target_sum)
-                for s in range(done, N, chunk_size)]
+        jobs = [
+            (s, min(s + chunk_size, N), match.local_to_global, length, method, seed, target_sum)
+            for s in range(done, N, chunk_size)
+        ]
         init_args = (str(path), str(tmp), offsets, length)
         t0 = last = time.perf_counter()
         if workers > 1:
@@ -354,8 +415,14 @@ def _tokenize_h5ad(path, out_dir, vocab, length, method, seed, chunk_size, worke
         write_tsv(tmp / "coverage.tsv", [row])
         attrs = token_attrs(vocab, length, method, seed, source_hash, N, target_sum)
         (tmp / "attrs.json").write_text(json.dumps(attrs, indent=2) + "\n")
-    log.info("dataset %s: %d of %d genes matched, %.1f%% of counts covered; tokens in %s",
-             dataset, row["n_genes_matched"], row["n_genes"], 100 * row["fraction_counts_covered"], out_dir)
+    log.info(
+        "dataset %s: %d of %d genes matched, %.1f%% of counts covered; tokens in %s",
+        dataset,
+        row["n_genes_matched"],
+        row["n_genes"],
+        100 * row["fraction_counts_covered"],
+        out_dir,
+    )
     return row
 
 

@@ -241,13 +241,29 @@ def tokenize_csr(
         values = np.empty((n, length), dtype=np.float32)
     else:
         gene_ids, values = out
-        if gene_ids.shape != (n, length) or values.shape != (n, length) or gene_ids.dtype != np.int32 \
-                or values.dtype != np.float32 or not (gene_ids.flags.c_contiguous and values.flags.c_contiguous):
+        if (
+            gene_ids.shape != (n, length)
+            or values.shape != (n, length)
+            or gene_ids.dtype != np.int32
+            or values.dtype != np.float32
+            or not (gene_ids.flags.c_contiguous and values.flags.c_contiguous)
+        ):
             raise ValueError(f"out must be C-contiguous int32 and float32 arrays of shape ({n}, {length})")
     width = int(n_pos.max()) if n else 0
     if width:
-        _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, n_vocab, vocab_ids, seed, cells,
-                   row_sum32 if method == "se" else None)
+        _rank_rows(
+            gene_ids,
+            values,
+            eloc,
+            rank_value,
+            n_pos,
+            width,
+            n_vocab,
+            vocab_ids,
+            seed,
+            cells,
+            row_sum32 if method == "se" else None,
+        )
     else:
         gene_ids.fill(PAD_ID)
         values.fill(0)
@@ -260,8 +276,7 @@ def tokenize_csr(
     return TokenChunk(gene_ids, values, n_pos.astype(np.int32), total, in_vocab)
 
 
-def _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, n_vocab, vocab_ids, seed, cells,
-               row_sum32) -> None:
+def _rank_rows(gene_ids, values, eloc, rank_value, n_pos, width, n_vocab, vocab_ids, seed, cells, row_sum32) -> None:
     """Slots 1.. of every row: the expressed genes ranked by value, tie key, local gene index;
     PAD_ID / 0.0 after them (slot 0 is left to the caller).
 

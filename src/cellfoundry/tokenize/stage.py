@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cellfoundry.tokenize.engine import tokenize_h5ad
 from cellfoundry.utils import atomic_output, file_sha256, seed_everything
@@ -31,8 +32,14 @@ def run_build_vocab(
     log.info("building the vocabulary from datasets %s", datasets)
     built = build_vocab_from_h5ads(list(h5ads), settings["source"], settings["dim"], seed, settings["max_cells"])
     built.save(vocab)
-    log.info("vocabulary: %d genes x %d dims (source %s, hash %s) -> %s",
-             len(built), built.dim, settings["source"], built.hash[:12], vocab)
+    log.info(
+        "vocabulary: %d genes x %d dims (source %s, hash %s) -> %s",
+        len(built),
+        built.dim,
+        settings["source"],
+        built.hash[:12],
+        vocab,
+    )
     # with vocab.datasets null, later runs keep training on this list (workflow/rules/common.smk)
     with atomic_output(datasets_record) as tmp:
         tmp.write_text(json.dumps(list(datasets)))

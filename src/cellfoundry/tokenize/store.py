@@ -34,8 +34,11 @@ class Tokens:
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Cells [start:stop] as in-memory arrays (a contiguous read of each file)."""
-        return (np.array(self.gene_ids[start:stop]), np.array(self.values[start:stop]),
-                np.array(self.n_expressed[start:stop]))
+        return (
+            np.array(self.gene_ids[start:stop]),
+            np.array(self.values[start:stop]),
+            np.array(self.n_expressed[start:stop]),
+        )
 
 
 def token_attrs(vocab: GeneVocab, length, method, seed, source_hash, n_cells, target_sum) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -128,7 +129,7 @@ class CellBatches(Dataset):
     """Cells `indices` of `data`; items carry the token inputs (or cached base features),
     dense target counts [G], library size and label codes."""
 
-    def __init__(self, data: CellData, indices: np.ndarray, cache: "BaseCache | None" = None):
+    def __init__(self, data: CellData, indices: np.ndarray, cache: BaseCache | None = None):
         self.data, self.indices, self.cache = data, np.asarray(indices), cache
 
     def __len__(self) -> int:
@@ -162,7 +163,9 @@ def collate(items: list[dict]) -> dict[str, Any]:
     return out
 
 
-def cell_loader(data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+def cell_loader(
+    data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, shuffle: bool, seed: int
+) -> DataLoader:
     """The shuffled training loader resumes exactly (cellfoundry.resumable.resumable_loader); the
     validation loader is plain (Lightning shards it under DDP)."""
     from cellfoundry.resumable import resumable_loader
@@ -201,7 +204,9 @@ def resolve_layers(layers: list[int], n_layers: int) -> list[int]:
     return out
 
 
-def base_layer_outputs(base: nn.Module, gene_ids: Tensor, values: Tensor, gene_table: Tensor, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+def base_layer_outputs(
+    base: nn.Module, gene_ids: Tensor, values: Tensor, gene_table: Tensor, layers: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """Run the base and keep the token states of `layers` (resolved indices): ([B, K, L+1, d],
     final outputs [B, L+1, d], key-padding mask [B, L+1]). Only the last layer alone needs no
     access to the base's inner layers."""
@@ -234,8 +239,11 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     mean = (tokens * keep).sum(-2) / keep.sum(-2).clamp(min=1.0)
     return mean.flatten(1)
 
+
 @torch.inference_mode()
-def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
+def base_batches(
+    base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)
+) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor]]:
     """The frozen base over every cell's tokens (memmapped, read batch by batch), inference mode:
     yields (lo, hi, layer states [n, K, L+1, d], final outputs [n, L+1, d], padding [n, L+1])."""
     base = base.to(device).eval()
@@ -250,7 +258,9 @@ def base_batches(base: nn.Module, gene_table: Tensor, data: CellData, batch_size
 
 
 @torch.inference_mode()
-def compute_base_cache(base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)) -> BaseCache:
+def compute_base_cache(
+    base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)
+) -> BaseCache:
     """Run the frozen base once over all cells (inference mode), logging a rate line."""
     n = data.n_cells
     tokens, masks, cls = [], [], []
@@ -270,5 +280,3 @@ def cache_bytes(data: CellData, d_base: int, device: str, n_layers: int = 1) -> 
     """Memory the base cache of `data` would take (K = n_layers layers read)."""
     per = 2 if device.startswith("cuda") else 4
     return data.n_cells * (data.gene_ids.shape[1] - 1) * (n_layers * d_base * per + 1)
-
-

@@ -107,12 +107,16 @@ class XpressorModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         terms = self.losses(batch)
-        self.log_dict({f"train_{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=len(batch["row"]))
+        self.log_dict(
+            {f"train_{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=len(batch["row"])
+        )
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         terms = self.losses(batch)
-        self.log_dict({f"val_{k}": v for k, v in terms.items()}, on_epoch=True, batch_size=len(batch["row"]), sync_dist=True)
+        self.log_dict(
+            {f"val_{k}": v for k, v in terms.items()}, on_epoch=True, batch_size=len(batch["row"]), sync_dist=True
+        )
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

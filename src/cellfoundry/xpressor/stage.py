@@ -84,7 +84,6 @@ def stage_settings(cfg: dict) -> StageSettings:
     )
 
 
-
 # -- training -------------------------------------------------------------------------------------
 def train_one(
     method: str,
@@ -106,8 +105,14 @@ def train_one(
     from cellfoundry.trainer import build_trainer, fit
 
     work_dir = Path(work_dir)
-    run_settings = {"method": method, "model": xcfg.to_dict(), "train": settings.__dict__, "seed": seed,
-                    "n_cells": data.n_cells, "trainer": trainer_kwargs}
+    run_settings = {
+        "method": method,
+        "model": xcfg.to_dict(),
+        "train": settings.__dict__,
+        "seed": seed,
+        "n_cells": data.n_cells,
+        "trainer": trainer_kwargs,
+    }
     seed_everything(seed)
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
@@ -134,9 +139,10 @@ def train_one(
     return module.cpu().eval()
 
 
-
 @torch.inference_mode()
-def predict_log1p(module: XpressorModule, data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+def predict_log1p(
+    module: XpressorModule, data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Decoded and observed log1p-normalised expression [n, G] of cells `idx`."""
     module = module.to(device).eval()
     preds, obs = [], []
@@ -146,10 +152,13 @@ def predict_log1p(module: XpressorModule, data: CellData, idx: np.ndarray, cache
             latents = module.forward_latents(batch)
             out = module.xpressor.decode(latents, module.gene_table[module.decode_genes])
         preds.append(out.log1p.float().cpu().numpy())
-        obs.append(log1p_normalize(batch["counts"].float(), batch["library"].float(), module.xpressor.cfg.target_sum).cpu().numpy())
+        obs.append(
+            log1p_normalize(batch["counts"].float(), batch["library"].float(), module.xpressor.cfg.target_sum)
+            .cpu()
+            .numpy()
+        )
     module.cpu()
     return np.concatenate(preds), np.concatenate(obs)
-
 
 
 def train_and_measure(
@@ -181,10 +190,17 @@ def train_and_measure(
     use_cache = stage.cache_base_outputs and not stage.train.unfreeze_last_layer
     n_cache = cache_bytes(data, d_base, device, xcfg.n_base_layers)
     if use_cache and n_cache > stage.cache_max_gb * 2**30:
-        log.warning("base outputs would take %.1f GB > xpressor.cache_max_gb; running the base every step instead", n_cache / 2**30)
+        log.warning(
+            "base outputs would take %.1f GB > xpressor.cache_max_gb; running the base every step instead",
+            n_cache / 2**30,
+        )
         use_cache = False
     freeze_base(base, False)
-    cache = compute_base_cache(base, gene_table, data, stage.inference_batch_size, device, xcfg.base_layers) if use_cache else None
+    cache = (
+        compute_base_cache(base, gene_table, data, stage.inference_batch_size, device, xcfg.base_layers)
+        if use_cache
+        else None
+    )
 
     methods = METHODS if stage.baselines else METHODS[:1]
     _, _, test_idx = split_indices(data.split, stage.train.val_fraction, seed)
@@ -197,7 +213,9 @@ def train_and_measure(
         if method != "xpressor":
             values["labels"] = {}  # baselines reconstruct only; no label tokens
         cfg_m = XpressorConfig.from_dict(values)
-        module = train_one(method, base, gene_table, data, cfg_m, stage.train, Path(work_dir) / method, cache, seed, trainer_kwargs)
+        module = train_one(
+            method, base, gene_table, data, cfg_m, stage.train, Path(work_dir) / method, cache, seed, trainer_kwargs
+        )
         if not is_global_zero():
             continue  # DDP: the other ranks only train; rank 0 measures and writes
         pred, obs = predict_log1p(module, data, test_idx, cache, stage.inference_batch_size, device)
@@ -240,7 +258,10 @@ def train_and_measure(
     if stage.baselines:
         x = summary["methods"]["xpressor"]
         summary["xpressor_beats_baselines"] = bool(
-            all(x["pearson_mean"] > summary["methods"][m]["pearson_mean"] and x["mse"] < summary["methods"][m]["mse"] for m in ("cls", "mean"))
+            all(
+                x["pearson_mean"] > summary["methods"][m]["pearson_mean"] and x["mse"] < summary["methods"][m]["mse"]
+                for m in ("cls", "mean")
+            )
         )
     meta = {"genes": data.gene_symbols, "label_classes": data.label_classes, "training": summary}
     save_xpressor(checkpoint, xpressor_module.xpressor, base_sha256, unfrozen_base_state(xpressor_module.base), meta)
@@ -250,7 +271,6 @@ def train_and_measure(
         shutil.rmtree(Path(work_dir) / method / "checkpoints", ignore_errors=True)
         shutil.rmtree(Path(work_dir) / method / "best", ignore_errors=True)
     return summary
-
 
 
 @torch.inference_mode()
@@ -272,7 +292,9 @@ def encode_cells(
     with atomic_output(latents_path) as tmp:
         tmp_npy = tmp.with_name(tmp.name + ".npy")  # open_memmap keeps the given name
         out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, m, dx))
-        for lo, hi, stack, outputs, padding in base_batches(base, gene_table, data, batch_size, device, xpressor.cfg.base_layers):
+        for lo, hi, stack, outputs, padding in base_batches(
+            base, gene_table, data, batch_size, device, xpressor.cfg.base_layers
+        ):
             with autocast(device):
                 tokens, mask, _ = split_outputs(stack, outputs, padding)
                 latents = xpressor.encode(tokens, mask)
@@ -289,7 +311,6 @@ def encode_cells(
         tmp_npy.replace(tmp)
     log.info("encoded %d cells in %.1f s", n, time.perf_counter() - start)
     return np.concatenate(embeddings), np.concatenate(se_cls)
-
 
 
 # -- rule-level drivers (called by scripts/xpressor_*.py) -----------------------------------------
@@ -316,7 +337,6 @@ def _load_base(se_checkpoint: str, vocab: str):
 
     base, _, vocab = load_se(se_checkpoint, gene_embeddings=vocab)
     return base, vocab
-
 
 
 def run_xpressor_train(
@@ -397,7 +417,8 @@ def run_xpressor_encode(
 
     from cellfoundry.models.xpressor import load_xpressor
     from cellfoundry.plots import xpressor_summary
-    from cellfoundry.provenance import KEY as PROVENANCE_KEY, provenance
+    from cellfoundry.provenance import KEY as PROVENANCE_KEY
+    from cellfoundry.provenance import provenance
 
     device = resolve_device(device)
     set_torch_threads(threads)
@@ -415,9 +436,15 @@ def run_xpressor_encode(
     obs = ad.read_h5ad(h5ad, backed="r").obs.copy()
     out = ad.AnnData(obs=obs)
     out.obsm["X_xpressor"] = cells.astype(np.float32)
-    out.uns["xpressor"] = {"embedding": "label token bottleneck" if labels else "mean of latent tokens", "labels": labels}
+    out.uns["xpressor"] = {
+        "embedding": "label token bottleneck" if labels else "mean of latent tokens",
+        "labels": labels,
+    }
     out.uns[PROVENANCE_KEY] = provenance(
-        "xpressor_encode", settings, checkpoints={"se": se_checkpoint, "xpressor": xpressor_checkpoint}, vocab=vocab,
+        "xpressor_encode",
+        settings,
+        checkpoints={"se": se_checkpoint, "xpressor": xpressor_checkpoint},
+        vocab=vocab,
         inputs={"cells": h5ad, "tokens": tokens},
     )
     with atomic_output(embedding) as tmp:
@@ -431,7 +458,12 @@ def run_xpressor_encode(
             "xpressor": knn_split_accuracy(cells, codes, train, test, knn_k),
             "se_cls": knn_split_accuracy(se_cls, codes, train, test, knn_k),
         }
-        log.info("kNN accuracy of %s on test cells: X_xpressor %.3f, SE CLS %.3f", col, knn[col]["xpressor"], knn[col]["se_cls"])
+        log.info(
+            "kNN accuracy of %s on test cells: X_xpressor %.3f, SE CLS %.3f",
+            col,
+            knn[col]["xpressor"],
+            knn[col]["se_cls"],
+        )
     training = ckpt.meta.get("training", {})
     result = {
         **{k: v for k, v in training.items() if k != "methods"},
