@@ -9,13 +9,12 @@ import torch
 
 from cellfoundry.evaluate.knn import knn_split_accuracy
 from cellfoundry.evaluate.reconstruction import reconstruction_metrics
+from cellfoundry.models.attention import Attention, count_attention_scores
 from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.xpressor import (
-    Attention,
     DecoderOutput,
     Xpressor,
     XpressorConfig,
-    count_attention_scores,
     decode_expression,
     expected_counts,
     load_xpressor,
@@ -153,9 +152,15 @@ def _module(cfg=None, unfreeze=False, labels=None):
     module = XpressorModule(base, table, decode_genes, cfg, TrainSettings(unfreeze_last_layer=unfreeze, lr=3e-3))
     n = len(gene_ids)
     data = CellData(
-        gene_ids, values, sp.csr_matrix(counts), decode_genes, [f"g{i}" for i in range(len(decode_genes))],
-        np.array(["train"] * n), {"cell_type": np.arange(n) % 2} if labels else {}, labels or {},
-    )  # fmt: skip
+        gene_ids,
+        values,
+        sp.csr_matrix(counts),
+        decode_genes,
+        [f"g{i}" for i in range(len(decode_genes))],
+        np.array(["train"] * n),
+        {"cell_type": np.arange(n) % 2} if labels else {},
+        labels or {},
+    )
     batch = collate([CellBatches(data, np.arange(n))[i] for i in range(n)])
     return module, batch
 

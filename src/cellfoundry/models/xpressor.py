@@ -30,15 +30,14 @@ keep the data's per-gene variance) or `gene-cell` (theta decoded per cell and ge
 
 Attention: `standard` (the reference: latents cross-attend to the fixed base tokens, then attend
 among themselves) or `criss-cross` (additionally the tokens attend back to the latents in every
-block, so the tokens adapt too; cost O(T·M), never O(T²)). `count_attention_scores()` counts the
-attention score elements computed, which is how tests check the cost without timing.
+block, so the tokens adapt too; cost O(T·M), never O(T²)). The attention block is the one of
+cellfoundry.models.attention, whose `count_attention_scores()` counts the attention score
+elements computed, which is how tests check the cost without timing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +45,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cellfoundry.models.attention import Attention
 
 # The likelihoods and count sampling live in .distributions; imported here for the model and for
 # the importers of this module's public API (the diffusion stage decodes through it).
@@ -133,50 +134,6 @@ class XpressorConfig:
     def from_dict(cls, values: dict) -> XpressorConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-
-# -- attention with an optional score counter -------------------------------------------------
-_score_counter: list[int] | None = None
-
-
-@contextlib.contextmanager
-def count_attention_scores() -> Iterator[list[int]]:
-    """Count attention score elements (B·heads·queries·keys summed over calls) inside the block;
-    yields a one-element list holding the running total."""
-    global _score_counter
-    previous, _score_counter = _score_counter, [0]
-    try:
-        yield _score_counter
-    finally:
-        _score_counter = previous
-
-
-class Attention(nn.Module):
-    """Multi-head attention of queries [B, Q, D] over keys/values [B, K, D_kv] through SDPA
-    (flash kernels on CUDA). key_padding_mask [B, K] bool, True = ignore. Queries shared by all
-    cells may be given as [Q, D]: they are projected once, then broadcast."""
-
-    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, dropout: float = 0.0):
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(kv_dim or dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        b, nk, _ = context.shape
-        nq, dim = x.shape[-2:]
-        h = self.heads
-        q = self.q(x).view(-1, nq, h, dim // h).transpose(1, 2).expand(b, -1, -1, -1)
-        k, v = self.kv(context).view(b, nk, 2, h, dim // h).permute(2, 0, 3, 1, 4)
-        mask = None
-        if key_padding_mask is not None and key_padding_mask.any():
-            mask = (~key_padding_mask)[:, None, None, :]  # True = may attend
-        if _score_counter is not None:
-            _score_counter[0] += b * h * nq * nk
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(out.transpose(1, 2).reshape(b, nq, dim))
 
 
 class MLP(nn.Sequential):
