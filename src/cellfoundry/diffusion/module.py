@@ -13,12 +13,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from cellfoundry.checkpoints import load_stage_checkpoint, save_checkpoint
 from cellfoundry.diffusion.data import Normalizer
 from cellfoundry.diffusion.process import EMA, NoiseSchedule, diffusion_loss
 from cellfoundry.models.conditions import ConditionCodec, ConditionModel
 from cellfoundry.models.denoiser import ConditionalDenoiser
 from cellfoundry.models.dit import DiTConfig, GeneDiT, LatentDiT
-from cellfoundry.utils import UserError, atomic_output
 
 CHECKPOINT_FORMAT = "cellfoundry-diffusion/1"
 
@@ -104,8 +104,7 @@ def save_diffusion(path: str | os.PathLike, module: DiffusionModule, data: dict,
         "var_names": data["var_names"],
         **dict(extra),
     }
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    save_checkpoint(path, payload)
 
 
 @dataclass
@@ -118,9 +117,7 @@ class DiffusionCheckpoint:
 
 
 def load_diffusion(path: str | os.PathLike, map_location: str = "cpu") -> DiffusionCheckpoint:
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a cellfoundry diffusion checkpoint; re-run diffusion_train.")
+    payload = load_stage_checkpoint(path, CHECKPOINT_FORMAT, "diffusion", "diffusion_train", map_location)
     codec = ConditionCodec.from_dict(payload["codec"])
     model = build_denoiser(payload["settings"], codec, payload["token_shape"])
     model.load_state_dict(payload["state_dict"])

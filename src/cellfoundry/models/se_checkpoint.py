@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import yaml
 
+from cellfoundry.checkpoints import load_checkpoint, save_checkpoint
 from cellfoundry.models.se import SEConfig, StateEmbedding, embedding_keys
-from cellfoundry.utils import UserError, atomic_output
+from cellfoundry.utils import UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ def read_checkpoint_file(path: str | os.PathLike, allow_unsafe_pickle: bool = Fa
         log.warning("loading %s with arbitrary unpickling (allow_unsafe_pickle=True)", path)
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
-        with torch.serialization.safe_globals(_omegaconf_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return load_checkpoint(path, allowed=_omegaconf_safe_globals(), mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UserError(
             f"{path} holds objects outside the allow-list of safe classes ({err}). Only if you trust "
@@ -314,8 +314,7 @@ def save_se(
         "pytorch-lightning_version": LIGHTNING_VERSION,
         "cfg_yaml": yaml.safe_dump(tree, sort_keys=False),
     }
-    with atomic_output(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_checkpoint(path, ckpt)
 
 
 def link_checkpoint(folder: str | os.PathLike, link: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Path:

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cellfoundry.checkpoints import load_stage_checkpoint, save_checkpoint
 from cellfoundry.models.attention import Attention
 
 # The likelihoods and count sampling live in .distributions; imported here for the model and for
@@ -59,7 +59,7 @@ from cellfoundry.models.distributions import (  # noqa: F401 - re-exported
     zinb_log_prob,
 )
 from cellfoundry.provenance import sha256
-from cellfoundry.utils import UserError, atomic_output
+from cellfoundry.utils import UserError
 
 LOSSES = ("nb", "zinb", "mse")
 #: NB/ZINB dispersion: one theta per gene (a function of the gene's identity alone, so sampled
@@ -391,8 +391,7 @@ def save_xpressor(
         "base_state_dict": {k: v.detach().cpu() for k, v in (base_state_dict or {}).items()},
         "meta": meta or {},
     }
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    save_checkpoint(path, payload)
 
 
 @dataclass
@@ -416,12 +415,7 @@ def load_xpressor(
     mismatch raises UserError, because Xpressor weights only fit the base they were trained on.
     `base_state_dict` holds the fine-tuned base weights to apply on top of the base (may be empty).
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"Xpressor checkpoint {path} does not exist; run the xpressor_train rule first.")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a cellfoundry Xpressor checkpoint (expected format {CHECKPOINT_FORMAT}).")
+    payload = load_stage_checkpoint(path, CHECKPOINT_FORMAT, "Xpressor", "xpressor_train", map_location)
     if base_checkpoint is not None:
         # cached per process: xpressor_encode hashes the same (SE-600M: several GB) base again for provenance
         base_sha256 = sha256(base_checkpoint)
