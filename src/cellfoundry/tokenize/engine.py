@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellfoundry.genes import mapped_genes
+from cellfoundry.progress import Progress
 from cellfoundry.tokenize.coverage import check_coverage, coverage_row, string_columns
 from cellfoundry.tokenize.ranking import METHODS, TokenChunk, as_csr, tokenize_csr
 from cellfoundry.tokenize.store import ARRAYS, Tokens, token_attrs, write_tsv
@@ -345,6 +345,7 @@ def _tokenize_h5ad(
         N = reader.n_obs
         if N == 0:
             raise UserError(f"{path} holds no cells; check the QC thresholds of dataset '{dataset}'")
+        progress = Progress(N, every_s=10, verb="tokenized")
         # Fail fast on a vocabulary mismatch, judged on the first chunk (kept and written below).
         first = _tokenize_rows(
             reader.rows(0, min(chunk_size, N)), 0, match.local_to_global, length, method, seed, target_sum
@@ -378,14 +379,13 @@ def _tokenize_h5ad(
             mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
             offsets[name] = mm.offset
             del mm
-        done = len(first.n_expressed)
         total, in_vocab = first.total, first.in_vocab
         jobs = [
             (s, min(s + chunk_size, N), match.local_to_global, length, method, seed, target_sum)
-            for s in range(done, N, chunk_size)
+            for s in range(len(first.n_expressed), N, chunk_size)
         ]
+        progress.update(len(first.n_expressed))
         init_args = (str(path), str(tmp), offsets, length)
-        t0 = last = time.perf_counter()
         if workers > 1:
             import multiprocessing as mp
 
@@ -397,8 +397,8 @@ def _tokenize_h5ad(
             method_name = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             with mp.get_context(method_name).Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
                 for start, stop, t, v in pool.imap_unordered(_worker_chunk, jobs):
-                    total, in_vocab, done = total + t, in_vocab + v, done + stop - start
-                    last = _progress(done, N, t0, last)
+                    total, in_vocab = total + t, in_vocab + v
+                    progress.update(stop - start)
         else:
             _worker_init(*init_args)
             try:
@@ -406,8 +406,8 @@ def _tokenize_h5ad(
                 del first
                 for job in jobs:
                     start, stop, t, v = _worker_chunk(job)
-                    total, in_vocab, done = total + t, in_vocab + v, done + stop - start
-                    last = _progress(done, N, t0, last)
+                    total, in_vocab = total + t, in_vocab + v
+                    progress.update(stop - start)
             finally:
                 _worker_close()
         row = coverage_row(dataset, match, vocab, total, in_vocab, mapped_genes(path))
@@ -424,11 +424,3 @@ def _tokenize_h5ad(
         out_dir,
     )
     return row
-
-
-def _progress(done: int, N: int, t0: float, last: float) -> float:
-    now = time.perf_counter()
-    if done == N or now - last > 10:
-        log.info("tokenized %d / %d cells (%.0f cells/s)", done, N, done / max(now - t0, 1e-9))
-        return now
-    return last
