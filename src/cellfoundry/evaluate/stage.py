@@ -67,7 +67,7 @@ def run_evaluate_embeddings(
 
     embeddings = {
         "se": read_embedding(se, "X_state", adata.obs_names, "embed"),
-        "xpressor": read_embedding(xpressor, "X_xpressor", adata.obs_names, "xpressor_train"),
+        "xpressor": read_embedding(xpressor, "X_xpressor", adata.obs_names, "xpressor_encode"),
         "pca_hvg": pca_baseline(adata, n_hvg=settings["pca"]["n_hvg"], n_pcs=settings["pca"]["n_pcs"], seed=seed),
         "random_se": read_embedding(random, "X_state", adata.obs_names, "embed"),
     }
@@ -137,7 +137,7 @@ def run_evaluate_xpressor(
     seed_everything(seed)
     cfg = settings["reconstruction"]
     adata = read_h5ad(h5ad, "qc")
-    stage_summary = read_json(xpressor_summary, "xpressor_train")
+    stage_summary = read_json(xpressor_summary, "xpressor_encode")
     stage_table = read_table(xpressor_metrics, ["method", "metric", "value"], "xpressor_train")
 
     ckpt = load_xpressor(require(xpressor_checkpoint, "xpressor_train"))
@@ -160,7 +160,7 @@ def run_evaluate_xpressor(
             "re-run rule xpressor_train."
         )
 
-    cell_latents = np.load(require(latents, "xpressor_train"), mmap_mode="r")
+    cell_latents = np.load(require(latents, "xpressor_encode"), mmap_mode="r")
     rec.check_latents(cell_latents, adata.n_obs, latents)
     test = np.flatnonzero(adata.obs["split"].astype(str).to_numpy() == "test")
     if len(test) > cfg["max_cells"]:
@@ -225,7 +225,8 @@ def run_evaluate_generation(
     shared = [g for g in real.var_names if g in generated_genes]
     if len(shared) < 0.5 * real.n_vars:
         raise UserError(
-            f"{samples} covers only {len(shared)} of the {real.n_vars} genes of qc/filtered.h5ad; generated cells must be "
+            f"{samples} covers only {len(shared)} of the {real.n_vars} genes of qc/filtered.h5ad; "
+            "generated cells must be "
             "decoded over the QC'd genes: re-run the diffusion sampling (snakemake --forcerun diffusion_sample)."
         )
     if len(shared) < real.n_vars:
@@ -274,16 +275,30 @@ def run_evaluate_generation(
         skipped[gen.CEILING] = "gene token space: no Xpressor latents to decode (diffusion.token_space: gene)"
     log.info(
         "real train %d, real test %d, generated %d cells; conditions by %s",
-        train.n_obs, test.n_obs, generated.n_obs, group_columns or "none",
-    )  # fmt: skip
+        train.n_obs,
+        test.n_obs,
+        generated.n_obs,
+        group_columns or "none",
+    )
     g = settings["generation"]
     rows, embedding = gen.compare_sets(
-        train.X, train.obs, test.X, test.obs, generated.X, generated.obs,
+        train.X,
+        train.obs,
+        test.X,
+        test.obs,
+        generated.X,
+        generated.obs,
         group_columns=group_columns,
         label_column=label_col,
-        n_hvg=g["n_hvg"], n_pcs=g["n_pcs"], k_auc=g["knn_auc_k"], k_label=settings["knn_k"],
-        min_cells_per_group=g["min_cells_per_group"], max_cells=g["max_cells"], seed=seed, ceiling_counts=ceiling,
-    )  # fmt: skip
+        n_hvg=g["n_hvg"],
+        n_pcs=g["n_pcs"],
+        k_auc=g["knn_auc_k"],
+        k_label=settings["knn_k"],
+        min_cells_per_group=g["min_cells_per_group"],
+        max_cells=g["max_cells"],
+        seed=seed,
+        ceiling_counts=ceiling,
+    )
     scored = (gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK) + ((gen.CEILING,) if ceiling is not None else ())
     skipped_rows = [
         dict(method=method, condition="all", metric=metric, value=np.nan, n_cells=0, skipped=reason)
@@ -366,10 +381,20 @@ def run_evaluate_prediction(
     rows, means = [], {}
     for combo in holdout:
         r, m = pred.evaluate_combination(
-            real.X, real.obs, heldout, generated.X, generated.obs, combo, none_values,
-            n_de_genes=settings["prediction"]["n_de_genes"], n_hvg=g["n_hvg"], n_pcs=g["n_pcs"],
-            k_auc=g["knn_auc_k"], max_cells=g["max_cells"], seed=seed,
-        )  # fmt: skip
+            real.X,
+            real.obs,
+            heldout,
+            generated.X,
+            generated.obs,
+            combo,
+            none_values,
+            n_de_genes=settings["prediction"]["n_de_genes"],
+            n_hvg=g["n_hvg"],
+            n_pcs=g["n_pcs"],
+            k_auc=g["knn_auc_k"],
+            max_cells=g["max_cells"],
+            seed=seed,
+        )
         rows += r
         means[pred.combination_label(combo)] = m
     written = write_table(rows, table)
@@ -414,6 +439,8 @@ def run_stage_costs(*, benchmarks: Sequence[PathLike], rules: Sequence[str], tab
         costs.to_csv(tmp, sep="\t", index=False)
     log.info(
         "%d jobs, %.1f s wall in all; slowest %s (%.1f s); most memory %s (%.0f MB)",
-        len(costs), costs["wall_s"].sum(), *costs.loc[costs["wall_s"].idxmax(), ["job", "wall_s"]],
+        len(costs),
+        costs["wall_s"].sum(),
+        *costs.loc[costs["wall_s"].idxmax(), ["job", "wall_s"]],
         *costs.loc[costs["max_rss_mb"].fillna(-1).idxmax(), ["job", "max_rss_mb"]],
-    )  # fmt: skip
+    )
