@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import yaml
 from conftest import SHARED, copy_workflow, run_snakemake
 
-from cellfoundry.qc import run_qc
+from cellfoundry.qc import quality_control
 from cellfoundry.utils import UserError
 
 QC = {
@@ -48,7 +48,7 @@ def cells(seed=0):
 
 def test_held_out_cells_all_go_to_test_and_the_rest_is_stratified():
     adata = cells()
-    result = run_qc(adata, QC, cell_type="cell_type", holdout=HOLDOUT)
+    result = quality_control(adata, QC, cell_type="cell_type", holdout=HOLDOUT)
     obs = result.filtered.obs
     held = ((obs["cell_type"] == "A") & (obs["condition"] == "stim")).to_numpy()
     assert obs["holdout"].to_numpy().tolist() == held.tolist()
@@ -62,7 +62,7 @@ def test_held_out_cells_all_go_to_test_and_the_rest_is_stratified():
     }
     assert result.summary["holdout"] == [{"combination": {"cell_type": "A", "condition": "stim"}, "cells": 20}]
     # same seed, same split
-    again = run_qc(adata, QC, cell_type="cell_type", holdout=HOLDOUT).filtered.obs["split"]
+    again = quality_control(adata, QC, cell_type="cell_type", holdout=HOLDOUT).filtered.obs["split"]
     assert again.tolist() == obs["split"].tolist()
 
 
@@ -70,14 +70,14 @@ def test_a_holdout_whose_part_is_unseen_elsewhere_is_refused():
     adata = cells()
     adata.obs["condition"] = np.where(adata.obs["cell_type"] == "A", adata.obs["condition"], "ctrl")  # stim only in A
     with pytest.raises(UserError, match=r"part condition=stim is in no training cell"):
-        run_qc(adata, QC, cell_type="cell_type", holdout=HOLDOUT)
+        quality_control(adata, QC, cell_type="cell_type", holdout=HOLDOUT)
 
 
 def test_a_holdout_that_matches_no_cell_or_column_is_refused():
     with pytest.raises(UserError, match=r"cell_type=D, condition=stim\} matches no cell"):
-        run_qc(cells(), QC, cell_type="cell_type", holdout=[{"cell_type": "D", "condition": "stim"}])
+        quality_control(cells(), QC, cell_type="cell_type", holdout=[{"cell_type": "D", "condition": "stim"}])
     with pytest.raises(UserError, match=r"names obs column\(s\) \['dose'\]"):
-        run_qc(cells(), QC, cell_type="cell_type", holdout=[{"cell_type": "A", "dose": 1}])
+        quality_control(cells(), QC, cell_type="cell_type", holdout=[{"cell_type": "A", "dose": 1}])
 
 
 def test_no_stage_reads_held_out_cells_for_training(tmp_path):
@@ -89,7 +89,7 @@ def test_no_stage_reads_held_out_cells_for_training(tmp_path):
     from cellfoundry.xpressor import split_indices
 
     path = tmp_path / "filtered.h5ad"
-    run_qc(cells(), QC, cell_type="cell_type", holdout=HOLDOUT).filtered.write_h5ad(path)
+    quality_control(cells(), QC, cell_type="cell_type", holdout=HOLDOUT).filtered.write_h5ad(path)
     counts, symbols = read_training_counts(path, None, 0)
     assert counts.shape[0] == 75 and counts[:, symbols.index("MARK")].sum() == 0  # 100 others, 25 of them test
     split = ad.read_h5ad(path).obs["split"].astype(str).to_numpy()

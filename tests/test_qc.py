@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 
 from cellfoundry.demo import pbmc68k_counts
-from cellfoundry.qc import annotate_genes, detect_doublets, mad_thresholds, run_qc, stratified_split
+from cellfoundry.qc import annotate_genes, detect_doublets, mad_thresholds, quality_control, stratified_split
 from cellfoundry.utils import UserError
 
 BASE = {
@@ -62,7 +62,7 @@ def test_mito_threshold_removes_the_mito_heavy_cell():
     X[0, 10] = 500  # cell c0: mostly MT-CO1
     X[1, 11] = 5  # cell c1: a little mt-Nd1
     adata.X = sp.csr_matrix(X)
-    res = run_qc(adata, cfg(max_pct_mt=20.0), seed=0)
+    res = quality_control(adata, cfg(max_pct_mt=20.0), seed=0)
     assert "c0" not in res.filtered.obs_names and "c1" in res.filtered.obs_names
     assert res.metrics.loc["c0", "failed_filters"] == "max_pct_mt"
     assert res.summary["steps"][0] == {"filter": "max_pct_mt", "cells_failing": 1, "cells_remaining": 39}
@@ -76,7 +76,7 @@ def test_fixed_thresholds_and_gene_filter():
     X[:, 9] = 0
     X[5, 9] = 1  # G9 is seen in one cell only
     adata.X = sp.csr_matrix(X)
-    res = run_qc(adata, cfg(min_genes=2, min_cells=2), seed=0)
+    res = quality_control(adata, cfg(min_genes=2, min_cells=2), seed=0)
     assert "c2" not in res.filtered.obs_names
     assert "G9" not in res.filtered.var_names and "G0" in res.filtered.var_names
     assert res.summary["steps"][-1]["genes_failing"] >= 1
@@ -105,12 +105,12 @@ def test_mad_thresholds_are_per_batch():
 
 def test_empty_result_names_each_filter():
     with pytest.raises(UserError, match=r"no cells are left after QC \(40 cells in; genes: 40 cells fail"):
-        run_qc(toy(), cfg(min_genes=1000), seed=0)
+        quality_control(toy(), cfg(min_genes=1000), seed=0)
 
 
 def test_unknown_label_column():
     with pytest.raises(UserError, match="cell_type: nope"):
-        run_qc(toy(), cfg(), cell_type="nope")
+        quality_control(toy(), cfg(), cell_type="nope")
 
 
 def test_split_is_stratified_and_deterministic():
@@ -126,7 +126,7 @@ def test_demo_counts_are_integers_and_qc_keeps_most_cells():
     adata = pbmc68k_counts()
     assert adata.shape == (700, 765)
     assert np.array_equal(adata.X.data, np.round(adata.X.data))
-    res = run_qc(
+    res = quality_control(
         adata,
         cfg(
             min_genes=100,
@@ -185,12 +185,12 @@ def test_removing_most_cells_warns_with_the_filters_and_keys(caplog):
     X[:30, :8] = 0  # 30 of 40 cells express only 2 genes
     adata.X = sp.csr_matrix(X)
     with caplog.at_level("WARNING", logger="cellfoundry"):
-        res = run_qc(adata, cfg(min_genes=5, max_pct_mt=20.0), seed=0)
+        res = quality_control(adata, cfg(min_genes=5, max_pct_mt=20.0), seed=0)
     warning = res.summary["large_removal"]
     assert warning["cells_removed"] == 30 and warning["fraction_removed"] == 0.75
     assert warning["filters"] == [{"filter": "genes", "cells_failing": 30, "config_key": "qc.min_genes / qc.max_genes"}]
     assert "removes 30 of 40 cells (75%)" in caplog.text and "qc.min_genes" in caplog.text
-    assert "large_removal" not in run_qc(toy(), cfg(min_genes=5), seed=0).summary
+    assert "large_removal" not in quality_control(toy(), cfg(min_genes=5), seed=0).summary
 
 
 def test_unlabelled_cells_are_split_at_random_not_as_a_class():
@@ -202,5 +202,5 @@ def test_unlabelled_cells_are_split_at_random_not_as_a_class():
     assert (split[8:12] == "test").sum() == 1
     adata = toy(16)
     adata.obs["label"] = pd.Categorical(labels.replace("", np.nan).replace(" ", np.nan))
-    res = run_qc(adata, cfg(), cell_type="label", seed=0)
+    res = quality_control(adata, cfg(), cell_type="label", seed=0)
     assert res.summary["unlabelled_cells"] == 4

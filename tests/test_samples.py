@@ -15,7 +15,7 @@ import yaml
 from conftest import copy_workflow, run_snakemake
 from test_qc import cfg
 
-from cellfoundry.qc import run_qc
+from cellfoundry.qc import quality_control
 from cellfoundry.samples import load_samples, read_sheet, sheet_inputs
 from cellfoundry.utils import UserError
 
@@ -102,7 +102,7 @@ def test_per_sample_overrides_of_thresholds_mad_and_doublets(tmp_path):
     sheet, _ = three_samples(tmp_path, drop_gene_of_third=False)
     adata, _ = load_samples(sheet, tmp_dir=tmp_path)
     # s2 alone gets a min_counts its cells (about 120 counts each) cannot meet
-    res = run_qc(adata, cfg(), batch="sample", sample_qc={"s2": {"min_counts": 10_000}}, seed=0)
+    res = quality_control(adata, cfg(), batch="sample", sample_qc={"s2": {"min_counts": 10_000}}, seed=0)
     assert set(res.filtered.obs["sample"]) == {"s1", "s3"}
     assert res.summary["steps"][0] == {"filter": "counts", "cells_failing": 50, "cells_remaining": 100}
     # a third of the data set goes, so only the sample's own warning fires
@@ -111,7 +111,7 @@ def test_per_sample_overrides_of_thresholds_mad_and_doublets(tmp_path):
     # MAD windows per sample: a narrow window for s1 alone; doublets off for s3 alone
     big, _ = load_samples(three_samples(tmp_path / "big", (300, 250, 200), False, n_genes=300)[0], tmp_dir=tmp_path)
     # (structureless Poisson cells: scrublet's automatic threshold means nothing here, so a fixed one)
-    mad = run_qc(
+    mad = quality_control(
         big,
         cfg(filter="mad", doublets={"enabled": True, "expected_rate": 0.06, "threshold": 0.99}),
         batch="sample",
@@ -123,11 +123,11 @@ def test_per_sample_overrides_of_thresholds_mad_and_doublets(tmp_path):
     scored = mad.metrics["doublet_score"].notna().groupby(big.obs["sample"], observed=True).mean()
     assert scored["s3"] == 0 and scored["s2"] > 0.8  # scored: the cells passing the MAD windows
     with pytest.raises(UserError, match=r"names samples \['s7'\]"):
-        run_qc(adata, cfg(), batch="sample", sample_qc={"s7": {"min_counts": 1}})
+        quality_control(adata, cfg(), batch="sample", sample_qc={"s7": {"min_counts": 1}})
     with pytest.raises(UserError, match="unset `batch`"):
-        run_qc(adata, cfg(), batch="donor", sample_qc={"s1": {"doublets": {"threshold": 0.5}}})
+        quality_control(adata, cfg(), batch="donor", sample_qc={"s1": {"doublets": {"threshold": 0.5}}})
     with pytest.raises(UserError, match="dataset-wide"):
-        run_qc(adata, cfg(), batch="sample", sample_qc={"s1": {"min_cells": 1}})
+        quality_control(adata, cfg(), batch="sample", sample_qc={"s1": {"min_cells": 1}})
 
 
 def test_qc_rule_reads_a_sample_sheet(tmp_path):

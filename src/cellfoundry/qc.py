@@ -1,17 +1,28 @@
-"""Quality control: per-cell metrics, cell filters (fixed or MAD), doublets, gene filter, and the
-stratified train/test split (held-out condition combinations: test only)."""
+"""Quality control: per-cell metrics, cell filters (fixed or MAD), doublets and the gene filter,
+then the train/test split of cellfoundry.split, in `quality_control`; `run_qc` is the rule's
+entry point (read the counts, QC, write the outputs and figures)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from cellfoundry.utils import UserError, unlabelled
+from cellfoundry.genes import AUTO, prepare_genes
+from cellfoundry.io import load_counts
+from cellfoundry.plots import plot_counts_vs_genes, plot_distributions
+from cellfoundry.provenance import KEY, provenance
+from cellfoundry.samples import load_samples
+from cellfoundry.split import combination_label, combination_mask, holdout_split, stratified_split
+from cellfoundry.utils import UserError, atomic_output, seed_everything, unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -178,81 +189,6 @@ def detect_doublets(
     return adata.obs["predicted_doublet"].to_numpy(dtype=bool)
 
 
-def stratified_split(labels: pd.Series | None, n: int, test_fraction: float, seed: int) -> np.ndarray:
-    """'train'/'test' per cell; each label keeps test_fraction of its cells in test (at least one
-    cell on each side for labels with two or more cells). Unlabelled cells (NaN, empty) are no
-    class: they are split at random, test_fraction of them (rounded) in test."""
-    rng = np.random.default_rng(seed)
-    split = np.full(n, "train", dtype=object)
-    if labels is None:
-        codes = np.zeros(n, dtype=int)
-    else:
-        codes = pd.factorize(labels.astype(str).to_numpy())[0]
-        codes[unlabelled(labels)] = -1
-    for code in np.unique(codes):
-        members = np.flatnonzero(codes == code)
-        if code == -1:
-            n_test = int(round(test_fraction * len(members)))
-        elif len(members) < 2:
-            continue
-        else:
-            n_test = min(max(int(round(test_fraction * len(members))), 1), len(members) - 1)
-        split[rng.permutation(members)[:n_test]] = "test"
-    return split
-
-
-def combination_label(combo: dict) -> str:
-    """A held-out combination as one string, e.g. "cell_type=CD4T, condition=stimulated"."""
-    return ", ".join(f"{col}={value}" for col, value in combo.items())
-
-
-def combination_mask(obs: pd.DataFrame, combo: dict) -> np.ndarray:
-    """Cells whose obs matches every column=value of `combo` (compared as strings)."""
-    mask = np.ones(len(obs), dtype=bool)
-    for col, value in combo.items():
-        mask &= obs[col].astype(str).to_numpy() == str(value)
-    return mask
-
-
-def holdout_split(
-    obs: pd.DataFrame, holdout: list[dict], labels: pd.Series | None, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(split, held_out): every cell of a held-out combination goes to test; the other cells are
-    split by stratified_split. Refuses a combination that matches no cell, and one whose parts
-    (column=value) are left with no training cell: the model could not learn that part, so the
-    composed prediction would be impossible."""
-    held = np.zeros(len(obs), dtype=bool)
-    for combo in holdout:
-        missing = [c for c in combo if c not in obs.columns]
-        if missing:
-            raise UserError(
-                f"split.holdout {{{combination_label(combo)}}} names obs column(s) {missing}; obs columns are "
-                f"{list(obs.columns)}. Fix the column names under datasets.<name>.split.holdout."
-            )
-        mask = combination_mask(obs, combo)
-        if not mask.any():
-            values = {c: sorted(obs[c].astype(str).unique())[:20] for c in combo}
-            raise UserError(
-                f"split.holdout {{{combination_label(combo)}}} matches no cell after QC (values: {values}); "
-                "fix the labels under datasets.<name>.split.holdout."
-            )
-        held |= mask
-    split = np.full(len(obs), "test", dtype=object)
-    rest = np.flatnonzero(~held)
-    split[rest] = stratified_split(None if labels is None else labels.iloc[rest], len(rest), test_fraction, seed)
-    train = split == "train"
-    for combo in holdout:
-        for col, value in combo.items():
-            if not (train & (obs[col].astype(str).to_numpy() == str(value))).any():
-                raise UserError(
-                    f"split.holdout {{{combination_label(combo)}}}: its part {col}={value} is in no training cell "
-                    "outside the held-out combinations, so the model cannot learn it and the combination cannot "
-                    f"be predicted. Hold out a combination whose every part ({col}={value} included) is also seen "
-                    "in another combination, or remove it from datasets.<name>.split.holdout."
-                )
-    return split, held
-
-
 def sample_configs(
     obs: pd.DataFrame, cfg: dict, sample_qc: dict[str, dict] | None, sample_key: str, batch: str | None
 ) -> dict[str, dict]:
@@ -321,7 +257,7 @@ def large_removal(n_before: int, n_after: int, steps: list[dict], sample: str | 
     }
 
 
-def run_qc(
+def quality_control(
     adata: ad.AnnData,
     cfg: dict,
     *,
@@ -478,3 +414,64 @@ def run_qc(
     for entry in summary["steps"]:
         log.info("QC %s", entry)
     return QCResult(filtered=filtered, metrics=obs[metric_cols].copy(), summary=summary, thresholds=thresholds)
+
+
+def run_qc(
+    h5ad: str | os.PathLike,
+    summary: str | os.PathLike,
+    metrics: str | os.PathLike,
+    distributions: str | os.PathLike,
+    scatter: str | os.PathLike,
+    dataset_settings: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    seed: int,
+    gene_map: str | os.PathLike | None = None,
+    vocab: str | os.PathLike | None = None,
+    dataset: str = "dataset",
+) -> QCResult:
+    """Rule qc: read the raw counts of `dataset` (its entry `dataset_settings`: one input `path`, or
+    a `samples` sheet, which adds obs["sample"]), name its genes (`gene_map`; `vocab` scores the
+    candidates of gene_symbols: auto), run quality_control with `settings` (the qc section with
+    the dataset's overrides), and write the filtered cells `h5ad`, `summary` (JSON), the per-cell
+    `metrics` (TSV) and the figures `distributions` and `scatter`."""
+    seed_everything(seed)  # QC's draws have their own generators seeded with `seed`; this is the contract
+    ds = dataset_settings
+    # gene_symbols: auto is chosen after loading, from var_names and the var columns
+    symbols, source = None if ds["gene_symbols"] == AUTO else ds["gene_symbols"], ds.get("samples") or ds["path"]
+    if ds.get("samples"):
+        adata, samples = load_samples(
+            source, ds["format"], ds["counts"], symbols, ds["gene_join"], tmp_dir=os.path.dirname(h5ad)
+        )
+    else:
+        adata, samples = load_counts(source, ds["format"], ds["counts"], symbols), None
+    log.info("read %d cells x %d genes from %s", adata.n_obs, adata.n_vars, source)
+    # gene names and the gene map, before QC so that every later stage sees the same genes
+    adata, genes = prepare_genes(adata, ds["gene_symbols"], gene_map, vocab)
+    result = quality_control(
+        adata,
+        settings,
+        cell_type=ds["cell_type"],
+        batch=ds["batch"] or ("sample" if samples else None),
+        seed=seed,
+        sample_qc=ds.get("sample_qc"),
+        holdout=ds["split"]["holdout"],
+    )
+    result.summary["dataset"] = dataset
+    if samples:
+        result.summary["samples"] = samples
+    result.summary["genes"] = genes
+    title = f"{dataset}: {result.summary['cells_before']} -> {result.summary['cells_after']} cells"
+
+    with atomic_output(metrics) as tmp:
+        result.metrics.to_csv(tmp, sep="\t", index_label="cell")
+    plot_distributions(result.metrics, result.thresholds, distributions, title)
+    plot_counts_vs_genes(result.metrics, scatter, title)
+    result.filtered.uns[KEY] = provenance(
+        "qc", {"dataset": ds, "qc": settings, "seed": seed}, inputs={"counts": source}
+    )
+    with atomic_output(h5ad) as tmp:
+        result.filtered.write_h5ad(tmp)
+    with atomic_output(summary) as tmp:
+        tmp.write_text(json.dumps(result.summary, indent=2))
+    log.info("kept %d cells x %d genes", result.filtered.n_obs, result.filtered.n_vars)
+    return result
