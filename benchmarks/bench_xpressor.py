@@ -32,8 +32,16 @@ def demo_sized_inputs(n_cells: int, n_genes: int, length: int, token_dim: int, s
     values = rng.random((n_cells, length), dtype=np.float32)
     counts = sp.csr_matrix(rng.poisson(0.5, size=(n_cells, n_genes)).astype(np.float32))
     labels = {"cell_type": rng.integers(0, 10, n_cells)}
-    data = CellData(gene_ids, values, counts, np.arange(n_genes), [f"G{i}" for i in range(n_genes)],
-                    np.array(["train"] * n_cells), labels, {"cell_type": [str(i) for i in range(10)]})  # fmt: skip
+    data = CellData(
+        gene_ids,
+        values,
+        counts,
+        np.arange(n_genes),
+        [f"G{i}" for i in range(n_genes)],
+        np.array(["train"] * n_cells),
+        labels,
+        {"cell_type": [str(i) for i in range(10)]},
+    )
     return data, torch.randn(n_genes, token_dim)
 
 
@@ -55,8 +63,19 @@ def time_steps(module: XpressorModule, batches: list[dict], steps: int, device: 
         loss.backward()
         opt.step()
 
-    batches = [{k: (v.to(device) if isinstance(v, torch.Tensor) else {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                for k, v in b.items()} for b in batches]  # fmt: skip
+    batches = [
+        {
+            k: (
+                v.to(device)
+                if isinstance(v, torch.Tensor)
+                else {kk: vv.to(device) for kk, vv in v.items()}
+                if isinstance(v, dict)
+                else v
+            )
+            for k, v in b.items()
+        }
+        for b in batches
+    ]
     for b in batches[:3]:  # warm-up
         step(b)
     if device == "cuda":
@@ -87,8 +106,10 @@ def main() -> None:
     base = StateEmbedding(se_cfg).eval()
     data, table = demo_sized_inputs(args.cells, args.genes, args.length, 64)
     settings = TrainSettings(batch_size=args.batch_size, genes_per_step=args.genes_per_step, lr=2e-3)
-    print(f"device {args.device}, threads {args.threads}, cells {args.cells}, genes {args.genes}, L {args.length}, "
-          f"batch {args.batch_size}, genes/step {args.genes_per_step}")  # fmt: skip
+    print(
+        f"device {args.device}, threads {args.threads}, cells {args.cells}, genes {args.genes}, L {args.length}, "
+        f"batch {args.batch_size}, genes/step {args.genes_per_step}"
+    )
 
     start = time.perf_counter()
     cache: BaseCache = compute_base_cache(base, table, data, 64, args.device)
@@ -102,13 +123,24 @@ def main() -> None:
         ]
         for method in ("xpressor", "cls"):
             xcfg = XpressorConfig(
-                d_base=64, gene_dim=64, n_latent=8, d_model=64, n_blocks=2, n_heads=4, gene_adapter=True, adapter_hidden=256,
-                labels=data.label_classes if method == "xpressor" else {}, label_dim=16, pooling=None if method == "xpressor" else method,
-            )  # fmt: skip
+                d_base=64,
+                gene_dim=64,
+                n_latent=8,
+                d_model=64,
+                n_blocks=2,
+                n_heads=4,
+                gene_adapter=True,
+                adapter_hidden=256,
+                labels=data.label_classes if method == "xpressor" else {},
+                label_dim=16,
+                pooling=None if method == "xpressor" else method,
+            )
             module = XpressorModule(base, table, data.decode_genes, xcfg, settings)
             rate = time_steps(module, batches, args.steps, args.device)
-            print(f"train {method:8s} ({label}): {rate:.2f} steps/s = {rate * args.batch_size:.0f} cells/s; "
-                  f"peak memory {peak_memory_mb(args.device):.0f} MB")  # fmt: skip
+            print(
+                f"train {method:8s} ({label}): {rate:.2f} steps/s = {rate * args.batch_size:.0f} cells/s; "
+                f"peak memory {peak_memory_mb(args.device):.0f} MB"
+            )
 
 
 if __name__ == "__main__":

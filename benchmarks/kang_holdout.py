@@ -3,7 +3,8 @@ are held out of every training stage and predicted by the diffusion model from t
 (cell type, stimulus) it saw elsewhere; rule evaluate_prediction scores it beside the no-change,
 linear-shift and split-half rows. Prints one table (R2 of the top-100 DE genes' means, and more).
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/kang_holdout.py [--types CD4T B] [--set diffusion.max_steps=2000]
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/kang_holdout.py \\
+        [--types CD4T B] [--set diffusion.max_steps=2000]
 
 One workflow run holds the 7 datasets kang_<type> (config/benchmarks/kang_holdout.yaml is their
 template), in --workdir (default results/benchmarks/kang_holdout); finished types are not re-run.
@@ -82,10 +83,23 @@ def main() -> int:
     config_path = args.workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(template, sort_keys=False))
     targets = [f"results/{dataset_name(t)}/eval/prediction.json" for t in args.types]
-    cmd = [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "--configfile", str(config_path),
-           "--cores", str(args.cores), "--keep-going", "--rerun-incomplete",
-           # one torch thread per job: two threads on the shared 2-core VM ran ~4x slower per step
-           "--set-threads", "diffusion_train=1", "diffusion_sample=1", "--", *targets]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--configfile",
+        str(config_path),
+        "--cores",
+        str(args.cores),
+        "--keep-going",
+        "--rerun-incomplete",
+        # one torch thread per job: two threads on the shared 2-core VM ran ~4x slower per step
+        "--set-threads",
+        "diffusion_train=1",
+        "diffusion_sample=1",
+        "--",
+        *targets,
+    ]
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=args.workdir)
     print(table(args.workdir, args.types))
@@ -123,10 +137,12 @@ def table(workdir: Path, types: list[str]) -> str:
         lines.append(
             f"| {cell_type} | {n_cells} | "
             + " | ".join(f"{r2[s]:.3f}" for _, s in ROWS)
-            + f" | {model['r2_all']:.3f} | {model['delta_pearson_de']:.3f} | {model['energy']:.2f} | {metrics[ROWS[1][0]]['energy']:.2f} |"
+            + f" | {model['r2_all']:.3f} | {model['delta_pearson_de']:.3f} | {model['energy']:.2f}"
+            + f" | {metrics[ROWS[1][0]]['energy']:.2f} |"
         )
     lines.append(
-        f"\nmodel R2 DE above no change on {wins['no change']} of {done} types, above linear shift on {wins['linear shift']} of {done}."
+        f"\nmodel R2 DE above no change on {wins['no change']} of {done} types, "
+        f"above linear shift on {wins['linear shift']} of {done}."
     )
     return "\n".join(lines)
 

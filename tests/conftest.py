@@ -115,7 +115,8 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 
             else ""
         )
         pytest.fail(
-            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}\n{logs}"
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}\n{logs}"
         )
     return proc
 

@@ -424,10 +424,11 @@ torch.cuda.is_available = lambda: False
 missing = {tmp!r} + "/missing"
 job = NS(log=[{tmp!r} + "/rule.log"], threads=1, output=[{tmp!r} + "/out.h5ad"],
          input=NS(ckpt=missing, vocab=missing, tokens=[missing], cells=missing, h5ads=[missing]),
-         params=NS(device="auto", shards=1, shard=0, allow_unsafe_pickle=False, work_dir=missing, se={{"trainer": {{}}}},
-                   seed=0, datasets=["d"], batch_size=2),
+         params=NS(device="auto", shards=1, shard=0, allow_unsafe_pickle=False, work_dir=missing,
+                   se={{"trainer": {{}}}}, seed=0, datasets=["d"], batch_size=2),
          config={{"embed": {{"batch_size": 2}}}})
-job.output = [{tmp!r} + "/out.h5ad"] if {script!r}.endswith("embed.py") else NS(ckpt=missing, losses=missing, datasets=missing)
+if not {script!r}.endswith("embed.py"):
+    job.output = NS(ckpt=missing, losses=missing, datasets=missing)
 runpy.run_path({script!r}, init_globals={{"snakemake": job}}, run_name="__main__")
 """
 

@@ -163,16 +163,33 @@ def test_scores_and_aggregates_equal_scib_metrics_benchmarker():
         np.zeros((150, 1), np.float32), obs=pd.DataFrame({"ct": labels, "batch": batches}, index=map(str, range(150)))
     )
     adata.obsm["emb"], adata.obsm["pre"] = X, X_pre
-    bench = Benchmarker(adata, "batch", "ct", ["emb"], BioConservation(nmi_ari_cluster_labels_leiden=True, nmi_ari_cluster_labels_kmeans=False),
-                        BatchCorrection(bras=False), pre_integrated_embedding_obsm_key="pre", progress_bar=False)  # fmt: skip
+    bench = Benchmarker(
+        adata,
+        "batch",
+        "ct",
+        ["emb"],
+        BioConservation(nmi_ari_cluster_labels_leiden=True, nmi_ari_cluster_labels_kmeans=False),
+        BatchCorrection(bras=False),
+        pre_integrated_embedding_obsm_key="pre",
+        progress_bar=False,
+    )
     bench.prepare(neighbor_computer=emb.neighbors)
     with emb._exact_diffusion_neighbors():
         bench.benchmark()
     want = bench.get_results(min_max_scale=False).loc["emb"]
     # seed 42 and scib-metrics' resolution grid: its own optimize_resolution
     ours = emb.embedding_metrics(X, labels, batches, X_pre=X_pre, seed=42)
-    names = {"isolated_labels": "Isolated labels", "nmi": "Leiden NMI", "ari": "Leiden ARI", "asw_label": "Silhouette label", "clisi": "cLISI",
-             "ilisi": "iLISI", "kbet_acceptance": "KBET", "graph_connectivity": "Graph connectivity", "pcr_comparison": "PCR comparison"}  # fmt: skip
+    names = {
+        "isolated_labels": "Isolated labels",
+        "nmi": "Leiden NMI",
+        "ari": "Leiden ARI",
+        "asw_label": "Silhouette label",
+        "clisi": "cLISI",
+        "ilisi": "iLISI",
+        "kbet_acceptance": "KBET",
+        "graph_connectivity": "Graph connectivity",
+        "pcr_comparison": "PCR comparison",
+    }
     for ours_name, theirs in names.items():
         assert ours[ours_name] == pytest.approx(float(want[theirs]), abs=1e-6), ours_name
     agg = emb.aggregates(ours)
@@ -277,7 +294,10 @@ def test_compare_sets_floor_beats_weak_generator():
     table = pd.DataFrame(rows)
     assert set(table["method"]) == {gen.MODEL, gen.REFERENCE_REAL, gen.REFERENCE_WEAK}
     assert {"all", "T", "B", "mean over conditions"} <= set(table["condition"])
-    get = lambda m, k, c="all": table.query("method == @m and metric == @k and condition == @c")["value"].item()
+
+    def get(m, k, c="all"):
+        return table.query("method == @m and metric == @k and condition == @c")["value"].item()
+
     # The model here samples the true distribution: close to the floor, and labels recovered.
     assert get(gen.MODEL, "label_accuracy") > 0.9
     assert get(gen.REFERENCE_REAL, "label_accuracy") > 0.9

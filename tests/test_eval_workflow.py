@@ -51,10 +51,15 @@ def _write_stand_ins(work, rng):
     model = Xpressor(XpressorConfig(d_base=8, gene_dim=16, n_latent=2, d_model=16, n_heads=2, n_blocks=1))
     save_xpressor(res / "xpressor" / "model.ckpt", model, "0" * 64, meta={"genes": genes})
     np.save(res / "xpressor" / "latents.npy", rng.normal(size=(qc.n_obs, 2, 16)).astype(np.float32))
-    (res / "xpressor" / "summary.json").write_text(json.dumps({
-        "methods": {m: {"trainable_parameters": 1000} for m in ("xpressor", "cls", "mean")},
-        "trainable_fraction": 0.01, "xpressor_beats_baselines": False,
-    }))  # fmt: skip
+    (res / "xpressor" / "summary.json").write_text(
+        json.dumps(
+            {
+                "methods": {m: {"trainable_parameters": 1000} for m in ("xpressor", "cls", "mean")},
+                "trainable_fraction": 0.01,
+                "xpressor_beats_baselines": False,
+            }
+        )
+    )
     pd.DataFrame(
         [
             dict(method=m, metric=k, value=v, split="test", n_cells=100)

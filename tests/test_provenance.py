@@ -86,12 +86,21 @@ def test_xpressor_embedding_carries_the_record(inputs, tmp_path):  # noqa: F811
     _train(inputs, tmp_path, baselines=False, max_epochs=1)
     settings = {"knn_k": 5, "inference_batch_size": 16}
     run_xpressor_encode(
-        se_checkpoint=inputs["se"], vocab=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
-        xpressor_checkpoint=str(tmp_path / "model.ckpt"), train_metrics=str(tmp_path / "reconstruction.tsv"),
-        latents=str(tmp_path / "latents.npy"), embedding=str(tmp_path / "embedding.h5ad"),
-        summary=str(tmp_path / "summary.json"), plot=str(tmp_path / "summary.png"),
-        settings=settings, knn_k=5, seed=0, device="cpu",
-    )  # fmt: skip
+        se_checkpoint=inputs["se"],
+        vocab=inputs["vocab"],
+        tokens=inputs["tokens"],
+        h5ad=inputs["h5ad"],
+        xpressor_checkpoint=str(tmp_path / "model.ckpt"),
+        train_metrics=str(tmp_path / "reconstruction.tsv"),
+        latents=str(tmp_path / "latents.npy"),
+        embedding=str(tmp_path / "embedding.h5ad"),
+        summary=str(tmp_path / "summary.json"),
+        plot=str(tmp_path / "summary.png"),
+        settings=settings,
+        knn_k=5,
+        seed=0,
+        device="cpu",
+    )
     record = read_provenance(tmp_path / "embedding.h5ad")
     assert record["stage"] == "xpressor_encode" and record["config"] == settings
     assert record["checkpoints"]["se"]["sha256"] == file_sha256(inputs["se"])

@@ -14,9 +14,16 @@ from conftest import REPO, copy_workflow, run_snakemake
 DATA = REPO / "tests" / "data"
 # The rules that read the vocabulary (diffusion and evaluate_generation in the latent token space).
 VOCAB_RULES = {
-    "tokenize", "random_se", "embed", "xpressor_train", "xpressor_encode", "evaluate_xpressor",
-    "diffusion_train", "diffusion_sample", "evaluate_generation",
-}  # fmt: skip
+    "tokenize",
+    "random_se",
+    "embed",
+    "xpressor_train",
+    "xpressor_encode",
+    "evaluate_xpressor",
+    "diffusion_train",
+    "diffusion_sample",
+    "evaluate_generation",
+}
 
 
 def _dry_run_inputs(work) -> dict[str, list[list[str]]]:

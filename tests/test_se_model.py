@@ -10,7 +10,7 @@ from cellfoundry.models.se import SEConfig, StateEmbedding, embedding_keys
 
 # The spec's SE-600M table (shared/spec/se.md): token_dim 5120, d 2048, 16 layers, d_hid 2048,
 # output 2048, count encoder 1 -> 512 -> 10 bins, dataset embedding 10.
-T, D, H, O = 5120, 2048, 2048, 2048
+T, D, H, OUT = 5120, 2048, 2048, 2048
 SE600M_KEYS = {
     "cls_token": (1, T),
     "dataset_token": (1, T),
@@ -24,14 +24,14 @@ SE600M_KEYS = {
     "decoder.0.dense.bias": (D,),
     "decoder.0.layer_norm.weight": (D,),
     "decoder.0.layer_norm.bias": (D,),
-    "decoder.1.weight": (O, D),
-    "decoder.1.bias": (O,),
+    "decoder.1.weight": (OUT, D),
+    "decoder.1.bias": (OUT,),
     "count_encoder.0.weight": (512, 1),
     "count_encoder.0.bias": (512,),
     "count_encoder.2.weight": (10, 512),
     "count_encoder.2.bias": (10,),
     "bin_encoder.weight": (10, D),
-    "dataset_embedder.weight": (10, O),
+    "dataset_embedder.weight": (10, OUT),
     "dataset_embedder.bias": (10,),
 }
 for i in range(16):

@@ -167,9 +167,10 @@ while args and args[0].startswith("--"):
 with open(os.environ["FAKE_SRUN_RECORD"], "w") as f:
     json.dump({{"opts": opts, "inherited": sorted(k for k in os.environ if k.startswith("SLURM_"))}}, f)
 n, per = int(opts["ntasks"]), int(opts["ntasks-per-node"])
-procs = [subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(r), SLURM_LOCALID=str(r % per), SLURM_NODEID=str(r // per),
-                                         SLURM_NTASKS=str(n), SLURM_NTASKS_PER_NODE=str(per), SLURM_NNODES=opts["nodes"],
-                                         SLURM_STEP_ID="1", SLURM_JOB_NAME="python")) for r in range(n)]
+env = dict(os.environ, SLURM_NTASKS=str(n), SLURM_NTASKS_PER_NODE=str(per), SLURM_NNODES=opts["nodes"],
+           SLURM_STEP_ID="1", SLURM_JOB_NAME="python")
+rank_env = lambda r: dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r % per), SLURM_NODEID=str(r // per))
+procs = [subprocess.Popen(args, env=rank_env(r)) for r in range(n)]
 sys.exit(max(p.wait() for p in procs))
 """
 

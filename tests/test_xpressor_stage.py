@@ -27,13 +27,41 @@ def stage_cfg(**kw) -> dict:
     # log1p_head off: in 9 steps the NB term alone hardly moves the mean, and the tests below
     # check the stage's mechanics (the head is tested in test_xpressor.py); two layers read.
     cfg = dict(
-        n_latent=4, d_model=16, n_blocks=1, n_decoder_blocks=1, n_heads=2, mlp_ratio=2, decoder_mlp_ratio=1, dropout=0.0,
-        attention="standard", base_layers=[0, -1], loss="nb", dispersion="gene", log1p_head=False, mse_weight=1.0, labels=["cell_type"], label_dim=4, label_weight=1.0,
-        gene_adapter=False, adapter_hidden=16, unfreeze_last_layer=False, lr=3e-3, weight_decay=0.01,
-        batch_size=16, max_epochs=3, genes_per_step=20, patience=2, gradient_clip=1.0, val_fraction=0.2, baselines=True,
-        cache_base_outputs=True, cache_max_gb=1.0, inference_batch_size=32, knn_k=5,
+        n_latent=4,
+        d_model=16,
+        n_blocks=1,
+        n_decoder_blocks=1,
+        n_heads=2,
+        mlp_ratio=2,
+        decoder_mlp_ratio=1,
+        dropout=0.0,
+        attention="standard",
+        base_layers=[0, -1],
+        loss="nb",
+        dispersion="gene",
+        log1p_head=False,
+        mse_weight=1.0,
+        labels=["cell_type"],
+        label_dim=4,
+        label_weight=1.0,
+        gene_adapter=False,
+        adapter_hidden=16,
+        unfreeze_last_layer=False,
+        lr=3e-3,
+        weight_decay=0.01,
+        batch_size=16,
+        max_epochs=3,
+        genes_per_step=20,
+        patience=2,
+        gradient_clip=1.0,
+        val_fraction=0.2,
+        baselines=True,
+        cache_base_outputs=True,
+        cache_max_gb=1.0,
+        inference_batch_size=32,
+        knn_k=5,
         trainer={"devices": 1, "num_nodes": 1, "checkpoint_every_n_steps": 5},
-    )  # fmt: skip
+    )
     cfg.update(kw)
     return cfg
 
@@ -73,11 +101,18 @@ def inputs(tmp_path_factory):
 def _train(inputs, out, **kw):
     cfg = stage_cfg(**kw)
     return run_xpressor_train(
-        se_checkpoint=inputs["se"], vocab=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
-        checkpoint=str(out / "model.ckpt"), metrics=str(out / "reconstruction.tsv"), work_dir=str(out / "train"),
-        settings=cfg, label_columns=resolve_label_columns(cfg["labels"], {"cell_type": "ct", "batch": None}),
-        seed=0, device="cpu",
-    )  # fmt: skip
+        se_checkpoint=inputs["se"],
+        vocab=inputs["vocab"],
+        tokens=inputs["tokens"],
+        h5ad=inputs["h5ad"],
+        checkpoint=str(out / "model.ckpt"),
+        metrics=str(out / "reconstruction.tsv"),
+        work_dir=str(out / "train"),
+        settings=cfg,
+        label_columns=resolve_label_columns(cfg["labels"], {"cell_type": "ct", "batch": None}),
+        seed=0,
+        device="cpu",
+    )
 
 
 def test_train_and_encode_stage(inputs, tmp_path):
@@ -100,14 +135,24 @@ def test_train_and_encode_stage(inputs, tmp_path):
         load_xpressor(tmp_path / "model.ckpt", base_checkpoint=inputs["other"])
 
     out = dict(
-        latents=str(tmp_path / "latents.npy"), embedding=str(tmp_path / "embedding.h5ad"),
-        summary=str(tmp_path / "summary.json"), plot=str(tmp_path / "summary.png"),
-    )  # fmt: skip
+        latents=str(tmp_path / "latents.npy"),
+        embedding=str(tmp_path / "embedding.h5ad"),
+        summary=str(tmp_path / "summary.json"),
+        plot=str(tmp_path / "summary.png"),
+    )
     run_xpressor_encode(
-        se_checkpoint=inputs["se"], vocab=inputs["vocab"], tokens=inputs["tokens"], h5ad=inputs["h5ad"],
-        xpressor_checkpoint=str(tmp_path / "model.ckpt"), train_metrics=str(tmp_path / "reconstruction.tsv"),
-        settings=stage_cfg(inference_batch_size=16), knn_k=5, seed=0, device="cpu", **out,
-    )  # fmt: skip
+        se_checkpoint=inputs["se"],
+        vocab=inputs["vocab"],
+        tokens=inputs["tokens"],
+        h5ad=inputs["h5ad"],
+        xpressor_checkpoint=str(tmp_path / "model.ckpt"),
+        train_metrics=str(tmp_path / "reconstruction.tsv"),
+        settings=stage_cfg(inference_batch_size=16),
+        knn_k=5,
+        seed=0,
+        device="cpu",
+        **out,
+    )
     latents = np.load(tmp_path / "latents.npy")
     assert latents.shape == (N_CELLS, 4 + 1, 16) and latents.dtype == np.float32
     emb = ad.read_h5ad(tmp_path / "embedding.h5ad")

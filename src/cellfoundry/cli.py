@@ -97,7 +97,8 @@ def _check_embed_paths(args: argparse.Namespace) -> None:
         )
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UserError(
-            f"--checkpoint {args.checkpoint}: no such file; pass an SE .ckpt file, or a model folder with --model-folder."
+            f"--checkpoint {args.checkpoint}: no such file; "
+            "pass an SE .ckpt file, or a model folder with --model-folder."
         )
     if args.gene_embeddings and not Path(args.gene_embeddings).is_file():
         raise UserError(

@@ -129,7 +129,8 @@ def run_stage(
     srun = shutil.which("srun")
     if srun is None:
         raise UserError(
-            f"{trainer_key} asks for {world} DDP processes inside SLURM job {os.environ.get('SLURM_JOB_ID')}, but srun is not on PATH."
+            f"{trainer_key} asks for {world} DDP processes inside SLURM job {os.environ.get('SLURM_JOB_ID')}, "
+            "but srun is not on PATH."
         )
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID", "")
     problems = slurm.allocation_problems(slurm.job_allocation(job_id), devices, num_nodes)
@@ -138,7 +139,8 @@ def run_stage(
             f"{trainer_key} asks for devices={devices} x num_nodes={num_nodes} = {world} processes, but "
             + "; ".join(problems)
             + f". Set {resources_key}: {{gpu: {world}, tasks: {world}, nodes: {num_nodes}}} in config/config.yaml "
-            "(gpu: 0 for CPU processes), and remove gpu/tasks/nodes overrides of this rule from the profile's set-resources."
+            "(gpu: 0 for CPU processes), "
+            "and remove gpu/tasks/nodes overrides of this rule from the profile's set-resources."
         )
     command = slurm.srun_command(
         devices, num_nodes, rank_command(entry, kwargs, log_path=log_path, threads=threads), srun=srun

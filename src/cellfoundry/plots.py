@@ -14,10 +14,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # rules run without a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from cellfoundry.utils import atomic_output  # noqa: E402
+from cellfoundry.utils import atomic_output
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,7 +124,7 @@ def decoded_vs_observed(
         ax.axis("off")
     panels = [(g, observed[:, g], predicted[:, g], gene_names[g]) for g in genes]
     panels.append((None, observed.mean(0), predicted.mean(0), "per-gene mean (all genes)"))
-    for ax, (g, x, y, name) in zip(axes.ravel(), panels):
+    for ax, (_, x, y, name) in zip(axes.ravel(), panels):
         ax.scatter(x, y, s=6, alpha=0.5, linewidths=0, rasterized=True)
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")

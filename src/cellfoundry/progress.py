@@ -39,9 +39,10 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.perf_counter()) - self.start, 1e-9)
         rate = self.done / elapsed
-        # floor, so 100% is only shown once every item is done
         shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
-        head = f"{self.verb} {self.done:,} / {self.total:,} {self.unit} ({100 * self.done // max(self.total, 1)}%), {shown} {self.unit}/s"
+        # floor, so 100% is only shown once every item is done
+        percent = 100 * self.done // max(self.total, 1)
+        head = f"{self.verb} {self.done:,} / {self.total:,} {self.unit} ({percent}%), {shown} {self.unit}/s"
         if self.done >= self.total:
             return f"{head}, done in {duration(elapsed)}"
         return f"{head}, ETA {duration((self.total - self.done) / rate) if rate > 0 else '?'}"

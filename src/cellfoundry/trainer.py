@@ -327,7 +327,8 @@ def resume_path(out_dir: str | os.PathLike, settings: Mapping[str, Any] | None =
             changed = _changed_keys(stored.get("settings"), _plain(settings)) if "settings" in stored else []
             if is_global_zero():  # every DDP rank decides the same; one line in the log
                 log.warning(
-                    "not resuming from %s: the settings changed since it was written (%s); training starts over from step 0",
+                    "not resuming from %s: the settings changed since it was written (%s); "
+                    "training starts over from step 0",
                     out_dir,
                     ", ".join(changed[:12]) if changed else f"no settings fingerprint in {out_dir / SETTINGS_FILE}",
                 )

@@ -82,7 +82,8 @@ class GeneVocab:
     def from_dict(cls, embeddings: dict) -> GeneVocab:
         if not isinstance(embeddings, dict) or not embeddings:
             raise UserError(
-                "a gene-embedding file must hold a non-empty dict gene symbol -> vector (SE protein_embeddings.pt format)"
+                "a gene-embedding file must hold a non-empty dict gene symbol -> vector "
+                "(SE protein_embeddings.pt format)"
             )
         symbols = [str(k) for k in embeddings]
         table = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in embeddings.values()])
@@ -94,13 +95,14 @@ class GeneVocab:
         path = Path(path)
         if not path.is_file():
             raise UserError(
-                f"gene-embedding file {path} does not exist; check se.model_folder or build the vocabulary (rule build_vocab)"
+                f"gene-embedding file {path} does not exist; "
+                "check se.model_folder or build the vocabulary (rule build_vocab)"
             )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - turned into a message the user can act on
+        except Exception as exc:  # any failure: turned into a message the user can act on
             raise UserError(
                 f"cannot read gene embeddings from {path}: {exc}. Expected a torch dict gene symbol -> FloatTensor"
             ) from exc
@@ -185,7 +187,8 @@ def build_coexpression_vocab(matrices: Sequence[tuple[sp.spmatrix, Sequence[str]
         table[seen, :rank] = (loadings[seen] / norms[seen, None]).astype(np.float32)
         table[seen, rank:] = 0.0
         log.info(
-            "co-expression vectors: %d cells, %d genes, rank %d of dim %d, %d genes without expression use random vectors",
+            "co-expression vectors: %d cells, %d genes, rank %d of dim %d, "
+            "%d genes without expression use random vectors",
             X.shape[0],
             len(symbols),
             rank,

@@ -69,8 +69,11 @@ def run_diffusion_train(
     data = read_training_data(h5ad, settings["token_space"], conditions, latents)
     log.info(
         "diffusion over %s tokens: %d training cells, x0 shape %s, conditions %s",
-        settings["token_space"], len(data["x0"]), list(data["x0"].shape[1:]), data["codec"].names or "none (unconditional model)",
-    )  # fmt: skip
+        settings["token_space"],
+        len(data["x0"]),
+        list(data["x0"].shape[1:]),
+        data["codec"].names or "none (unconditional model)",
+    )
     module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
     # Resume only a run of the same model on the same data: everything but the step count and
     # the logging/checkpoint cadence, plus the conditions and the data shape.
@@ -152,10 +155,18 @@ def run_diffusion_sample(
     def generate(scale: float) -> tuple[Decoded, np.ndarray, np.ndarray]:
         """(decoded cells, library sizes, generated tokens) at guidance `scale`."""
         tokens = generate_tokens(
-            ckpt, request_obs, guidance_scale=scale, sampler=settings["sampler"], steps=settings["steps"],
-            eta=settings["eta"], seed=seed, batch_size=settings["batch_size"], device=device, strict=strict,
+            ckpt,
+            request_obs,
+            guidance_scale=scale,
+            sampler=settings["sampler"],
+            steps=settings["steps"],
+            eta=settings["eta"],
+            seed=seed,
+            batch_size=settings["batch_size"],
+            device=device,
+            strict=strict,
             clip_x0=settings["clip_x0"],
-        )  # fmt: skip
+        )
         library = draw_library_sizes(request_obs, ckpt.payload, np.random.default_rng(seed))
         return decoder(tokens, library, seed), library, tokens
 
@@ -171,11 +182,12 @@ def run_diffusion_sample(
     decoded, library, tokens = generate(scale)
     out = samples_anndata(decoded, request_obs, codec, var_names, library)
     out.uns[PROVENANCE_KEY] = provenance(
-        "diffusion_sample", config if config is not None else {"sample": settings},
+        "diffusion_sample",
+        config if config is not None else {"sample": settings},
         checkpoints={"diffusion": checkpoint, "xpressor": xpressor_checkpoint if latent_space else None},
         vocab=vocab if latent_space else None,
         inputs={"cells": h5ad},
-    )  # fmt: skip
+    )
     with atomic_output(samples) as tmp:
         out.write_h5ad(tmp)
     result: dict[str, Any] = {

@@ -55,9 +55,11 @@ INFO_METRICS = ("leiden_resolution",)
 LABEL_METRICS = ("knn_accuracy", "knn_macro_f1", *BIO_METRICS, "bio_conservation", "scib_total")
 #: Where each number comes from (the TSV's "source" column).
 SOURCE = {m: "scib-metrics" for m in (*BIO_METRICS, *BATCH_METRICS)} | {
-    "knn_accuracy": "cellfoundry", "knn_macro_f1": "cellfoundry", "leiden_resolution": "scib-metrics",
+    "knn_accuracy": "cellfoundry",
+    "knn_macro_f1": "cellfoundry",
+    "leiden_resolution": "scib-metrics",
     **dict.fromkeys(AGGREGATES, "as scib-metrics Benchmarker"),
-}  # fmt: skip
+}
 
 
 def _labels(labels: Sequence) -> np.ndarray:
@@ -70,7 +72,10 @@ def label_skip_reason(labels: Sequence | None) -> str | None:
         return "no cell-type labels: datasets.<name>.cell_type is null"
     missing = unlabelled(labels)
     if len(np.unique(_labels(np.asarray(labels, dtype=object)[~missing]))) < 2:
-        return f"fewer than two distinct labels among the {int((~missing).sum())} labelled cells ({int(missing.sum())} unlabelled)"
+        return (
+            f"fewer than two distinct labels among the {int((~missing).sum())} labelled cells "
+            f"({int(missing.sum())} unlabelled)"
+        )
     return None
 
 
@@ -252,10 +257,17 @@ def compare_embeddings(
     n_unlabelled = int(unlabelled(labels).sum()) if labels is not None else n_cells
     first = next(iter(scores.values()))
     summary: dict = {
-        "n_cells": n_cells, "n_labelled": n_cells - n_unlabelled, "n_unlabelled": n_unlabelled,
-        "aggregated": {"bio_conservation": [m for m in BIO_METRICS if m in first], "batch_correction": [m for m in BATCH_METRICS if m in first]},
-        "skipped": skipped, "best": {}, "model_loses_to": {},
-    }  # fmt: skip
+        "n_cells": n_cells,
+        "n_labelled": n_cells - n_unlabelled,
+        "n_unlabelled": n_unlabelled,
+        "aggregated": {
+            "bio_conservation": [m for m in BIO_METRICS if m in first],
+            "batch_correction": [m for m in BATCH_METRICS if m in first],
+        },
+        "skipped": skipped,
+        "best": {},
+        "model_loses_to": {},
+    }
     for metric in [m for m in first if m not in INFO_METRICS]:
         ranked = sorted(scores, key=lambda m: -np.nan_to_num(scores[m].get(metric, np.nan), nan=-np.inf))
         summary["best"][metric] = ranked[0]

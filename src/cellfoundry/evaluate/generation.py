@@ -428,7 +428,10 @@ def guidance_check(
     requested = request_obs[column]
     predict = fit_label_classifier(counts[train], labels[train], seed)
     expression = {
-        "classifier": "logistic regression on 50 PCs of standardised log1p(CP10k) of real train cells; samples: decoded mean counts",
+        "classifier": (
+            "logistic regression on 50 PCs of standardised log1p(CP10k) of real train cells; "
+            "samples: decoded mean counts"
+        ),
         "real_test_accuracy": float(np.mean(predict(counts[test]) == labels[test])) if test.any() else None,
         "accuracy": {name: requested_label_accuracy(predict(d.mean), requested) for name, (d, _) in runs.items()},
     }

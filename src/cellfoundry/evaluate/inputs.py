@@ -30,7 +30,7 @@ def read_h5ad(path: str | os.PathLike, producer: str):
     path = require(path, producer)
     try:
         return ad.read_h5ad(path)
-    except Exception as exc:  # noqa: BLE001 - turned into an actionable message
+    except Exception as exc:  # any failure: turned into an actionable message
         raise UserError(
             f"cannot read {path} as .h5ad ({exc}); re-run rule {producer} (snakemake --forcerun {producer})."
         ) from exc
@@ -43,11 +43,13 @@ def read_embedding(path: str | os.PathLike, key: str, obs_names, producer: str) 
     adata = read_h5ad(path, producer)
     if key not in adata.obsm:
         raise UserError(
-            f"{path} has no obsm[{key!r}] (it has {sorted(adata.obsm)}); re-run rule {producer} (snakemake --forcerun {producer})."
+            f"{path} has no obsm[{key!r}] (it has {sorted(adata.obsm)}); "
+            f"re-run rule {producer} (snakemake --forcerun {producer})."
         )
     if adata.n_obs != len(obs_names) or not np.array_equal(adata.obs_names.to_numpy(), np.asarray(obs_names)):
         raise UserError(
-            f"{path} holds {adata.n_obs} cells that do not match the {len(obs_names)} cells of qc/filtered.h5ad in order; "
+            f"{path} holds {adata.n_obs} cells that do not match the {len(obs_names)} cells "
+            "of qc/filtered.h5ad in order; "
             f"it is stale: re-run rule {producer} (snakemake --forcerun {producer})."
         )
     X = np.asarray(adata.obsm[key], dtype=np.float32)

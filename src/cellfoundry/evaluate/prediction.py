@@ -150,7 +150,8 @@ def evaluate_combination(
     generated = matches(generated_obs, combo)
     if real_cells.sum() < 4 or generated.sum() < 4:
         raise UserError(
-            f"held-out combination {{{label}}}: {int(real_cells.sum())} real and {int(generated.sum())} generated cells; "
+            f"held-out combination {{{label}}}: "
+            f"{int(real_cells.sum())} real and {int(generated.sum())} generated cells; "
             "4 of each are needed. Re-run diffusion_sample with default requests (held-out cell counts)."
         )
     control = control_labels(real_obs, combo, none_values)
@@ -183,8 +184,11 @@ def evaluate_combination(
     for method, (pred, target) in predictions.items():
         values = mean_metrics(pred, target, control_mean, de)
         px, tx = project(pred), project(target)
-        values.update(energy=gen.energy_distance(px, tx), mmd_rbf=gen.mmd_rbf(px, tx),
-                      knn_auc=gen.knn_real_vs_generated_auc(tx, px, k=k_auc, seed=seed))  # fmt: skip
+        values.update(
+            energy=gen.energy_distance(px, tx),
+            mmd_rbf=gen.mmd_rbf(px, tx),
+            knn_auc=gen.knn_real_vs_generated_auc(tx, px, k=k_auc, seed=seed),
+        )
         rows += [
             {"combination": label, "method": method, "metric": m, "value": v, "n_cells": len(pred)}
             for m, v in values.items()

@@ -121,7 +121,8 @@ def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, in
         log.info("%s: %d training cells", h5ad, len(rows))
     if len(lengths) != 1 or len(methods) != 1:
         raise UserError(
-            f"datasets were tokenized with different settings (L {sorted(lengths)}, method {sorted(methods)}); re-run tokenize."
+            f"datasets were tokenized with different settings (L {sorted(lengths)}, method {sorted(methods)}); "
+            "re-run tokenize."
         )
     return PretrainCells(parts), lengths.pop(), methods.pop()
 

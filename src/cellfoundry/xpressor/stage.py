@@ -60,9 +60,25 @@ class StageSettings:
 def stage_settings(cfg: dict) -> StageSettings:
     """Settings from config["xpressor"] (schema defaults already filled)."""
     model_keys = (
-        "n_latent", "d_model", "n_blocks", "n_decoder_blocks", "n_heads", "mlp_ratio", "decoder_mlp_ratio", "dropout",
-        "attention", "base_layers", "loss", "dispersion", "log1p_head", "mse_weight", "label_dim", "label_weight", "gene_adapter", "adapter_hidden",
-    )  # fmt: skip
+        "n_latent",
+        "d_model",
+        "n_blocks",
+        "n_decoder_blocks",
+        "n_heads",
+        "mlp_ratio",
+        "decoder_mlp_ratio",
+        "dropout",
+        "attention",
+        "base_layers",
+        "loss",
+        "dispersion",
+        "log1p_head",
+        "mse_weight",
+        "label_dim",
+        "label_weight",
+        "gene_adapter",
+        "adapter_hidden",
+    )
     train = TrainSettings(
         lr=cfg["lr"],
         weight_decay=cfg["weight_decay"],
@@ -365,9 +381,13 @@ def run_xpressor_train(
     data = load_cell_data(h5ad, tokens, gene_vocab, label_columns)
     log.info(
         "%d cells (%d train, %d test), %d decoded genes, labels %s, device %s",
-        data.n_cells, int((data.split == "train").sum()), int((data.split == "test").sum()),
-        len(data.decode_genes), list(data.label_classes), device,
-    )  # fmt: skip
+        data.n_cells,
+        int((data.split == "train").sum()),
+        int((data.split == "test").sum()),
+        len(data.decode_genes),
+        list(data.label_classes),
+        device,
+    )
     trainer = settings["trainer"]
     trainer_kwargs = dict(
         devices=trainer["devices"],
