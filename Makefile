@@ -1,9 +1,10 @@
 # Two commands do all set-up: `make demo` and `make test`. Both create .venv/ on first use.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-CORES  ?= 2
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+CORES    ?= 2
+PY_PATHS := src scripts tests benchmarks
 
 .PHONY: venv demo test lint report clean
 
@@ -24,7 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
 
+## Static checks, stopping at the first problem: Python lint and format (ruff), rule format
+## (snakefmt), then Snakemake's own workflow lint.
 lint: $(STAMP)
+	$(BIN)/ruff check $(PY_PATHS)
+	$(BIN)/ruff format --check $(PY_PATHS)
+	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint
 
 report: $(STAMP)
