@@ -30,6 +30,7 @@ import pandas as pd
 from sklearn.metrics import r2_score
 
 from cellfoundry.evaluate import generation as gen
+from cellfoundry.split import combination_label, combination_mask
 from cellfoundry.utils import UserError, log1p_normalise
 
 log = logging.getLogger(__name__)
@@ -39,19 +40,6 @@ NO_CHANGE = "no change (control cells)"
 LINEAR = "linear shift"
 CEILING = "split-half (ceiling)"
 METHODS = (MODEL, NO_CHANGE, LINEAR, CEILING)
-MEAN_METRICS = ("r2_all", "pearson_all", "r2_de", "pearson_de", "delta_pearson_all", "delta_pearson_de")
-DIST_METRICS = ("energy", "mmd_rbf", "knn_auc")
-
-
-def combination_label(combo: Mapping) -> str:
-    return ", ".join(f"{c}={v}" for c, v in combo.items())
-
-
-def matches(obs: pd.DataFrame, labels: Mapping) -> np.ndarray:
-    mask = np.ones(len(obs), dtype=bool)
-    for col, value in labels.items():
-        mask &= obs[col].astype(str).to_numpy() == str(value)
-    return mask
 
 
 def control_labels(obs: pd.DataFrame, combo: Mapping, none_values: Mapping[str, str]) -> dict:
@@ -112,8 +100,8 @@ def linear_shift(
         own = "|".join(str(combo[c]) for c in group_cols)
     else:
         groups, own = np.full(len(obs), ""), None
-    stim = matches(obs, {c: combo[c] for c in stimulus}) & usable
-    ctrl = matches(obs, {c: control[c] for c in stimulus}) & usable
+    stim = combination_mask(obs, {c: combo[c] for c in stimulus}) & usable
+    ctrl = combination_mask(obs, {c: control[c] for c in stimulus}) & usable
     shifts = [
         logx[stim & (groups == g)].mean(0) - logx[ctrl & (groups == g)].mean(0)
         for g in np.unique(groups)
@@ -124,7 +112,7 @@ def linear_shift(
             f"held-out combination {{{combination_label(combo)}}}: no other group has both stimulated and control "
             "cells, so the linear-shift baseline cannot be formed; the stimulus must be seen in another group."
         )
-    return np.clip(logx[matches(obs, control) & usable] + np.mean(shifts, axis=0), 0.0, None)
+    return np.clip(logx[combination_mask(obs, control) & usable] + np.mean(shifts, axis=0), 0.0, None)
 
 
 def evaluate_combination(
@@ -146,8 +134,8 @@ def evaluate_combination(
     """Rows (combination, method, metric, value, n_cells) for the model and the three baselines,
     and the per-gene means for the plot (real, control and each method's prediction, DE genes)."""
     label = combination_label(combo)
-    real_cells = heldout & matches(real_obs, combo)
-    generated = matches(generated_obs, combo)
+    real_cells = heldout & combination_mask(real_obs, combo)
+    generated = combination_mask(generated_obs, combo)
     if real_cells.sum() < 4 or generated.sum() < 4:
         raise UserError(
             f"held-out combination {{{label}}}: "
@@ -156,7 +144,7 @@ def evaluate_combination(
         )
     control = control_labels(real_obs, combo, none_values)
     usable = ~heldout
-    control_cells = matches(real_obs, control) & usable
+    control_cells = combination_mask(real_obs, control) & usable
     if control_cells.sum() < 2:
         raise UserError(f"held-out combination {{{label}}}: fewer than 2 control cells ({combination_label(control)}).")
     logx = log1p_normalise(gen._dense(real_counts))  # float64, as the module doc says

@@ -8,19 +8,10 @@ import logging
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from cellfoundry.utils import UserError
 
 log = logging.getLogger(__name__)
-
-
-def observed_log1p(counts, target_sum: float = 1e4) -> np.ndarray:
-    """log1p(counts / library * target_sum) [n, G], library = the row sum over the G genes given
-    (as the Xpressor stage normalises its targets)."""
-    counts = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
-    lib = counts.sum(1, keepdims=True)
-    return np.log1p(counts / np.clip(lib, 1.0, None) * target_sum)
 
 
 def per_gene_pearson(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:

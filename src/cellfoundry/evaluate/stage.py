@@ -30,7 +30,7 @@ from cellfoundry.evaluate.inputs import (
     write_table,
 )
 from cellfoundry.plots import decoded_vs_observed, metric_bars, plot_prediction, umap_coordinates, umap_grid
-from cellfoundry.utils import UserError, atomic_output, resolve_device, seed_everything, unlabelled
+from cellfoundry.utils import UserError, atomic_output, log1p_normalise, resolve_device, seed_everything, unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def run_evaluate_xpressor(
         test = np.sort(np.random.default_rng(seed).choice(test, cfg["max_cells"], replace=False))
     log.info("decoding %d held-out cells over %d genes on %s", len(test), len(genes), device)
     predicted = rec.decode_log1p(ckpt.model, cell_latents[test], gene_vocab.table[ids], device=device)
-    observed = rec.observed_log1p(adata[test, genes].X, target_sum=ckpt.config.target_sum)
+    observed = log1p_normalise(adata[test, genes].X.astype(np.float64), target_sum=ckpt.config.target_sum)
     gene_r = rec.per_gene_pearson(predicted, observed)
 
     written = write_table(rec.reconstruction_rows(stage_table, stage_summary, gene_r), table)
