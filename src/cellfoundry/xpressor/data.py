@@ -8,8 +8,6 @@ G = decoded genes (the dataset's genes found in the vocabulary), K = base layers
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, autocast
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -261,18 +258,16 @@ def base_batches(
 def compute_base_cache(
     base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)
 ) -> BaseCache:
-    """Run the frozen base once over all cells (inference mode), logging a rate line."""
-    n = data.n_cells
+    """Run the frozen base once over all cells (inference mode), logging progress."""
     tokens, masks, cls = [], [], []
-    start = time.perf_counter()
+    progress = Progress(data.n_cells, verb="ran the SE model on")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    for _, _, stack, outputs, padding in base_batches(base, gene_table, data, batch_size, device, layers):
+    for lo, hi, stack, outputs, padding in base_batches(base, gene_table, data, batch_size, device, layers):
         t, m, c = split_outputs(stack, outputs, padding)
         tokens.append(t.to(dtype).cpu())
         masks.append(m.cpu())
         cls.append(c.float().cpu())
-    elapsed = time.perf_counter() - start
-    log.info("base outputs of %d cells in %.1f s (%.1f cells/s)", n, elapsed, n / max(elapsed, 1e-9))
+        progress.update(hi - lo)
     return BaseCache(torch.cat(tokens), torch.cat(masks), torch.cat(cls))
 
 

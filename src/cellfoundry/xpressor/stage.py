@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from cellfoundry.evaluate.knn import knn_split_accuracy
 from cellfoundry.evaluate.reconstruction import reconstruction_metrics
 from cellfoundry.models.xpressor import Xpressor, XpressorConfig, count_parameters, log1p_normalize, save_xpressor
+from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, atomic_output, autocast, resolve_device, seed_everything, set_torch_threads
 from cellfoundry.xpressor.data import (
     BaseCache,
@@ -304,7 +304,7 @@ def encode_cells(
     xpressor = xpressor.to(device).eval()
     n, m, dx = data.n_cells, xpressor.cfg.n_tokens, xpressor.cfg.d_model
     embeddings, se_cls = [], []
-    start = time.perf_counter()
+    progress = Progress(n, verb="encoded")
     with atomic_output(latents_path) as tmp:
         tmp_npy = tmp.with_name(tmp.name + ".npy")  # open_memmap keeps the given name
         out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n, m, dx))
@@ -319,13 +319,10 @@ def encode_cells(
             out[lo:hi] = latents.float().cpu().numpy()
             embeddings.append(emb.float().cpu().numpy())
             se_cls.append(cell.float().cpu().numpy())
-            if (lo // batch_size) % 50 == 0:
-                rate = hi / max(time.perf_counter() - start, 1e-9)
-                log.info("encoded %d/%d cells (%.1f cells/s)", hi, n, rate)
+            progress.update(hi - lo)
         out.flush()
         del out
         tmp_npy.replace(tmp)
-    log.info("encoded %d cells in %.1f s", n, time.perf_counter() - start)
     return np.concatenate(embeddings), np.concatenate(se_cls)
 
 
