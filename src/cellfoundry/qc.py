@@ -22,7 +22,7 @@ from cellfoundry.plots import plot_counts_vs_genes, plot_distributions
 from cellfoundry.provenance import KEY, provenance
 from cellfoundry.samples import load_samples
 from cellfoundry.split import combination_label, combination_mask, holdout_split, stratified_split
-from cellfoundry.utils import UserError, atomic_output, seed_everything, unlabelled
+from cellfoundry.utils import UserError, atomic_output, start_stage, unlabelled
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def run_qc(
     candidates of gene_symbols: auto), run quality_control with `settings` (the qc section with
     the dataset's overrides), and write the filtered cells `h5ad`, `summary` (JSON), the per-cell
     `metrics` (TSV) and the figures `distributions` and `scatter`."""
-    seed_everything(seed)  # QC's draws have their own generators seeded with `seed`; this is the contract
+    start_stage(seed)  # QC's draws have their own generators seeded with `seed`; this is the contract
     ds = dataset_settings
     # gene_symbols: auto is chosen after loading, from var_names and the var columns
     symbols, source = None if ds["gene_symbols"] == AUTO else ds["gene_symbols"], ds.get("samples") or ds["path"]

@@ -100,6 +100,16 @@ def set_torch_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+def start_stage(seed: int, device: str | None = None, threads: int | None = None) -> str | None:
+    """The first call of every rule's run_<rule>: resolves `device` (so a GPU job whose torch sees
+    no GPU stops before any work), sets torch's CPU threads and seeds Python, NumPy and torch.
+    Returns the resolved device (None when the stage takes none)."""
+    resolved = resolve_device(device) if device is not None else None
+    set_torch_threads(threads)
+    seed_everything(seed)
+    return resolved
+
+
 def given_gpus(environ=os.environ) -> str | None:
     """'NAME=value' of the first variable through which SLURM (or the user) gave this process
     GPUs, or None. Device lists (CUDA_VISIBLE_DEVICES=0 is GPU 0) are empty, -1 or NoDevFiles

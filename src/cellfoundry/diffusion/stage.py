@@ -30,9 +30,7 @@ from cellfoundry.evaluate.generation import guidance_check, guidance_check_condi
 from cellfoundry.utils import (
     UserError,
     atomic_output,
-    resolve_device,
-    seed_everything,
-    set_torch_threads,
+    start_stage,
 )
 
 log = logging.getLogger(__name__)
@@ -62,9 +60,7 @@ def run_diffusion_train(
     from cellfoundry.trainer import build_trainer, fit
     from cellfoundry.utils import file_sha256
 
-    device = resolve_device(device)  # a GPU job whose torch sees no GPU stops here, before any work
-    set_torch_threads(threads)
-    seed_everything(seed)
+    device = start_stage(seed, device, threads)
     settings = dict(settings)
     data = read_training_data(h5ad, settings["token_space"], conditions, latents)
     log.info(
@@ -124,9 +120,7 @@ def run_diffusion_sample(
     from cellfoundry.provenance import KEY as PROVENANCE_KEY
     from cellfoundry.provenance import provenance
 
-    device = resolve_device(device)
-    set_torch_threads(threads)
-    seed_everything(seed)
+    device = start_stage(seed, device, threads)
     ckpt = load_diffusion(checkpoint)
     codec, model_settings = ckpt.codec, ckpt.settings
     adata = ad.read_h5ad(h5ad)

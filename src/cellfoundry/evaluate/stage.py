@@ -30,7 +30,13 @@ from cellfoundry.evaluate.inputs import (
     write_table,
 )
 from cellfoundry.plots import decoded_vs_observed, metric_bars, plot_prediction, umap_coordinates, umap_grid
-from cellfoundry.utils import UserError, atomic_output, log1p_normalise, resolve_device, seed_everything, unlabelled
+from cellfoundry.utils import (
+    UserError,
+    atomic_output,
+    log1p_normalise,
+    start_stage,
+    unlabelled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def run_evaluate_embeddings(
     the scIB metrics through scib-metrics with the PCA baseline as the pre-integration embedding
     of its PCR comparison. Without cell_type (or with NaN labels) the label metrics are skipped,
     with the reason, in the outputs."""
-    seed_everything(seed)
+    start_stage(seed)
     adata = read_h5ad(h5ad, "qc")
     for role, col in (("cell_type", cell_type), ("batch", batch)):
         if col is not None and col not in adata.obs:
@@ -133,8 +139,7 @@ def run_evaluate_xpressor(
     from cellfoundry.models.xpressor import load_xpressor
     from cellfoundry.vocab import GeneVocab
 
-    device = resolve_device(device)
-    seed_everything(seed)
+    device = start_stage(seed, device)
     cfg = settings["reconstruction"]
     adata = read_h5ad(h5ad, "qc")
     stage_summary = read_json(xpressor_summary, "xpressor_encode")
@@ -216,7 +221,7 @@ def run_evaluate_generation(
     """Generated cells vs real test cells, beside the two references, and (latent token space:
     `latents`, `xpressor_checkpoint` and `vocab` given) the ceiling of the real test cells' own
     latents decoded as the samples are."""
-    seed_everything(seed)
+    start_stage(seed)
     real = read_h5ad(h5ad, "qc")
     # Library sizes over all QC'd genes, as the diffusion stage draws them for its samples.
     library = np.asarray(real.X.sum(axis=1)).ravel().astype(np.float32)
@@ -365,7 +370,7 @@ def run_evaluate_prediction(
 ) -> None:
     """Each held-out combination's generated cells vs its real held-out cells, beside the
     no-change, linear-shift and split-half references."""
-    seed_everything(seed)
+    start_stage(seed)
     real = read_h5ad(h5ad, "qc")
     generated = read_h5ad(samples, "diffusion_sample")
     if "holdout" not in real.obs:

@@ -15,7 +15,7 @@ import anndata as ad
 import numpy as np
 
 from cellfoundry.models.se import SEConfig
-from cellfoundry.utils import UserError, atomic_output, resolve_device, seed_everything, set_torch_threads
+from cellfoundry.utils import UserError, atomic_output, resolve_device, set_torch_threads, start_stage
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
     from cellfoundry.trainer import build_trainer, fit, read_metrics
     from cellfoundry.vocab import GeneVocab
 
-    seed_everything(seed)
+    start_stage(seed)
     gene_vocab = GeneVocab.load(vocab)
     cells, length, method = load_pretraining_cells(tokens, h5ad, gene_vocab)
     check_tokens_match_model(method, settings["encoding"], tokens[0])
@@ -170,7 +170,7 @@ def run_random_se(
     from cellfoundry.models.se_checkpoint import config_from_checkpoint, read_checkpoint_file, save_se
     from cellfoundry.vocab import GeneVocab
 
-    seed_everything(seed)  # reading the checkpoint draws no random numbers: the init sees this seed
+    start_stage(seed)  # reading the checkpoint draws no random numbers: the init sees this seed
     cfg = config_from_checkpoint(read_checkpoint_file(se_checkpoint, allow_unsafe_pickle=allow_unsafe_pickle))
     model, heads = StateEmbedding(cfg), TrainingHeads(cfg)
     gene_vocab = GeneVocab.load(vocab)
@@ -281,7 +281,7 @@ def run_embed_knn(
     from cellfoundry.se.embed import read_embedding, report_rows
     from cellfoundry.utils import unlabelled
 
-    seed_everything(seed)
+    start_stage(seed)
     folds = 5
     cells = ad.read_h5ad(h5ad, backed="r")
     rows = report_rows(cells.n_obs, max_cells, seed)
@@ -318,7 +318,7 @@ def run_embed_umap(
     from cellfoundry import plots
     from cellfoundry.se.embed import EMBED_KEY, read_embedding, read_obs, report_rows
 
-    seed_everything(seed)
+    start_stage(seed)
     obs = read_obs(embedding)
     rows = report_rows(len(obs), max_cells, seed)
     missing = [c for c in labels if c not in obs]

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cellfoundry.tokenize.engine import tokenize_h5ad
-from cellfoundry.utils import atomic_output, file_sha256, seed_everything
+from cellfoundry.utils import atomic_output, file_sha256, start_stage
 from cellfoundry.vocab import GeneVocab, build_vocab_from_h5ads
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def run_build_vocab(
     from the QC'd training cells of `h5ads` (the datasets `datasets`), written to `vocab`; the list
     of datasets goes to `datasets_record`. `settings`: the config's vocab section (source, dim,
     max_cells)."""
-    seed_everything(seed)  # every draw below has its own seeded generator; this is the contract
+    start_stage(seed)  # every draw below has its own seeded generator; this is the contract
     log.info("building the vocabulary from datasets %s", datasets)
     built = build_vocab_from_h5ads(list(h5ads), settings["source"], settings["dim"], seed, settings["max_cells"])
     built.save(vocab)
@@ -58,7 +58,7 @@ def run_tokenize(
     against the gene vocabulary `vocab`, in `threads` worker processes; returns the coverage row.
     `settings`: the config's tokenize section (length, method, min_coverage, target_sum,
     chunk_size; chunk_size and threads do not change the tokens)."""
-    seed_everything(seed)  # the tokens draw from named streams of `seed` alone; this is the contract
+    start_stage(seed)  # the tokens draw from named streams of `seed` alone; this is the contract
     return tokenize_h5ad(
         h5ad,
         tokens,

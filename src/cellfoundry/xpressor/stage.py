@@ -24,7 +24,13 @@ from cellfoundry.evaluate.knn import knn_split_accuracy
 from cellfoundry.evaluate.reconstruction import reconstruction_metrics
 from cellfoundry.models.xpressor import Xpressor, XpressorConfig, count_parameters, log1p_normalize, save_xpressor
 from cellfoundry.progress import Progress
-from cellfoundry.utils import UserError, atomic_output, autocast, resolve_device, seed_everything, set_torch_threads
+from cellfoundry.utils import (
+    UserError,
+    atomic_output,
+    autocast,
+    seed_everything,
+    start_stage,
+)
 from cellfoundry.xpressor.data import (
     BaseCache,
     CellData,
@@ -129,7 +135,7 @@ def train_one(
         "n_cells": data.n_cells,
         "trainer": trainer_kwargs,
     }
-    seed_everything(seed)
+    seed_everything(seed)  # each method starts from the same random state
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
     module = XpressorModule(base, gene_table, data.decode_genes, xcfg, settings)
@@ -371,9 +377,7 @@ def run_xpressor_train(
     (`settings` = config["xpressor"]), write the checkpoint and the held-out metrics table."""
     from cellfoundry.utils import file_sha256
 
-    device = resolve_device(device)
-    set_torch_threads(threads)
-    seed_everything(seed)
+    device = start_stage(seed, device, threads)
     base, gene_vocab = _load_base(se_checkpoint, vocab)
     data = load_cell_data(h5ad, tokens, gene_vocab, label_columns)
     log.info(
@@ -437,9 +441,7 @@ def run_xpressor_encode(
     from cellfoundry.provenance import KEY as PROVENANCE_KEY
     from cellfoundry.provenance import provenance
 
-    device = resolve_device(device)
-    set_torch_threads(threads)
-    seed_everything(seed)
+    device = start_stage(seed, device, threads)
     base, gene_vocab = _load_base(se_checkpoint, vocab)
     ckpt = load_xpressor(xpressor_checkpoint, base_checkpoint=se_checkpoint)
     if ckpt.base_state_dict:
