@@ -156,3 +156,15 @@ def test_own_config_round_trips_scaled_encoding(tmp_path):
     path = tmp_path / "scaled.ckpt"
     save_se(path, StateEmbedding(cfg), cfg)
     assert load_se(path, gene_embeddings=GENES)[1] == cfg
+
+
+def test_checkpoint_bytes_depend_on_the_contents_only(tmp_path):
+    """Same payload, different file names (and temporary names): the same bytes, so checksums of
+    checkpoints (e.g. Xpressor's base_sha256) are reproducible from run to run."""
+    from cellfoundry.checkpoints import load_checkpoint, save_checkpoint
+
+    payload = {"format": "x", "state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "meta": {"genes": ["A", "B"]}}
+    save_checkpoint(tmp_path / "first.ckpt", payload)
+    save_checkpoint(tmp_path / "second.ckpt", payload)
+    assert (tmp_path / "first.ckpt").read_bytes() == (tmp_path / "second.ckpt").read_bytes()
+    assert torch.equal(load_checkpoint(tmp_path / "second.ckpt")["state_dict"]["w"], payload["state_dict"]["w"])

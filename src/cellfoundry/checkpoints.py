@@ -15,9 +15,11 @@ from cellfoundry.utils import UserError, atomic_output
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
-    """torch.save `payload` to `path` atomically (a crash leaves no partial file)."""
-    with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+    """torch.save `payload` to `path` atomically (a crash leaves no partial file). Saved through a
+    file object: given a path, torch names the archive's records after the (temporary, per-process)
+    file name, so the same weights would give different bytes and checksums from run to run."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(
