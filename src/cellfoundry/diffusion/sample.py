@@ -9,9 +9,7 @@ from it (NB/ZINB for an Xpressor count decoder, Poisson in the gene token space)
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anndata as ad
@@ -25,6 +23,7 @@ from cellfoundry.diffusion.process import guided_denoise_fn, sample
 from cellfoundry.models.conditions import ConditionCodec, collate_conditions
 from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, autocast
+from cellfoundry.xpressor.decode import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -144,58 +143,12 @@ def generate_tokens(
     return out
 
 
-@dataclass
-class Decoded:
-    mean: np.ndarray  # [n, G] expected counts
-    counts: np.ndarray  # [n, G] sampled counts
-
-
 def decode_gene_space(log1p_expr: np.ndarray, library: np.ndarray, rng: np.random.Generator) -> Decoded:
     """log1p(CP10k) [n, G] -> mean counts (fractions x library) and Poisson counts."""
     expr = np.expm1(np.clip(log1p_expr, 0.0, np.log1p(TARGET_SUM)))
     frac = expr / np.maximum(expr.sum(1, keepdims=True), 1e-8)
     mean = (frac * library[:, None]).astype(np.float32)
     return Decoded(mean, rng.poisson(mean).astype(np.float32))
-
-
-def xpressor_decoder(xpressor_ckpt: str | os.PathLike, vocab_path: str | os.PathLike, var_names: Sequence[str]):
-    """A function (latents [n, M, D], library [n], seed) -> Decoded over `var_names`, using the
-    Xpressor decoder. Genes absent from the vocabulary cannot be decoded and stay zero."""
-    from cellfoundry.models.xpressor import (
-        expected_counts,
-        load_xpressor,
-        sample_counts,
-    )
-    from cellfoundry.vocab import GeneVocab
-
-    xp = load_xpressor(xpressor_ckpt)
-    vocab = GeneVocab.load(vocab_path)
-    index = vocab.index
-    cols = np.array([i for i, g in enumerate(var_names) if g in index], dtype=np.int64)
-    if len(cols) == 0:
-        raise UserError(f"none of the dataset's genes is in the vocabulary {vocab_path}; check the gene symbols.")
-    if len(cols) < len(var_names):
-        log.warning(
-            "%d of %d genes are not in the vocabulary and are left at zero", len(var_names) - len(cols), len(var_names)
-        )
-    gene_vectors = torch.as_tensor(vocab.table)[torch.as_tensor([index[var_names[i]] for i in cols])].float()
-    model, loss = xp.model, xp.config.loss
-
-    def decode(latents: np.ndarray, library: np.ndarray, seed: int, batch_size: int = 256) -> Decoded:
-        n = len(latents)
-        mean = np.zeros((n, len(var_names)), dtype=np.float32)
-        counts = np.zeros_like(mean)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for s in range(0, n, batch_size):
-                lat = torch.from_numpy(latents[s : s + batch_size]).float()
-                lib = torch.from_numpy(library[s : s + batch_size]).float()
-                out = model.decode(lat, gene_vectors)
-                mean[s : s + len(lat), cols] = expected_counts(out, lib, loss).numpy()
-                counts[s : s + len(lat), cols] = sample_counts(out, lib, loss, generator).numpy()
-        return Decoded(mean, counts)
-
-    return decode
 
 
 def samples_anndata(

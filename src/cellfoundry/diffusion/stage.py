@@ -17,14 +17,12 @@ import numpy as np
 from cellfoundry.diffusion.data import counts_matrix, read_training_data, train_loader
 from cellfoundry.diffusion.module import DiffusionModule, load_diffusion, save_diffusion
 from cellfoundry.diffusion.sample import (
-    Decoded,
     decode_gene_space,
     default_request_obs,
     draw_library_sizes,
     generate_tokens,
     requests_to_obs,
     samples_anndata,
-    xpressor_decoder,
 )
 from cellfoundry.evaluate.generation import guidance_check, guidance_check_condition
 from cellfoundry.utils import (
@@ -32,6 +30,7 @@ from cellfoundry.utils import (
     atomic_output,
     start_stage,
 )
+from cellfoundry.xpressor.decode import Decoded, xpressor_decoder
 
 log = logging.getLogger(__name__)
 

@@ -265,7 +265,7 @@ def run_evaluate_generation(
     train, test = real[split == "train"], real[split == "test"]
     ceiling = None
     if latents is not None:
-        from cellfoundry.diffusion.sample import xpressor_decoder
+        from cellfoundry.xpressor.decode import xpressor_decoder
 
         # The ceiling: the real test cells' own Xpressor latents, decoded to sampled counts with
         # each cell's library size, exactly as the diffusion samples are decoded.

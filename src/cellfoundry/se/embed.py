@@ -180,7 +180,7 @@ def embed_provenance(ckpt, vocab_path, cells_h5ad, tokens_dir=None, config: dict
     return {KEY: record}
 
 
-def read_embedding(path: str | os.PathLike, rows: np.ndarray, key: str = EMBED_KEY) -> np.ndarray:
+def read_embedding_rows(path: str | os.PathLike, rows: np.ndarray, key: str = EMBED_KEY) -> np.ndarray:
     """obsm[key] of the embedding .h5ad at `path`, rows `rows` (all rows: no selection), float32."""
     with h5py.File(path, "r") as f:
         dset = f["obsm"][key]

@@ -278,7 +278,7 @@ def run_embed_knn(
     from cellfoundry.evaluate.baselines import pca_baseline
     from cellfoundry.evaluate.embedding import label_skip_reason
     from cellfoundry.evaluate.knn import knn_label_transfer
-    from cellfoundry.se.embed import read_embedding, report_rows
+    from cellfoundry.se.embed import read_embedding_rows, report_rows
     from cellfoundry.utils import unlabelled
 
     start_stage(seed)
@@ -297,7 +297,7 @@ def run_embed_knn(
     else:
         keep = ~unlabelled(y)
         y = y[keep].astype(str)
-        features = {name: read_embedding(path, rows)[keep] for name, path in embeddings.items()}
+        features = {name: read_embedding_rows(path, rows)[keep] for name, path in embeddings.items()}
         counts = cells.X[rows] if len(rows) < cells.n_obs else cells.to_memory().X
         X_pca = pca_baseline(ad.AnnData(X=counts), n_pcs=pca_components, seed=seed)
         features[f"pca{X_pca.shape[1]}"] = X_pca[keep]
@@ -316,7 +316,7 @@ def run_embed_umap(
     """Rule embed_umap: UMAP of the embedding's obsm["X_state"], one panel per obs column in
     `labels` (at most `max_cells` cells, a seeded subsample)."""
     from cellfoundry import plots
-    from cellfoundry.se.embed import EMBED_KEY, read_embedding, read_obs, report_rows
+    from cellfoundry.se.embed import EMBED_KEY, read_embedding_rows, read_obs, report_rows
 
     start_stage(seed)
     obs = read_obs(embedding)
@@ -325,5 +325,5 @@ def run_embed_umap(
     if missing:
         raise UserError(f"obs of {embedding} has no column {missing[0]!r}; fix datasets.<name>.cell_type / batch.")
     colour_by = {c: obs[c].iloc[rows].astype(str).to_numpy() for c in labels} or {"cells": np.full(len(rows), "cell")}
-    X = read_embedding(embedding, rows)
+    X = read_embedding_rows(embedding, rows)
     plots.umap_scatter(plot, X, colour_by, seed=seed, title=f"{Path(embedding).stem} embedding ({EMBED_KEY})")
