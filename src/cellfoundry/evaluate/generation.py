@@ -26,6 +26,7 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import r2_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
+from cellfoundry.evaluate.knn import knn_split_accuracy
 from cellfoundry.utils import log1p_normalise, unlabelled
 
 if TYPE_CHECKING:
@@ -206,15 +207,14 @@ def independent_genes_sample(
 
 
 def label_accuracy(train_x: np.ndarray, train_labels: Sequence, x: np.ndarray, labels: Sequence, k: int = 15) -> float:
-    """Accuracy on (`x` [m, D], `labels` [m]) of a kNN label classifier fit on real cells;
-    unlabelled cells are left out on both sides (NaN when none is left)."""
-    fit, score = ~unlabelled(train_labels), ~unlabelled(labels)
-    if not fit.any() or not score.any():
-        return float("nan")
-    train_y = np.asarray([str(v) for v in np.asarray(train_labels, dtype=object)[fit]])
-    clf = KNeighborsClassifier(n_neighbors=min(k, int(fit.sum()))).fit(np.asarray(train_x)[fit], train_y)
-    y = np.asarray([str(v) for v in np.asarray(labels, dtype=object)[score]])
-    return float(np.mean(clf.predict(np.asarray(x)[score]) == y))
+    """Accuracy on (`x` [m, D], `labels` [m]) of a kNN label classifier fit on real cells
+    (`train_x`, `train_labels`); unlabelled cells are left out on both sides (NaN when none is left)."""
+    both = np.concatenate([np.asarray(train_labels, dtype=object), np.asarray(labels, dtype=object)])
+    missing = unlabelled(both)
+    codes = np.full(len(both), -1)
+    codes[~missing] = np.unique(both[~missing].astype(str), return_inverse=True)[1]
+    n = len(train_x)
+    return knn_split_accuracy(np.concatenate([train_x, x]), codes, np.arange(n), np.arange(n, len(both)), k)
 
 
 def groups_of(obs, columns: Sequence[str]) -> np.ndarray:
