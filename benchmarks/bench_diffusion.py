@@ -46,6 +46,8 @@ def build(size: dict, device: str):
         hidden=size["hidden"],
         depth=size["depth"],
         heads=size["heads"],
+        mlp_ratio=4.0,
+        cross_attention=False,
     )
     net = LatentDiT(cfg) if size["space"] == "latent" else GeneDiT(cfg, size["genes"])
     model = ConditionalDenoiser(net, ConditionModel(codec, size["hidden"])).to(device)

@@ -105,7 +105,17 @@ def main() -> None:
     se_cfg = SEConfig(token_dim=64, d_model=64, nhead=4, d_hid=128, nlayers=2, output_dim=32, pad_length=args.length)
     base = StateEmbedding(se_cfg).eval()
     data, table = demo_sized_inputs(args.cells, args.genes, args.length, 64)
-    settings = TrainSettings(batch_size=args.batch_size, genes_per_step=args.genes_per_step, lr=2e-3)
+    settings = TrainSettings(  # the demo's recipe (config/config.yaml xpressor.train)
+        lr=2e-3,
+        weight_decay=0.01,
+        batch_size=args.batch_size,
+        max_epochs=20,
+        patience=5,
+        gradient_clip=1.0,
+        val_fraction=0.1,
+        unfreeze_last_layer=False,
+        genes_per_step=args.genes_per_step,
+    )
     print(
         f"device {args.device}, threads {args.threads}, cells {args.cells}, genes {args.genes}, L {args.length}, "
         f"batch {args.batch_size}, genes/step {args.genes_per_step}"
@@ -122,18 +132,20 @@ def main() -> None:
             for s in range(0, args.batch_size * 8, args.batch_size)
         ]
         for method in ("xpressor", "cls"):
-            xcfg = XpressorConfig(
-                d_base=64,
-                gene_dim=64,
-                n_latent=8,
-                d_model=64,
-                n_blocks=2,
-                n_heads=4,
-                gene_adapter=True,
-                adapter_hidden=256,
-                labels=data.label_classes if method == "xpressor" else {},
-                label_dim=16,
-                pooling=None if method == "xpressor" else method,
+            xcfg = XpressorConfig.from_dict(  # fields not set here: CHECKPOINT_DEFAULTS, as before
+                dict(
+                    d_base=64,
+                    gene_dim=64,
+                    n_latent=8,
+                    d_model=64,
+                    n_blocks=2,
+                    n_heads=4,
+                    gene_adapter=True,
+                    adapter_hidden=256,
+                    labels=data.label_classes if method == "xpressor" else {},
+                    label_dim=16,
+                    pooling=None if method == "xpressor" else method,
+                )
             )
             module = XpressorModule(base, table, data.decode_genes, xcfg, settings)
             rate = time_steps(module, batches, args.steps, args.device)

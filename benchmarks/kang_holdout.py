@@ -4,7 +4,7 @@ are held out of every training stage and predicted by the diffusion model from t
 linear-shift and split-half rows. Prints one table (R2 of the top-100 DE genes' means, and more).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/kang_holdout.py \\
-        [--types CD4T B] [--set diffusion.max_steps=2000]
+        [--types CD4T B] [--set diffusion.train.max_steps=2000]
 
 One workflow run holds the 7 datasets kang_<type> (config/benchmarks/kang_holdout.yaml is their
 template), in --workdir (default results/benchmarks/kang_holdout); finished types are not re-run.

@@ -23,7 +23,7 @@ run_stage(
         latents=str(latents) if latents else None,
         xpressor_checkpoint=str(xpressor) if xpressor else None,
     ),
-    trainer=snakemake.params.settings.get("trainer", {}),
+    trainer=snakemake.params.settings["trainer"],
     log_path=snakemake.log[0],
     threads=snakemake.threads,
     trainer_key="diffusion.trainer",

@@ -10,7 +10,7 @@ run_embed_knn(
     h5ad=inp.cells,
     metrics=snakemake.output[0],
     label=params.label,
-    k=params.knn_neighbors,
+    k=params.knn_k,
     pca_components=params.pca_components,
     max_cells=params.max_cells,
     seed=params.seed,

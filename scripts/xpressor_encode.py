@@ -15,7 +15,7 @@ run_xpressor_encode(
     embedding=snakemake.output.h5ad,
     summary=snakemake.output.summary,
     plot=snakemake.output.plot,
-    # the whole section, read from the config (inference_batch_size is no param: no re-run
+    # the whole section, read from the config (encode.batch_size is no param: no re-run
     # trigger); recorded in embedding.h5ad's provenance
     settings=snakemake.config["xpressor"],
     knn_k=snakemake.params.knn_k,

@@ -18,10 +18,13 @@ run_stage(
         checkpoint=str(snakemake.output.ckpt),
         metrics=str(snakemake.output.metrics),
         work_dir=str(snakemake.params.work_dir),
-        # inference_batch_size is no rule param: it must not trigger re-runs
+        # encode.batch_size is no rule param: it must not trigger re-runs
         settings={
             **snakemake.params.xpressor,
-            "inference_batch_size": snakemake.config["xpressor"]["inference_batch_size"],
+            "encode": {
+                **snakemake.params.xpressor["encode"],
+                "batch_size": snakemake.config["xpressor"]["encode"]["batch_size"],
+            },
         },
         label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
         seed=snakemake.params.seed,

@@ -70,7 +70,9 @@ def test_sampling_timesteps_are_descending_and_cover_the_range():
 def tiny_conditional(n_labels=3, hidden=32, cross=False):
     obs = pd.DataFrame({"label": [str(i) for i in range(n_labels)]})
     codec = ConditionCodec.fit([ConditionSpec("label", "categorical", ["label"])], obs)
-    net = LatentDiT(DiTConfig(num_tokens=2, token_dim=4, hidden=hidden, depth=2, heads=4, cross_attention=cross))
+    net = LatentDiT(
+        DiTConfig(num_tokens=2, token_dim=4, hidden=hidden, depth=2, heads=4, mlp_ratio=4.0, cross_attention=cross)
+    )
     return ConditionalDenoiser(net, ConditionModel(codec, hidden), cross), codec
 
 
@@ -129,7 +131,9 @@ def test_per_attribute_guidance_scales():
     codec = ConditionCodec.fit(
         [ConditionSpec("a", "categorical", ["a"]), ConditionSpec("b", "categorical", ["b"])], obs
     )
-    net = LatentDiT(DiTConfig(num_tokens=2, token_dim=4, hidden=16, depth=1, heads=2))
+    net = LatentDiT(
+        DiTConfig(num_tokens=2, token_dim=4, hidden=16, depth=1, heads=2, mlp_ratio=4.0, cross_attention=False)
+    )
     model = ConditionalDenoiser(net, ConditionModel(codec, 16))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -185,24 +189,33 @@ SETTINGS = dict(
     gene_tokens=4,
     gene_token_dim=8,
     gene_encoder_hidden=32,
-    hidden=32,
-    depth=1,
-    heads=4,
+    d_model=32,
+    n_layers=1,
+    n_heads=4,
     mlp_ratio=2.0,
     cross_attention=False,
     schedule="linear",
     timesteps=100,
     prediction="eps",
-    cond_drop_prob=0.2,
-    ema_decay=0.99,
-    lr=1e-3,
-    weight_decay=0.0,
-    batch_size=32,
-    max_steps=6,
-    grad_clip=1.0,
-    log_every_n_steps=2,
+    train=dict(
+        lr=1e-3,
+        weight_decay=0.0,
+        batch_size=32,
+        max_steps=6,
+        gradient_clip=1.0,
+        log_every_n_steps=2,
+        ema_decay=0.99,
+        cond_drop_prob=0.2,
+    ),
     trainer={"devices": 1, "num_nodes": 1, "checkpoint_every_n_steps": 3},
 )
+
+
+def with_train(settings: dict, **train) -> dict:
+    """`settings` with keys of its `train` recipe replaced."""
+    return {**settings, "train": {**settings["train"], **train}}
+
+
 SAMPLE = dict(
     sampler="ddim", steps=5, eta=0.0, guidance_scale=2.0, batch_size=16, clip_x0=True, guidance_check=True, requests=[]
 )
@@ -235,7 +248,7 @@ def synthetic(tmp_path_factory):
     vocab.save(root / "vocab.pt")
     np.save(root / "latents.npy", rng.normal(size=(n, 3, 8)).astype(np.float32))
     torch.manual_seed(0)
-    xp = Xpressor(XpressorConfig(d_base=8, gene_dim=16, n_latent=3, d_model=8, n_heads=2, n_blocks=1))
+    xp = Xpressor(XpressorConfig.from_dict(dict(d_base=8, gene_dim=16, n_latent=3, d_model=8, n_heads=2, n_blocks=1)))
     save_xpressor(root / "xpressor.ckpt", xp, base_sha256="0" * 64)
     return root
 
@@ -304,7 +317,7 @@ def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, spac
 def test_sampling_requests_and_unknown_labels(synthetic, tmp_path):
     from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
-    settings = {**SETTINGS, "token_space": "gene", "max_steps": 2}
+    settings = {**with_train(SETTINGS, max_steps=2), "token_space": "gene"}
     run_diffusion_train(
         synthetic / "filtered.h5ad",
         tmp_path / "model.ckpt",
@@ -355,7 +368,7 @@ def test_sampling_requests_and_unknown_labels(synthetic, tmp_path):
 def test_unconditional_model_samples_requests(synthetic, tmp_path):
     from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
 
-    settings = {**SETTINGS, "token_space": "gene", "max_steps": 2, "cross_attention": True}
+    settings = {**with_train(SETTINGS, max_steps=2), "token_space": "gene", "cross_attention": True}
     run_diffusion_train(
         synthetic / "filtered.h5ad", tmp_path / "model.ckpt", tmp_path / "train", settings, [], seed=0, device="cpu"
     )
@@ -378,12 +391,12 @@ def test_changed_settings_do_not_resume_a_stale_checkpoint(synthetic, tmp_path):
     from cellfoundry.diffusion.module import load_diffusion
     from cellfoundry.diffusion.stage import run_diffusion_train
 
-    gene = {**SETTINGS, "token_space": "gene", "max_steps": 3}
+    gene = {**with_train(SETTINGS, max_steps=3), "token_space": "gene"}
     run_diffusion_train(
         synthetic / "filtered.h5ad", tmp_path / "a.ckpt", tmp_path / "train", gene, CONDITIONS, seed=0, device="cpu"
     )
     assert (tmp_path / "train" / "checkpoints" / "last.ckpt").exists()
-    latent = {**SETTINGS, "token_space": "latent", "max_steps": 3}
+    latent = {**with_train(SETTINGS, max_steps=3), "token_space": "latent"}
     run_diffusion_train(
         synthetic / "filtered.h5ad",
         tmp_path / "b.ckpt",
@@ -407,7 +420,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(synthetic, tmp
     from cellfoundry.diffusion.stage import run_diffusion_train
     from cellfoundry.trainer import read_metrics
 
-    settings = {**SETTINGS, "token_space": "gene", "max_steps": 8, "log_every_n_steps": 1}  # 2 batches per epoch
+    settings = {**with_train(SETTINGS, max_steps=8, log_every_n_steps=1), "token_space": "gene"}  # 2 batches per epoch
 
     def run(out):
         run_diffusion_train(

@@ -51,8 +51,9 @@ def test_gene_space_diffusion_demo(demo_workdir, tmp_path):
     config_path = workdir / "config/config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config["diffusion"].update(
-        token_space="gene", gene_tokens=8, gene_token_dim=16, gene_encoder_hidden=64, hidden=64, depth=2, max_steps=150
+        token_space="gene", gene_tokens=8, gene_token_dim=16, gene_encoder_hidden=64, d_model=64, n_layers=2
     )
+    config["diffusion"]["train"].update(max_steps=150)
     config["diffusion"]["sample"].update(steps=20)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     run_snakemake(workdir, TARGET)

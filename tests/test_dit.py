@@ -23,7 +23,7 @@ def test_block_stops_being_identity_after_modulation_moves():
 
 
 def test_dit_output_is_zero_at_init_and_has_token_shape():
-    cfg = DiTConfig(num_tokens=6, token_dim=8, hidden=32, depth=2, heads=4)
+    cfg = DiTConfig(num_tokens=6, token_dim=8, hidden=32, depth=2, heads=4, mlp_ratio=4.0, cross_attention=False)
     model = DiT(cfg)
     out = model(torch.randn(4, 6, 8), torch.tensor([0, 10, 500, 999]), torch.randn(4, 32))
     assert out.shape == (4, 6, 8)
@@ -37,7 +37,7 @@ def test_timestep_embedding_distinguishes_steps():
 
 
 def test_gene_dit_maps_genes_to_genes():
-    cfg = DiTConfig(num_tokens=4, token_dim=8, hidden=16, depth=1, heads=2)
+    cfg = DiTConfig(num_tokens=4, token_dim=8, hidden=16, depth=1, heads=2, mlp_ratio=4.0, cross_attention=False)
     model = GeneDiT(cfg, n_genes=30, encoder_hidden=20)
     out = model(torch.randn(5, 30), torch.randint(0, 1000, (5,)))
     assert out.shape == (5, 30)
@@ -47,7 +47,7 @@ def test_gene_dit_maps_genes_to_genes():
 
 def test_cross_attention_ignores_padded_condition_tokens():
     torch.manual_seed(0)
-    cfg = DiTConfig(num_tokens=3, token_dim=4, hidden=16, depth=1, heads=2, cross_attention=True)
+    cfg = DiTConfig(num_tokens=3, token_dim=4, hidden=16, depth=1, heads=2, mlp_ratio=4.0, cross_attention=True)
     model = LatentDiT(cfg)
     for p in model.parameters():  # move away from the zero initialisation
         torch.nn.init.normal_(p, std=0.2)

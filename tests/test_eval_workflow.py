@@ -48,7 +48,9 @@ def _write_stand_ins(work, rng):
     vocab = GeneVocab(genes, torch.randn(len(genes), 16))
     vocab.save(work / "results" / "shared" / "vocab" / "gene_embeddings.pt")
     torch.manual_seed(0)
-    model = Xpressor(XpressorConfig(d_base=8, gene_dim=16, n_latent=2, d_model=16, n_heads=2, n_blocks=1))
+    model = Xpressor(
+        XpressorConfig.from_dict(dict(d_base=8, gene_dim=16, n_latent=2, d_model=16, n_heads=2, n_blocks=1))
+    )
     save_xpressor(res / "xpressor" / "model.ckpt", model, "0" * 64, meta={"genes": genes})
     np.save(res / "xpressor" / "latents.npy", rng.normal(size=(qc.n_obs, 2, 16)).astype(np.float32))
     (res / "xpressor" / "summary.json").write_text(

@@ -118,9 +118,8 @@ def test_kang_holdout_never_reaches_training_files(tmp_path):
     full[np.sort(keep)].copy().write_h5ad(workdir / "kang.h5ad")
     config = yaml.safe_load((workdir / "config/benchmarks/kang_holdout.yaml").read_text())
     config["datasets"]["kang"].update(path="kang.h5ad")
-    config["diffusion"].update(
-        max_steps=20, hidden=32, depth=1, gene_tokens=4, gene_token_dim=8, gene_encoder_hidden=32
-    )
+    config["diffusion"].update(d_model=32, n_layers=1, gene_tokens=4, gene_token_dim=8, gene_encoder_hidden=32)
+    config["diffusion"]["train"].update(max_steps=20)
     config["diffusion"]["sample"].update(steps=5)
     (workdir / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run_snakemake(workdir, "results/kang/diffusion/samples.h5ad")

@@ -83,8 +83,8 @@ def test_embed_outputs_carry_the_record(tmp_path, fixture_tokens):  # noqa: F811
 def test_xpressor_embedding_carries_the_record(inputs, tmp_path):  # noqa: F811
     from cellfoundry.xpressor import run_xpressor_encode
 
-    _train(inputs, tmp_path, baselines=False, max_epochs=1)
-    settings = {"knn_k": 5, "inference_batch_size": 16}
+    _train(inputs, tmp_path, train={"baselines": False, "max_epochs": 1})
+    settings = {"encode": {"knn_k": 5, "batch_size": 16}}
     run_xpressor_encode(
         se_checkpoint=inputs["se"],
         vocab=inputs["vocab"],

@@ -36,13 +36,13 @@ def _tiny_config(work, datasets):
     cfg["datasets"] = {name: {"path": p, "batch": "batch", "qc": qc} for name, p in datasets.items()}
     cfg["vocab"].update(dim=8, datasets=["unl"])
     cfg["tokenize"].update(length=32)
-    cfg["se"].update(d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8)
+    cfg["se"].update(d_model=16, n_heads=2, d_hid=32, n_layers=1, output_dim=8)
     cfg["se"]["pretrain"].update(max_steps=4, warmup_steps=1, batch_size=8, P=8, N=4, S=4, sentence_genes=16)
     cfg["embed"].update(pca_components=5)
-    cfg["xpressor"].update(
-        n_latent=2, d_model=16, n_blocks=1, n_heads=2, adapter_hidden=16, max_epochs=1, batch_size=64, genes_per_step=32
-    )
-    cfg["diffusion"].update(hidden=32, depth=1, heads=2, max_steps=4, log_every_n_steps=1)
+    cfg["xpressor"].update(n_latent=2, d_model=16, n_layers=1, n_heads=2, adapter_hidden=16)
+    cfg["xpressor"]["train"].update(max_epochs=1, batch_size=64, genes_per_step=32)
+    cfg["diffusion"].update(d_model=32, n_layers=1, n_heads=2)
+    cfg["diffusion"]["train"].update(max_steps=4, log_every_n_steps=1)
     cfg["diffusion"]["sample"].update(steps=2)
     cfg["evaluate"].update(leiden_resolutions=[0.5, 1.0], n_folds=2, pca={"n_hvg": 100, "n_pcs": 5})
     cfg["evaluate"]["generation"].update(n_hvg=100, n_pcs=5, min_cells_per_group=5)
@@ -54,7 +54,7 @@ RESULT_FREE = {  # settings documented not to change results: no re-run when the
     ("tokenize", "workers"): 2,
     ("tokenize", "chunk_size"): 7,
     ("embed", "batch_size"): 5,
-    ("xpressor", "inference_batch_size"): 3,
+    ("xpressor", "encode", "batch_size"): 3,
     ("diffusion", "sample", "batch_size"): 11,
 }
 

@@ -12,6 +12,7 @@ from cellfoundry.evaluate.reconstruction import reconstruction_metrics
 from cellfoundry.models.attention import Attention, count_attention_scores
 from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.xpressor import (
+    CHECKPOINT_DEFAULTS,
     DecoderOutput,
     Xpressor,
     XpressorConfig,
@@ -58,7 +59,7 @@ def tiny_cells(n: int = 24, g: int = 12, seed: int = 0):
 
 def xcfg(**kw) -> XpressorConfig:
     base = dict(d_base=D_BASE, gene_dim=E, n_latent=4, d_model=16, n_blocks=2, n_heads=2, mlp_ratio=2)
-    return XpressorConfig(**{**base, **kw})
+    return XpressorConfig(**{**CHECKPOINT_DEFAULTS, **base, **kw})
 
 
 def test_shapes_encode_decode_labels():
@@ -149,7 +150,18 @@ def _module(cfg=None, unfreeze=False, labels=None):
     table = torch.randn(V, E)
     gene_ids, values, counts, decode_genes = tiny_cells()
     cfg = cfg or xcfg(labels=labels or {})
-    module = XpressorModule(base, table, decode_genes, cfg, TrainSettings(unfreeze_last_layer=unfreeze, lr=3e-3))
+    settings = TrainSettings(
+        lr=3e-3,
+        weight_decay=0.01,
+        batch_size=32,
+        max_epochs=20,
+        patience=5,
+        gradient_clip=1.0,
+        val_fraction=0.1,
+        unfreeze_last_layer=unfreeze,
+        genes_per_step=None,
+    )
+    module = XpressorModule(base, table, decode_genes, cfg, settings)
     n = len(gene_ids)
     data = CellData(
         gene_ids,

@@ -23,14 +23,16 @@ from cellfoundry.xpressor import resolve_label_columns, run_xpressor_encode, run
 N_CELLS, N_GENES, L, E = 60, 30, 17, 16
 
 
-def stage_cfg(**kw) -> dict:
+def stage_cfg(train: dict | None = None, encode: dict | None = None, **kw) -> dict:
+    """A full config["xpressor"] section; `train` / `encode` update those subsections, `kw` the
+    top-level keys."""
     # log1p_head off: in 9 steps the NB term alone hardly moves the mean, and the tests below
     # check the stage's mechanics (the head is tested in test_xpressor.py); two layers read.
     cfg = dict(
         n_latent=4,
         d_model=16,
-        n_blocks=1,
-        n_decoder_blocks=1,
+        n_layers=1,
+        n_decoder_layers=1,
         n_heads=2,
         mlp_ratio=2,
         decoder_mlp_ratio=1,
@@ -47,22 +49,25 @@ def stage_cfg(**kw) -> dict:
         gene_adapter=False,
         adapter_hidden=16,
         unfreeze_last_layer=False,
-        lr=3e-3,
-        weight_decay=0.01,
-        batch_size=16,
-        max_epochs=3,
-        genes_per_step=20,
-        patience=2,
-        gradient_clip=1.0,
-        val_fraction=0.2,
-        baselines=True,
-        cache_base_outputs=True,
-        cache_max_gb=1.0,
-        inference_batch_size=32,
-        knn_k=5,
+        train=dict(
+            lr=3e-3,
+            weight_decay=0.01,
+            batch_size=16,
+            max_epochs=3,
+            genes_per_step=20,
+            patience=2,
+            gradient_clip=1.0,
+            val_fraction=0.2,
+            baselines=True,
+            cache_base_outputs=True,
+            cache_max_gb=1.0,
+        ),
+        encode=dict(batch_size=32, knn_k=5),
         trainer={"devices": 1, "num_nodes": 1, "checkpoint_every_n_steps": 5},
     )
     cfg.update(kw)
+    cfg["train"].update(train or {})
+    cfg["encode"].update(encode or {})
     return cfg
 
 
@@ -147,7 +152,7 @@ def test_train_and_encode_stage(inputs, tmp_path):
         h5ad=inputs["h5ad"],
         xpressor_checkpoint=str(tmp_path / "model.ckpt"),
         train_metrics=str(tmp_path / "reconstruction.tsv"),
-        settings=stage_cfg(inference_batch_size=16),
+        settings=stage_cfg(encode={"batch_size": 16}),
         knn_k=5,
         seed=0,
         device="cpu",
@@ -173,7 +178,7 @@ def test_train_and_encode_stage(inputs, tmp_path):
 
     # Deterministic on the CPU: a second run gives identical weights.
     again = tmp_path / "again"
-    _train(inputs, again, baselines=False)
+    _train(inputs, again, train={"baselines": False})
     first = load_xpressor(tmp_path / "model.ckpt").model.state_dict()
     second = load_xpressor(again / "model.ckpt").model.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -181,7 +186,7 @@ def test_train_and_encode_stage(inputs, tmp_path):
 
 def test_unknown_label_column_is_a_user_error(inputs, tmp_path):
     with pytest.raises(UserError, match="not_a_column"):
-        _train(inputs, tmp_path, labels=["not_a_column"], baselines=False)
+        _train(inputs, tmp_path, labels=["not_a_column"], train={"baselines": False})
 
 
 def test_resolve_label_columns_maps_roles():
@@ -206,7 +211,8 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(inputs, tmp_pa
 
     # 10 batches per epoch, 3 validation batches, a checkpoint every 10 steps, 30 steps
     settings = dict(
-        baselines=False, max_epochs=3, batch_size=4, trainer={**stage_cfg()["trainer"], "checkpoint_every_n_steps": 10}
+        train={"baselines": False, "max_epochs": 3, "batch_size": 4},
+        trainer={**stage_cfg()["trainer"], "checkpoint_every_n_steps": 10},
     )
     _train(inputs, tmp_path / "reference", **settings)
     interrupted(monkeypatch, *stop, lambda: _train(inputs, tmp_path / "resumed", **settings))

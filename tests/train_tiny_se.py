@@ -61,7 +61,20 @@ def tiny_module(max_steps: int, seed: int = 0) -> tuple[SEPretrainModule, Pretra
     cfg = SEConfig(
         token_dim=TOKEN_DIM, d_model=16, nhead=2, d_hid=32, nlayers=1, output_dim=8, pad_length=LENGTH, encoding="se"
     )
-    train_cfg = PretrainConfig(max_steps=max_steps, batch_size=8, warmup_steps=2, P=4, N=4, S=4)
+    train_cfg = PretrainConfig(
+        max_steps=max_steps,
+        batch_size=8,
+        lr=1e-3,
+        weight_decay=0.01,
+        warmup_steps=2,
+        loss="mse",
+        P=4,
+        N=4,
+        S=4,
+        dataset_loss_weight=0.1,
+        num_workers=0,
+        sentence_genes=None,
+    )
     return SEPretrainModule(cfg, train_cfg, table, torch.from_numpy(cells.gene_cols)), cells, train_cfg
 
 

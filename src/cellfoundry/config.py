@@ -10,6 +10,54 @@ import yaml
 
 MAX_ERRORS = 5
 
+#: Config keys that were renamed or moved (old dotted path -> new dotted path, issue 15: one name
+#: per concept across sections, the training recipes nested). An old key stops the run with one
+#: message naming its new place instead of "unknown key".
+XPRESSOR_TRAIN_KEYS = (
+    "lr",
+    "weight_decay",
+    "gradient_clip",
+    "batch_size",
+    "max_epochs",
+    "patience",
+    "val_fraction",
+    "genes_per_step",
+    "baselines",
+    "cache_base_outputs",
+    "cache_max_gb",
+)
+DIFFUSION_TRAIN_KEYS = (
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "max_steps",
+    "log_every_n_steps",
+    "ema_decay",
+    "cond_drop_prob",
+)
+RENAMED_KEYS = {
+    "se.nhead": "se.n_heads",
+    "se.nlayers": "se.n_layers",
+    "embed.knn_neighbors": "embed.knn_k",
+    "xpressor.n_blocks": "xpressor.n_layers",
+    "xpressor.n_decoder_blocks": "xpressor.n_decoder_layers",
+    **{f"xpressor.{key}": f"xpressor.train.{key}" for key in XPRESSOR_TRAIN_KEYS},
+    "xpressor.inference_batch_size": "xpressor.encode.batch_size",
+    "xpressor.knn_k": "xpressor.encode.knn_k",
+    "diffusion.hidden": "diffusion.d_model",
+    "diffusion.depth": "diffusion.n_layers",
+    "diffusion.heads": "diffusion.n_heads",
+    "diffusion.grad_clip": "diffusion.train.gradient_clip",
+    "diffusion.train.grad_clip": "diffusion.train.gradient_clip",
+    **{f"diffusion.{key}": f"diffusion.train.{key}" for key in DIFFUSION_TRAIN_KEYS},
+}
+
+
+def renamed_key_message(path: str) -> str | None:
+    """The error for an old (renamed or moved) config key at dotted `path`, or None."""
+    new = RENAMED_KEYS.get(path)
+    return f"config key {path} was renamed to {new}; rename it in your config" if new else None
+
 
 def config_errors(config: dict, schema: dict) -> list[str]:
     """One line per schema violation of `config`: the key path, the problem, and for an unknown
@@ -23,6 +71,10 @@ def config_errors(config: dict, schema: dict) -> list[str]:
             allowed = sorted(err.schema.get("properties", {}))
             for key in sorted(set(err.instance) - set(allowed)):
                 path = f"{where}.{key}" if where else key
+                renamed = renamed_key_message(path)
+                if renamed:
+                    lines.append(renamed)
+                    continue
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f"did you mean '{close[0]}'?" if close else f"allowed here: {', '.join(allowed)}"
                 lines.append(f"unknown key '{path}': {hint}")

@@ -102,12 +102,12 @@ def training_gpu_resources(family, trainer_key):
     res = config["resources"][family]
     trainer = config
     for part in trainer_key.split("."):
-        trainer = trainer.get(part) or {}
+        trainer = trainer[part]
     try:
         extra = training_resources(
             res,
-            trainer.get("devices", 1),
-            trainer.get("num_nodes", 1),
+            trainer["devices"],
+            trainer["num_nodes"],
             trainer_key=trainer_key,
             resources_key=f"resources.{family}",
         )
@@ -143,7 +143,7 @@ def torch_env():
 def vocab_path():
     """The gene vocabulary: the SE model folder's protein_embeddings.pt when se.model_folder is
     set, else the one rule build_vocab builds from the datasets."""
-    folder = config.get("se", {}).get("model_folder")
+    folder = config["se"]["model_folder"]
     if folder:
         return str(Path(folder) / "protein_embeddings.pt")
     return rules.build_vocab.output.vocab

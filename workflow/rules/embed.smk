@@ -167,7 +167,7 @@ rule embed_knn:
     params:
         models=list(SE_MODELS),
         label=lambda wc: dataset_cfg(wc.dataset).get("cell_type"),
-        knn_neighbors=config["embed"]["knn_neighbors"],
+        knn_k=config["embed"]["knn_k"],
         pca_components=config["embed"]["pca_components"],
         max_cells=config["embed"]["report_max_cells"],
         seed=config["seed"],

@@ -149,7 +149,7 @@ rule evaluate_generation:
         condition_columns=lambda wc: [
             col
             for cond in dataset_cfg(wc.dataset).get("conditions", [])
-            for col in cond["columns"] + cond.get("continuous", [])
+            for col in cond["columns"] + cond["continuous"]
         ],
         seed=config["seed"],
     log:

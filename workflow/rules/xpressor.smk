@@ -18,9 +18,12 @@ rule xpressor_train:
             figure="held-out reconstruction (table)",
         ),
     params:
-        # inference_batch_size cannot change results: the script reads it from the config so
+        # encode.batch_size cannot change results: the script reads it from the config so
         # that changing it schedules no re-run
-        xpressor={k: v for k, v in config["xpressor"].items() if k != "inference_batch_size"},
+        xpressor={
+            **config["xpressor"],
+            "encode": {k: v for k, v in config["xpressor"]["encode"].items() if k != "batch_size"},
+        },
         labels=config["xpressor"]["labels"],
         dataset=lambda wc: dataset_cfg(wc.dataset),
         seed=config["seed"],
@@ -64,7 +67,7 @@ rule xpressor_encode:
             figure="reconstruction and kNN accuracy",
         ),
     params:
-        knn_k=config["xpressor"]["knn_k"],
+        knn_k=config["xpressor"]["encode"]["knn_k"],
         device=config["device"],
     log:
         "logs/{dataset}/xpressor_encode.log",

@@ -19,6 +19,7 @@ from cellfoundry.diffusion.process import EMA, NoiseSchedule, diffusion_loss
 from cellfoundry.models.conditions import ConditionCodec, ConditionModel
 from cellfoundry.models.denoiser import ConditionalDenoiser
 from cellfoundry.models.dit import DiTConfig, GeneDiT, LatentDiT
+from cellfoundry.utils import UserError
 
 CHECKPOINT_FORMAT = "cellfoundry-diffusion/1"
 
@@ -26,7 +27,9 @@ CHECKPOINT_FORMAT = "cellfoundry-diffusion/1"
 def build_denoiser(
     settings: Mapping[str, Any], codec: ConditionCodec, token_shape: Sequence[int]
 ) -> ConditionalDenoiser:
-    """The ConditionalDenoiser for the token space (token_shape = [M, D] latent or [G] gene)."""
+    """The ConditionalDenoiser for the token space (token_shape = [M, D] latent or [G] gene).
+    `settings`: the config's `diffusion` section (the DiT's own field names hidden / depth / heads
+    are mapped from its d_model / n_layers / n_heads)."""
     cross = bool(settings["cross_attention"])
     if settings["token_space"] == "latent":
         num_tokens, token_dim = token_shape
@@ -35,9 +38,9 @@ def build_denoiser(
     cfg = DiTConfig(
         num_tokens=int(num_tokens),
         token_dim=int(token_dim),
-        hidden=settings["hidden"],
-        depth=settings["depth"],
-        heads=settings["heads"],
+        hidden=settings["d_model"],
+        depth=settings["n_layers"],
+        heads=settings["n_heads"],
         mlp_ratio=settings["mlp_ratio"],
         cross_attention=cross,
     )
@@ -46,7 +49,7 @@ def build_denoiser(
         if settings["token_space"] == "latent"
         else GeneDiT(cfg, int(token_shape[0]), settings["gene_encoder_hidden"])
     )
-    return ConditionalDenoiser(net, ConditionModel(codec, settings["hidden"]), cross)
+    return ConditionalDenoiser(net, ConditionModel(codec, settings["d_model"]), cross)
 
 
 def make_schedule(settings: Mapping[str, Any]) -> NoiseSchedule:
@@ -55,20 +58,21 @@ def make_schedule(settings: Mapping[str, Any]) -> NoiseSchedule:
 
 class DiffusionModule(pl.LightningModule):
     """Training of the conditional denoiser: MSE on ε or v, conditions dropped with probability
-    cond_drop_prob (per condition and cell) for classifier-free guidance, EMA weights."""
+    cond_drop_prob (per condition and cell) for classifier-free guidance, EMA weights. `settings`:
+    the config's `diffusion` section; the recipe is its `train` part."""
 
     def __init__(self, settings: dict, codec: dict, token_shape: list[int]):
         super().__init__()
         self.save_hyperparameters()
         self.settings = settings
         self.model = build_denoiser(settings, ConditionCodec.from_dict(codec), token_shape)
-        self.ema = EMA(self.model, settings["ema_decay"])
+        self.ema = EMA(self.model, settings["train"]["ema_decay"])
         self.schedule = make_schedule(settings)
 
     def training_step(self, batch, batch_idx):
         x0, cond = batch
         k = self.model.conditions.n_conditions
-        keep = torch.rand(x0.shape[0], k, device=x0.device) >= self.settings["cond_drop_prob"] if k else None
+        keep = torch.rand(x0.shape[0], k, device=x0.device) >= self.settings["train"]["cond_drop_prob"] if k else None
         loss = diffusion_loss(lambda x, t: self.model(x, t, cond, keep), x0, self.schedule, self.settings["prediction"])
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
@@ -81,9 +85,8 @@ class DiffusionModule(pl.LightningModule):
         self.ema.update(self.model, self.global_step + 1)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=self.settings["lr"], weight_decay=self.settings["weight_decay"]
-        )
+        recipe = self.settings["train"]
+        return torch.optim.AdamW(self.model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
 
 
 def save_diffusion(path: str | os.PathLike, module: DiffusionModule, data: dict, extra: Mapping[str, Any]) -> None:
@@ -118,6 +121,11 @@ class DiffusionCheckpoint:
 
 def load_diffusion(path: str | os.PathLike, map_location: str = "cpu") -> DiffusionCheckpoint:
     payload = load_stage_checkpoint(path, CHECKPOINT_FORMAT, "diffusion", "diffusion_train", map_location)
+    if "d_model" not in payload["settings"]:  # written before the config keys were renamed (issue 15)
+        raise UserError(
+            f"diffusion checkpoint {path} was written with the old config keys (diffusion.hidden, depth, "
+            "heads); retrain it (snakemake --forcerun diffusion_train)."
+        )
     codec = ConditionCodec.from_dict(payload["codec"])
     model = build_denoiser(payload["settings"], codec, payload["token_shape"])
     model.load_state_dict(payload["state_dict"])

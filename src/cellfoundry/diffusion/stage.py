@@ -72,23 +72,27 @@ def run_diffusion_train(
     module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
     # Resume only a run of the same model on the same data: everything but the step count and
     # the logging/checkpoint cadence, plus the conditions and the data shape.
+    recipe = settings["train"]
     identity = {
-        "settings": {k: v for k, v in settings.items() if k not in ("max_steps", "log_every_n_steps", "trainer")},
+        "settings": {
+            **{k: v for k, v in settings.items() if k not in ("train", "trainer")},
+            "train": {k: v for k, v in recipe.items() if k not in ("max_steps", "log_every_n_steps")},
+        },
         "codec": data["codec"].to_dict(),
         "x0_shape": list(data["x0"].shape),
     }
-    trainer_cfg = settings.get("trainer", {})
+    trainer_cfg = settings["trainer"]
     trainer = build_trainer(
         work_dir,
-        max_steps=settings["max_steps"],
-        devices=trainer_cfg.get("devices", 1),
-        num_nodes=trainer_cfg.get("num_nodes", 1),
+        max_steps=recipe["max_steps"],
+        devices=trainer_cfg["devices"],
+        num_nodes=trainer_cfg["num_nodes"],
         device=device,
-        checkpoint_every_n_steps=trainer_cfg.get("checkpoint_every_n_steps", 50),
-        gradient_clip_val=settings["grad_clip"],
-        log_every_n_steps=settings["log_every_n_steps"],
+        checkpoint_every_n_steps=trainer_cfg["checkpoint_every_n_steps"],
+        gradient_clip_val=recipe["gradient_clip"],
+        log_every_n_steps=recipe["log_every_n_steps"],
     )
-    fit(trainer, module, train_loader(data, settings["batch_size"], seed), out_dir=work_dir, settings=identity)
+    fit(trainer, module, train_loader(data, recipe["batch_size"], seed), out_dir=work_dir, settings=identity)
     if trainer.is_global_zero:
         extra = {"xpressor_sha256": file_sha256(xpressor_checkpoint) if xpressor_checkpoint else None}
         save_diffusion(checkpoint, module, data, extra)

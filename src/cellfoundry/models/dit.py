@@ -25,16 +25,19 @@ from cellfoundry.models.attention import Attention
 
 @dataclass
 class DiTConfig:
-    """Size of the denoiser. `num_tokens` x `token_dim` is the token sequence of one cell."""
+    """Size of the denoiser. `num_tokens` x `token_dim` is the token sequence of one cell. The
+    fields from the config (diffusion.d_model / n_layers / n_heads / mlp_ratio / cross_attention
+    are hidden / depth / heads / mlp_ratio / cross_attention) have no defaults: the schema's are
+    the only ones."""
 
-    num_tokens: int = 8
-    token_dim: int = 32
-    hidden: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    cross_attention: bool = False
-    dropout: float = 0.0
+    num_tokens: int
+    token_dim: int
+    hidden: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+    cross_attention: bool
+    dropout: float = 0.0  # no config key
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -37,8 +37,9 @@ elements computed, which is how tests check the cost without timing.
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -72,31 +73,35 @@ CHECKPOINT_FORMAT = "cellfoundry-xpressor/1"
 
 @dataclass
 class XpressorConfig:
-    """Architecture and loss of an Xpressor (or of a pooled baseline when `pooling` is set)."""
+    """Architecture and loss of an Xpressor (or of a pooled baseline when `pooling` is set).
+
+    The fields from the config (config key xpressor.<field>; n_blocks / n_decoder_blocks are
+    xpressor.n_layers / n_decoder_layers) have no defaults: the schema's are the only ones. A
+    checkpoint written before a field existed is read with CHECKPOINT_DEFAULTS (from_dict)."""
 
     d_base: int  # width d of the base model's tokens
     gene_dim: int  # width E of the vocabulary's gene vectors (decoder gene queries)
-    n_latent: int = 8  # general latent tokens (label tokens come on top)
-    d_model: int = 64  # Xpressor width d_x
-    n_blocks: int = 2  # encoder blocks
-    n_decoder_blocks: int = 1  # decoder cross-attention blocks
-    n_heads: int = 4
-    mlp_ratio: int = 4  # MLP width of the encoder blocks, times d_model
-    decoder_mlp_ratio: int = 1  # MLP width of the decoder blocks (runs per cell x gene: keep small)
-    dropout: float = 0.0
-    attention: str = "standard"  # standard | criss-cross
-    base_layers: list[int] = field(default_factory=lambda: [-1])  # base layers read (0 = input tokens)
-    loss: str = "nb"  # nb | zinb | mse
-    dispersion: str = "gene-cell"  # gene | gene-cell (checkpoints from before the key: gene-cell)
-    log1p_head: bool = False  # the MSE term trains its own log1p read-out (before the key: False)
-    mse_weight: float = 1.0  # weight of the MSE-on-log1p term added to NB/ZINB
-    labels: dict[str, list[str]] = field(default_factory=dict)  # obs column -> class names
-    label_dim: int = 16  # bottleneck width of each label token
-    label_weight: float = 1.0  # weight of each label's cross-entropy
-    gene_adapter: bool = False  # Linear-ReLU-Linear adapter on the frozen gene vectors
-    adapter_hidden: int = 128
-    pooling: str | None = None  # baseline: None = Xpressor; "cls"/"mean" = one pooled vector
-    target_sum: float = 1e4  # library size of the log1p normalisation
+    n_latent: int  # general latent tokens (label tokens come on top)
+    d_model: int  # Xpressor width d_x
+    n_blocks: int  # encoder blocks
+    n_decoder_blocks: int  # decoder cross-attention blocks
+    n_heads: int
+    mlp_ratio: int  # MLP width of the encoder blocks, times d_model
+    decoder_mlp_ratio: int  # MLP width of the decoder blocks (runs per cell x gene: keep small)
+    dropout: float
+    attention: str  # standard | criss-cross
+    base_layers: list[int]  # base layers read (0 = input tokens)
+    loss: str  # nb | zinb | mse
+    dispersion: str  # gene | gene-cell
+    log1p_head: bool  # the MSE term trains its own log1p read-out
+    mse_weight: float  # weight of the MSE-on-log1p term added to NB/ZINB
+    labels: dict[str, list[str]]  # obs column -> class names (from the data)
+    label_dim: int  # bottleneck width of each label token
+    label_weight: float  # weight of each label's cross-entropy
+    gene_adapter: bool  # Linear-ReLU-Linear adapter on the frozen gene vectors
+    adapter_hidden: int
+    pooling: str | None = None  # baseline: None = Xpressor; "cls"/"mean" = one pooled vector (no config key)
+    target_sum: float = 1e4  # library size of the log1p normalisation (no config key)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -132,8 +137,36 @@ class XpressorConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> XpressorConfig:
+        """The config stored in a checkpoint; fields it lacks (written before they existed) take
+        CHECKPOINT_DEFAULTS, which reproduce the model such a checkpoint was trained as."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{**copy.deepcopy(CHECKPOINT_DEFAULTS), **{k: v for k, v in values.items() if k in known}})
+
+
+#: Values of fields missing from an older checkpoint's config: what the model was before the field
+#: existed (e.g. dispersion gene-cell, no log1p head). For loading checkpoints only; the stages pass
+#: every field from the validated config.
+CHECKPOINT_DEFAULTS = dict(
+    n_latent=8,
+    d_model=64,
+    n_blocks=2,
+    n_decoder_blocks=1,
+    n_heads=4,
+    mlp_ratio=4,
+    decoder_mlp_ratio=1,
+    dropout=0.0,
+    attention="standard",
+    base_layers=[-1],
+    loss="nb",
+    dispersion="gene-cell",
+    log1p_head=False,
+    mse_weight=1.0,
+    labels={},
+    label_dim=16,
+    label_weight=1.0,
+    gene_adapter=False,
+    adapter_hidden=128,
+)
 
 
 class MLP(nn.Sequential):

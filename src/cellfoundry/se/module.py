@@ -31,20 +31,21 @@ LOSSES = ("mse", "energy")
 
 @dataclass
 class PretrainConfig:
-    """Optimisation and objective settings (config `se.pretrain`)."""
+    """Optimisation and objective settings: the config's `se.pretrain` section without
+    `datasets`. No defaults: the schema's are the only ones (config/schema.yaml)."""
 
-    max_steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 30
-    loss: str = "mse"
-    P: int = 32  # expressed task genes per cell
-    N: int = 32  # unexpressed task genes per cell
-    S: int = 32  # task genes shared by the batch
-    dataset_loss_weight: float = 0.1
-    num_workers: int = 0
-    sentence_genes: int | None = None  # train on this many random gene slots per cell (None: all)
+    max_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    loss: str
+    P: int  # expressed task genes per cell
+    N: int  # unexpressed task genes per cell
+    S: int  # task genes shared by the batch
+    dataset_loss_weight: float
+    num_workers: int
+    sentence_genes: int | None  # train on this many random gene slots per cell (None: all)
 
 
 class SEPretrainModule(pl.LightningModule):

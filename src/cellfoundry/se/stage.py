@@ -23,13 +23,14 @@ PathLike = str | os.PathLike
 
 
 def se_config_from(settings: dict, token_dim: int, pad_length: int, num_datasets: int) -> SEConfig:
-    """SEConfig from the config's `se` section and the data's sizes."""
+    """SEConfig from the config's `se` section and the data's sizes (SEConfig keeps SE-600M's
+    field names: config n_heads -> nhead, n_layers -> nlayers)."""
     return SEConfig(
         token_dim=token_dim,
         d_model=settings["d_model"],
-        nhead=settings["nhead"],
+        nhead=settings["n_heads"],
         d_hid=settings["d_hid"],
-        nlayers=settings["nlayers"],
+        nlayers=settings["n_layers"],
         output_dim=settings["output_dim"],
         dropout=settings["dropout"],
         pad_length=pad_length,

@@ -20,17 +20,18 @@ from cellfoundry.xpressor.data import base_layer_outputs, masked_mean, split_out
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings (config xpressor.*)."""
+    """Optimisation settings (config xpressor.train.* and xpressor.unfreeze_last_layer). No
+    defaults: the schema's are the only ones (config/schema.yaml)."""
 
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    batch_size: int = 32
-    max_epochs: int = 20
-    patience: int = 5
-    gradient_clip: float = 1.0
-    val_fraction: float = 0.1
-    unfreeze_last_layer: bool = False
-    genes_per_step: int | None = None  # decode a random subset of genes per training step
+    lr: float
+    weight_decay: float
+    batch_size: int
+    max_epochs: int
+    patience: int
+    gradient_clip: float | None
+    val_fraction: float
+    unfreeze_last_layer: bool
+    genes_per_step: int | None  # decode a random subset of genes per training step
 
 
 class XpressorModule(pl.LightningModule):

@@ -53,23 +53,29 @@ METHODS = ("xpressor", "cls", "mean")
 
 @dataclass
 class StageSettings:
-    """The xpressor config section, split into model and training parts."""
+    """The xpressor config section, split into model and training parts (no defaults: the
+    schema's are the only ones)."""
 
     model: dict
     train: TrainSettings
-    baselines: bool = True
-    cache_base_outputs: bool = True
-    cache_max_gb: float = 8.0
-    inference_batch_size: int = 64
+    baselines: bool
+    cache_base_outputs: bool
+    cache_max_gb: float
+    inference_batch_size: int
+
+
+#: Config key of the xpressor section -> XpressorConfig field, where they differ (XpressorConfig
+#: keeps its field names: they are stored in xpressor/model.ckpt).
+MODEL_FIELDS = {"n_layers": "n_blocks", "n_decoder_layers": "n_decoder_blocks"}
 
 
 def stage_settings(cfg: dict) -> StageSettings:
-    """Settings from config["xpressor"] (schema defaults already filled)."""
+    """Settings from config["xpressor"] (schema defaults already filled; a missing key raises)."""
     model_keys = (
         "n_latent",
         "d_model",
-        "n_blocks",
-        "n_decoder_blocks",
+        "n_layers",
+        "n_decoder_layers",
         "n_heads",
         "mlp_ratio",
         "decoder_mlp_ratio",
@@ -85,24 +91,25 @@ def stage_settings(cfg: dict) -> StageSettings:
         "gene_adapter",
         "adapter_hidden",
     )
+    recipe = cfg["train"]
     train = TrainSettings(
-        lr=cfg["lr"],
-        weight_decay=cfg["weight_decay"],
-        batch_size=cfg["batch_size"],
-        max_epochs=cfg["max_epochs"],
-        patience=cfg["patience"],
-        gradient_clip=cfg["gradient_clip"],
-        val_fraction=cfg["val_fraction"],
+        lr=recipe["lr"],
+        weight_decay=recipe["weight_decay"],
+        batch_size=recipe["batch_size"],
+        max_epochs=recipe["max_epochs"],
+        patience=recipe["patience"],
+        gradient_clip=recipe["gradient_clip"],
+        val_fraction=recipe["val_fraction"],
         unfreeze_last_layer=cfg["unfreeze_last_layer"],
-        genes_per_step=cfg["genes_per_step"],
+        genes_per_step=recipe["genes_per_step"],
     )
     return StageSettings(
-        model={k: cfg[k] for k in model_keys},
+        model={MODEL_FIELDS.get(k, k): cfg[k] for k in model_keys},
         train=train,
-        baselines=cfg["baselines"],
-        cache_base_outputs=cfg["cache_base_outputs"],
-        cache_max_gb=cfg["cache_max_gb"],
-        inference_batch_size=cfg["inference_batch_size"],
+        baselines=recipe["baselines"],
+        cache_base_outputs=recipe["cache_base_outputs"],
+        cache_max_gb=recipe["cache_max_gb"],
+        inference_batch_size=cfg["encode"]["batch_size"],
     )
 
 
@@ -206,14 +213,14 @@ def train_and_measure(
 
     d_base = int(base.cfg.d_model) if hasattr(base, "cfg") else int(gene_table.shape[1])
     model = dict(stage.model)
-    model["base_layers"] = resolve_layers(model.get("base_layers", [-1]), int(base.cfg.nlayers))
+    model["base_layers"] = resolve_layers(model["base_layers"], int(base.cfg.nlayers))
     xcfg = XpressorConfig(d_base=d_base, gene_dim=int(gene_table.shape[1]), labels=data.label_classes, **model)
     log.info("reading base layers %s (0 = input tokens) of %d", xcfg.base_layers, base.cfg.nlayers)
     use_cache = stage.cache_base_outputs and not stage.train.unfreeze_last_layer
     n_cache = cache_bytes(data, d_base, device, xcfg.n_base_layers)
     if use_cache and n_cache > stage.cache_max_gb * 2**30:
         log.warning(
-            "base outputs would take %.1f GB > xpressor.cache_max_gb; running the base every step instead",
+            "base outputs would take %.1f GB > xpressor.train.cache_max_gb; running the base every step instead",
             n_cache / 2**30,
         )
         use_cache = False
@@ -432,7 +439,7 @@ def run_xpressor_encode(
     """Rule xpressor_encode: latents of every cell (`latents`, .npy), X_xpressor (`embedding`,
     .h5ad), kNN label accuracy beside the SE CLS embedding, the stage `summary` (JSON) and its
     `plot` beside the training's held-out table `train_metrics`. `settings` (config["xpressor"])
-    gives inference_batch_size and goes into the provenance record of the embedding."""
+    gives encode.batch_size and goes into the provenance record of the embedding."""
     import anndata as ad
     import pandas as pd
 
@@ -449,7 +456,7 @@ def run_xpressor_encode(
         log.info("applied %d fine-tuned base tensors from %s", len(ckpt.base_state_dict), xpressor_checkpoint)
     labels = list(ckpt.meta.get("label_classes", {}))
     data = load_cell_data(h5ad, tokens, gene_vocab, labels)
-    batch_size = settings["inference_batch_size"]
+    batch_size = settings["encode"]["batch_size"]
     cells, se_cls = encode_cells(base, ckpt.model, gene_vocab.table, data, latents, batch_size, device)
 
     obs = ad.read_h5ad(h5ad, backed="r").obs.copy()
