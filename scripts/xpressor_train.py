@@ -5,7 +5,8 @@ per GPU (srun) that each run run_xpressor_train; otherwise it runs here."""
 
 from cellfoundry.launch import run_stage
 from cellfoundry.utils import setup_logging
-from cellfoundry.xpressor.stage import resolve_label_columns, run_xpressor_train
+from cellfoundry.xpressor.data import resolve_label_columns
+from cellfoundry.xpressor.stage import run_xpressor_train
 
 setup_logging(snakemake.log[0])
 run_stage(

@@ -5,7 +5,7 @@ LightningModule; `stage` holds the rules' entry points re-exported here. The mod
 cellfoundry.models.xpressor.
 """
 
-from cellfoundry.xpressor.data import split_indices
-from cellfoundry.xpressor.stage import resolve_label_columns, run_xpressor_encode, run_xpressor_train
+from cellfoundry.xpressor.data import resolve_label_columns, split_indices
+from cellfoundry.xpressor.stage import run_xpressor_encode, run_xpressor_train
 
 __all__ = ["resolve_label_columns", "run_xpressor_encode", "run_xpressor_train", "split_indices"]

@@ -8,6 +8,7 @@ G = decoded genes (the dataset's genes found in the vocabulary), K = base layers
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, autocast
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,6 +110,24 @@ def _token_arrays(tokens: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(tokens, tuple) and not hasattr(tokens, "gene_ids"):
         return tokens[0], tokens[1]
     return tokens.gene_ids, tokens.values
+
+
+def resolve_label_columns(labels: list[str], dataset: dict) -> list[str]:
+    """Config xpressor.labels -> obs columns: the roles `cell_type` and `batch` name the
+    dataset's configured column (skipped, and logged, when the dataset has none); anything else
+    is an obs column name."""
+    columns = []
+    for name in labels:
+        if name in ("cell_type", "batch"):
+            if dataset.get(name):
+                columns.append(dataset[name])
+            else:
+                log.warning("xpressor.labels role %r resolves to nothing: the dataset sets no %s column", name, name)
+        else:
+            columns.append(name)
+    if not columns:
+        log.warning("training without label tokens (no label columns); X_xpressor is the mean of the latent tokens")
+    return list(dict.fromkeys(columns))
 
 
 def split_indices(split: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

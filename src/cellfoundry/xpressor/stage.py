@@ -340,24 +340,6 @@ def encode_cells(
 
 
 # -- rule-level drivers (called by scripts/xpressor_*.py) -----------------------------------------
-def resolve_label_columns(labels: list[str], dataset: dict) -> list[str]:
-    """Config xpressor.labels -> obs columns: the roles `cell_type` and `batch` name the
-    dataset's configured column (skipped, and logged, when the dataset has none); anything else
-    is an obs column name."""
-    columns = []
-    for name in labels:
-        if name in ("cell_type", "batch"):
-            if dataset.get(name):
-                columns.append(dataset[name])
-            else:
-                log.warning("xpressor.labels role %r resolves to nothing: the dataset sets no %s column", name, name)
-        else:
-            columns.append(name)
-    if not columns:
-        log.warning("training without label tokens (no label columns); X_xpressor is the mean of the latent tokens")
-    return list(dict.fromkeys(columns))
-
-
 def _load_base(se_checkpoint: str, vocab: str):
     from cellfoundry.models.se_checkpoint import load_se
 
