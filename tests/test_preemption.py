@@ -325,3 +325,12 @@ def test_resumable_sampler_shards_each_epoch_over_ranks(monkeypatch):
         assert len(sampler) == 5
     # DistributedSampler's split: every item once, plus one again to pad 9 to 2 x 5
     assert sorted(set(shards[0]) | set(shards[1])) == list(range(9)) and len(set(shards[0]) & set(shards[1])) == 1
+
+
+def test_training_logs_plain_progress_lines_off_a_terminal(tmp_path, caplog):
+    """Off a terminal (a log file, a SLURM job) Lightning's bar gives way to trainer.LogProgress:
+    its last line carries the rate even when the run is shorter than the 30 s between lines."""
+    with caplog.at_level(logging.INFO, logger="cellfoundry"):
+        train(tmp_path / "run", max_steps=6, checkpoint_every=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cellfoundry.trainer"]
+    assert lines and lines[-1].startswith("step 6, ") and "steps/s, done in" in lines[-1], lines

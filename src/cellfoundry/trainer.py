@@ -171,9 +171,9 @@ class CheckpointOnSignal(Callback):
 
 
 class LogProgress(Callback):
-    """Training progress as a log line every `every_s` seconds and at each validation:
-    "step 1,200 / 10,000 (12%), 8.1 steps/s, ETA 18m06s, train_loss=0.4123" and
-    "epoch 3: val_loss=0.3921"."""
+    """Training progress as a log line every `every_s` seconds, at each validation and at the end:
+    "step 1,200 / 10,000 (12%), 8.1 steps/s, ETA 18m06s, train_loss=0.4123",
+    "epoch 3, step 480: val_loss=0.3921" and "step 10,000, 8.0 steps/s, done in 20m50s, ..."."""
 
     def __init__(self, every_s: float = 30.0) -> None:
         self.every_s = every_s
@@ -185,15 +185,21 @@ class LogProgress(Callback):
         self.first_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s and trainer.global_step != trainer.max_steps:
-            return
-        self.last = now
-        done = trainer.global_step - self.first_step
-        rate = done / max(now - self.start, 1e-9)
+        if time.perf_counter() - self.last >= self.every_s and trainer.global_step != trainer.max_steps:
+            self._log_step(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._log_step(trainer, done=True)  # every run ends with its rate, however short
+
+    def _log_step(self, trainer, done: bool = False) -> None:
+        now = self.last = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        rate = (trainer.global_step - self.first_step) / elapsed
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         line = f"step {trainer.global_step:,}"
-        if total and total != float("inf"):
+        if done:
+            line += f", {rate:.1f} steps/s, done in {duration(elapsed)}"
+        elif total and total != float("inf"):
             total = int(total)
             eta = duration((total - trainer.global_step) / rate) if rate > 0 else "?"
             line += f" / {total:,} ({100 * trainer.global_step // max(total, 1)}%), {rate:.1f} steps/s, ETA {eta}"
