@@ -66,6 +66,7 @@ def run_pretrain_se(
     from cellfoundry.launch import run_stage
 
     device = resolve_device(device)
+    log.info("pretraining on datasets %s", list(datasets or []))
     kwargs = dict(
         tokens=[str(p) for p in tokens],
         h5ad=[str(p) for p in h5ad],
