@@ -26,9 +26,8 @@ sys.path.insert(0, str(HERE.parents[1] / "tests"))
 
 def worker(out_dir: Path, devices: int, steps: int) -> None:
     from lightning.pytorch.callbacks import Callback
-    from train_tiny_se import tiny_module
+    from train_tiny_se import tiny_data, tiny_module
 
-    from cellfoundry.se.data import train_loader
     from cellfoundry.trainer import build_trainer, fit
 
     class Clock(Callback):
@@ -53,7 +52,7 @@ def worker(out_dir: Path, devices: int, steps: int) -> None:
         enable_progress_bar=False,
         log_every_n_steps=50,
     )
-    fit(trainer, module, train_loader(cells, cfg.batch_size, seed=0), out_dir=out_dir)
+    fit(trainer, module, datamodule=tiny_data(cells, cfg.batch_size), out_dir=out_dir)
 
 
 def ddp_throughput(steps: int) -> None:

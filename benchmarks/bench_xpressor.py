@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from dataclasses import asdict
 
 import numpy as np
 import scipy.sparse as sp
@@ -147,7 +148,7 @@ def main() -> None:
                     pooling=None if method == "xpressor" else method,
                 )
             )
-            module = XpressorModule(base, table, data.decode_genes, xcfg, settings)
+            module = XpressorModule(base, table, data.decode_genes, xcfg.to_dict(), asdict(settings))
             rate = time_steps(module, batches, args.steps, args.device)
             print(
                 f"train {method:8s} ({label}): {rate:.2f} steps/s = {rate * args.batch_size:.0f} cells/s; "

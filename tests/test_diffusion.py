@@ -438,3 +438,26 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(synthetic, tmp
     expected = read_metrics(tmp_path / "reference" / "train")
     assert list(expected["step"]) == list(range(8))
     pd.testing.assert_frame_equal(read_metrics(tmp_path / "resumed" / "train"), expected)
+
+
+def test_resume_identity_is_the_hyperparameters(synthetic):
+    """The resume fingerprint comes from the module's and the data module's hyperparameters: a
+    larger step budget still resumes (RESUMABLE_CHANGES); another learning rate or seed does not."""
+    from cellfoundry.diffusion.data import DiffusionDataModule, read_training_data
+    from cellfoundry.diffusion.module import DiffusionModule
+    from cellfoundry.trainer import resume_identity, settings_fingerprint
+
+    data = read_training_data(synthetic / "filtered.h5ad", "gene", CONDITIONS)
+    settings = {**SETTINGS, "token_space": "gene"}
+
+    def fingerprint(settings: dict, seed: int = 0) -> str:
+        module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
+        identity = resume_identity(module, DiffusionDataModule(data, settings["train"]["batch_size"], seed))
+        assert identity["data"] == {"batch_size": 32, "seed": seed, "x0_shape": list(data["x0"].shape)}
+        return settings_fingerprint(identity)
+
+    base = fingerprint(settings)
+    assert fingerprint(with_train(settings, max_steps=60, log_every_n_steps=7)) == base
+    assert fingerprint({**settings, "trainer": {**settings["trainer"], "checkpoint_every_n_steps": 9}}) == base
+    assert fingerprint(with_train(settings, lr=2e-3)) != base
+    assert fingerprint(settings, seed=1) != base

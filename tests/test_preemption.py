@@ -25,7 +25,6 @@ from torch.utils.data import BatchSampler
 
 import cellfoundry.trainer as train_module
 from cellfoundry.resumable import ResumableSampler
-from cellfoundry.se.data import train_loader
 from cellfoundry.trainer import (
     SETTINGS_FILE,
     AtomicCheckpointIO,
@@ -36,7 +35,7 @@ from cellfoundry.trainer import (
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from train_tiny_se import tiny_module, train  # noqa: E402
+from train_tiny_se import tiny_data, tiny_module, train  # noqa: E402
 
 MAX_STEPS = 20
 CHECKPOINT_EVERY = 5
@@ -162,7 +161,7 @@ def test_resume_only_a_run_of_the_same_settings(tmp_path, caplog):
         train(out, max_steps=max_steps, checkpoint_every=every, settings=settings)
         return json.loads((out / "rank0.json").read_text())
 
-    # a checkpoint left by a run that recorded no settings (the stale case of pretrain_se)
+    # a checkpoint of another run (settings None: the identity is the hyperparameters)
     assert run(4, None)["start_step"] == 0 and saved_step(out) == 4
     caplog.clear()
     assert run(6, {"lr": 1e-3})["start_step"] == 0
@@ -266,7 +265,7 @@ def _tiny_run(out: Path, stop: tuple[int, str] | None = None, monkeypatch=None, 
             enable_progress_bar=False,
         )
         train_module.fit(
-            trainer, module, train_loader(cells, cfg.batch_size, seed=0), out_dir=out, settings={"run": "tiny"}
+            trainer, module, datamodule=tiny_data(cells, cfg.batch_size), out_dir=out, settings={"run": "tiny"}
         )
         return module
 

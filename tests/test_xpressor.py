@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -161,7 +163,7 @@ def _module(cfg=None, unfreeze=False, labels=None):
         unfreeze_last_layer=unfreeze,
         genes_per_step=None,
     )
-    module = XpressorModule(base, table, decode_genes, cfg, settings)
+    module = XpressorModule(base, table, decode_genes, cfg.to_dict(), asdict(settings))
     n = len(gene_ids)
     data = CellData(
         gene_ids,

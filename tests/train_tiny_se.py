@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cellfoundry.models.se import SEConfig
-from cellfoundry.se.data import PretrainCells, train_loader
+from cellfoundry.se.data import PretrainCells, PretrainDataModule
 from cellfoundry.se.module import PretrainConfig, SEPretrainModule
 from cellfoundry.tokenize import CLS_ID
 from cellfoundry.trainer import build_trainer, fit
@@ -75,7 +76,13 @@ def tiny_module(max_steps: int, seed: int = 0) -> tuple[SEPretrainModule, Pretra
         num_workers=0,
         sentence_genes=None,
     )
-    return SEPretrainModule(cfg, train_cfg, table, torch.from_numpy(cells.gene_cols)), cells, train_cfg
+    module = SEPretrainModule(asdict(cfg), asdict(train_cfg), table, torch.from_numpy(cells.gene_cols))
+    return module, cells, train_cfg
+
+
+def tiny_data(cells: PretrainCells, batch_size: int) -> PretrainDataModule:
+    """The tiny cells as the stage's data module (seed 0, no loader workers)."""
+    return PretrainDataModule(cells, batch_size, 0, 0, datasets=["tiny"], vocab_hash="tiny", sentence_length=LENGTH)
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -138,7 +145,7 @@ def train(
         callbacks=[Report(out_dir, step_delay)],
         enable_progress_bar=False,
     )
-    fit(trainer, module, train_loader(cells, train_cfg.batch_size, seed=0), out_dir=out_dir, settings=settings)
+    fit(trainer, module, datamodule=tiny_data(cells, train_cfg.batch_size), out_dir=out_dir, settings=settings)
     print(f"rank {trainer.global_rank} pid {os.getpid()}: done at step {trainer.global_step}", flush=True)
 
 

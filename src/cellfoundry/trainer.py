@@ -11,8 +11,9 @@ Interruption and resume (why this module holds more than a Trainer call):
   with status 128 + signal. Lightning on its own stops on SIGTERM without saving.
 - `fit` resumes from the newest checkpoint an interrupted run left (`last.ckpt`, or Lightning's
   `hpc_ckpt_*.ckpt` from a SLURM auto-requeue), but only when the run that wrote it had the same
-  settings: the stage passes its settings, whose fingerprint is kept beside the checkpoints
-  (`settings_fingerprint.json`); after a config change training starts over from step 0.
+  settings: the module's and the data module's hyperparameters (`resume_identity`), whose
+  fingerprint is kept beside the checkpoints (`settings_fingerprint.json`); after a config
+  change training starts over from step 0.
 - A resumed run continues exactly as the uninterrupted run would (same weights on the CPU): the
   training loader from `resumable_loader` visits an order that depends only on (seed, epoch) and
   restarts at the checkpoint's global step, and every step's random numbers (dropout, task genes,
@@ -374,24 +375,42 @@ class _SettingsStamp(Callback):
         os.replace(tmp, self.out_dir / SETTINGS_FILE)
 
 
+def resume_identity(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict:
+    """What a resumed run must share with the interrupted one: the module's and the data module's
+    hyperparameters (their save_hyperparameters), less the module's RESUMABLE_CHANGES (dotted
+    keys of hyperparameters that may change between attempts, such as a step budget)."""
+    identity = {"module": _plain(dict(module.hparams)), "data": _plain(dict(datamodule.hparams))}
+    for key in getattr(module, "RESUMABLE_CHANGES", ()):
+        *parents, last = key.split(".")
+        node = identity["module"]
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return identity
+
+
 def fit(
     trainer: pl.Trainer,
     module: pl.LightningModule,
     *loaders: Any,
+    datamodule: pl.LightningDataModule | None = None,
     out_dir: str | os.PathLike,
     settings: Mapping[str, Any] | None = None,
 ) -> None:
     """trainer.fit that continues from the last checkpoint of an interrupted run, exactly when
-    the first loader (the training loader) is a `resumable_loader`.
+    the training loader (the first of `loaders`, or the datamodule's) is a `resumable_loader`.
 
-    `settings` (JSON-able: the stage's config, seed, data identity) identify the run: a
-    checkpoint is resumed only when it was written with the same settings; otherwise training
-    starts over, and what the earlier run left (checkpoints, CSV metrics) is removed first.
-    None resumes any checkpoint and removes nothing.
+    `settings` (JSON-able) identify the run; with a `datamodule` they default to
+    `resume_identity(module, datamodule)`. A checkpoint is resumed only when it was written with
+    the same settings; otherwise training starts over, and what the earlier run left
+    (checkpoints, CSV metrics) is removed first. None (and no datamodule) resumes any checkpoint
+    and removes nothing.
 
     A run stopped by SIGTERM/SIGUSR1 exits with status 128 + signal after saving its checkpoint,
     so the job fails (Snakemake retries or a re-run resumes) instead of looking finished."""
     out_dir = Path(out_dir)
+    if datamodule is not None and settings is None:
+        settings = resume_identity(module, datamodule)
     ckpt_path = resume_path(out_dir, settings)
     if settings is not None:
         trainer.callbacks.insert(
@@ -400,14 +419,15 @@ def fit(
     if isinstance(trainer.logger, CSVLogger):
         # a CSV log per attempt (CSVLogger empties an existing metrics.csv); read_metrics gathers them
         trainer.logger._version = _attempt(Path(trainer.logger.root_dir)) if ckpt_path else 0
-    sampler = getattr(loaders[0], "sampler", None) if loaders else None
+    train_loader = datamodule.train_dataloader() if datamodule is not None else loaders[0] if loaders else None
+    sampler = getattr(train_loader, "sampler", None)
     if isinstance(sampler, ResumableSampler):
         trainer.callbacks.insert(0, ExactResume(sampler))
     try:
         with warnings.catch_warnings():
             if isinstance(sampler, ResumableSampler):  # Lightning cannot tell it is resumable
                 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
-            trainer.fit(module, *loaders, ckpt_path=ckpt_path)
+            trainer.fit(module, *loaders, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         signum = next((cb.signum for cb in trainer.callbacks if isinstance(cb, CheckpointOnSignal) and cb.signum), None)
         signum = signum or signal.SIGTERM

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anndata as ad
+import lightning.pytorch as pl
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cellfoundry.cells import CellTable
 from cellfoundry.models.conditions import ConditionCodec, ConditionSpec
 from cellfoundry.resumable import resumable_loader
 from cellfoundry.utils import UserError, log1p_normalise
@@ -93,21 +95,17 @@ def read_training_data(
     arrays (condition arrays of the train cells), obs (obs of all cells), var_names, library
     (train library sizes [n]) and train_obs (condition columns of the train cells).
     """
-    adata = ad.read_h5ad(filtered_h5ad)
-    if "split" not in adata.obs:
-        raise UserError(f"{filtered_h5ad} has no obs['split']; re-run the qc rule.")
-    train = (adata.obs["split"].astype(str) == "train").to_numpy()
-    if train.sum() < 2:
-        raise UserError(f"{filtered_h5ad} has fewer than 2 training cells; lower qc.test_fraction or use more cells.")
-    counts = counts_matrix(adata)
+    cells = CellTable.read(filtered_h5ad)
+    train = cells.split == "train"
+    counts = cells.counts
     library = np.asarray(counts.sum(1)).ravel()
     if token_space == "latent":
         if latents_npy is None:
             raise ValueError("latent token space needs xpressor/latents.npy")
         latents = np.load(latents_npy, mmap_mode="r")
-        if latents.shape[0] != adata.n_obs:
+        if latents.shape[0] != cells.n_cells:
             raise UserError(
-                f"{latents_npy} has {latents.shape[0]} cells but {filtered_h5ad} has {adata.n_obs}; "
+                f"{latents_npy} has {latents.shape[0]} cells but {filtered_h5ad} has {cells.n_cells}; "
                 "re-run the xpressor rules (snakemake --forcerun xpressor_train)."
             )
         x = np.asarray(latents[train], dtype=np.float32)
@@ -118,7 +116,7 @@ def read_training_data(
     normalizer = Normalizer.fit(x, min_std=1e-3 if token_space == "latent" else 0.1)
     x0 = normalizer.forward(x).astype(np.float32)
     specs = condition_specs(conditions)
-    train_obs = adata.obs.loc[train, [c for s in specs for c in s.all_columns]] if specs else adata.obs.loc[train, []]
+    train_obs = cells.obs.loc[train, [c for s in specs for c in s.all_columns] if specs else []]
     codec = ConditionCodec.fit(specs, train_obs)
     arrays = codec.encode(train_obs, strict=True)
     return dict(
@@ -128,14 +126,24 @@ def read_training_data(
         normalizer=normalizer,
         codec=codec,
         arrays=arrays,
-        obs=adata.obs,
-        var_names=list(map(str, adata.var_names)),
+        obs=cells.obs,
+        var_names=cells.var_names,
         library=library[train].astype(np.float32),
         train_obs=train_obs,
     )
 
 
-def train_loader(data: dict, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled full batches that cellfoundry.trainer.fit resumes exactly."""
-    dataset = CellDataset(data["x0"], data["arrays"])
-    return resumable_loader(dataset, min(batch_size, len(dataset)), seed, drop_last=True)
+class DiffusionDataModule(pl.LightningDataModule):
+    """The training cells (read_training_data's `data`) in shuffled full batches that
+    cellfoundry.trainer.fit resumes exactly. Its hyperparameters identify the data of a
+    resumable run."""
+
+    def __init__(self, data: dict, batch_size: int, seed: int):
+        super().__init__()
+        self.save_hyperparameters(ignore=["data"])
+        self.hparams["x0_shape"] = list(data["x0"].shape)
+        dataset = CellDataset(data["x0"], data["arrays"])
+        self.train_loader = resumable_loader(dataset, min(batch_size, len(dataset)), seed, drop_last=True)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader

@@ -61,6 +61,10 @@ class DiffusionModule(pl.LightningModule):
     cond_drop_prob (per condition and cell) for classifier-free guidance, EMA weights. `settings`:
     the config's `diffusion` section; the recipe is its `train` part."""
 
+    #: Hyperparameters a resumed run may change: the step budget (training can be extended), the
+    #: logging cadence and the devices.
+    RESUMABLE_CHANGES = ("settings.train.max_steps", "settings.train.log_every_n_steps", "settings.trainer")
+
     def __init__(self, settings: dict, codec: dict, token_shape: list[int]):
         super().__init__()
         self.save_hyperparameters()

@@ -14,7 +14,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
-from cellfoundry.diffusion.data import counts_matrix, read_training_data, train_loader
+from cellfoundry.diffusion.data import DiffusionDataModule, counts_matrix, read_training_data
 from cellfoundry.diffusion.module import DiffusionModule, load_diffusion, save_diffusion
 from cellfoundry.diffusion.sample import (
     decode_gene_space,
@@ -70,17 +70,7 @@ def run_diffusion_train(
         data["codec"].names or "none (unconditional model)",
     )
     module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
-    # Resume only a run of the same model on the same data: everything but the step count and
-    # the logging/checkpoint cadence, plus the conditions and the data shape.
     recipe = settings["train"]
-    identity = {
-        "settings": {
-            **{k: v for k, v in settings.items() if k not in ("train", "trainer")},
-            "train": {k: v for k, v in recipe.items() if k not in ("max_steps", "log_every_n_steps")},
-        },
-        "codec": data["codec"].to_dict(),
-        "x0_shape": list(data["x0"].shape),
-    }
     trainer_cfg = settings["trainer"]
     trainer = build_trainer(
         work_dir,
@@ -92,7 +82,8 @@ def run_diffusion_train(
         gradient_clip_val=recipe["gradient_clip"],
         log_every_n_steps=recipe["log_every_n_steps"],
     )
-    fit(trainer, module, train_loader(data, recipe["batch_size"], seed), out_dir=work_dir, settings=identity)
+    # resumed only by a run of the same model on the same data (the hyperparameters of both)
+    fit(trainer, module, datamodule=DiffusionDataModule(data, recipe["batch_size"], seed), out_dir=work_dir)
     if trainer.is_global_zero:
         extra = {"xpressor_sha256": file_sha256(xpressor_checkpoint) if xpressor_checkpoint else None}
         save_diffusion(checkpoint, module, data, extra)

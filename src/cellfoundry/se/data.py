@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 
+import lightning.pytorch as pl
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cellfoundry.cells import CellTable
 from cellfoundry.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -77,47 +79,57 @@ class PretrainCells(Dataset):
         }
 
 
-def train_loader(cells: PretrainCells, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled, seeded loader that cellfoundry.trainer.fit resumes exactly; the last partial batch
-    is dropped so every step has B cells."""
-    from cellfoundry.resumable import resumable_loader
+class PretrainDataModule(pl.LightningDataModule):
+    """The training cells of every pretraining dataset, shuffled and seeded, in full batches
+    (the last partial batch is dropped so every step has B cells) that cellfoundry.trainer.fit
+    resumes exactly. Its hyperparameters identify the data of a resumable run: the datasets'
+    token folders, the vocabulary, the cells and the sentence length."""
 
-    return resumable_loader(
-        cells,
-        min(batch_size, len(cells)),
-        seed,
-        drop_last=True,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+    def __init__(
+        self,
+        cells: PretrainCells,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+        datasets: list[str],
+        vocab_hash: str,
+        sentence_length: int,
+    ):
+        from cellfoundry.resumable import resumable_loader
+
+        super().__init__()
+        self.save_hyperparameters(ignore=["cells", "num_workers"])
+        self.hparams["n_cells"] = len(cells)
+        self.train_loader = resumable_loader(
+            cells,
+            min(batch_size, len(cells)),
+            seed,
+            drop_last=True,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader
 
 
 def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, int, str]:
     """Train-split cells of every dataset. Returns (cells, sentence length L, token method)."""
-    import anndata as ad
-
-    from cellfoundry.tokenize import read_tokens
-
     parts, lengths, methods = [], set(), set()
     for tokens_dir, h5ad in zip(tokens_dirs, h5ads):
-        tokens = read_tokens(tokens_dir, vocab_hash=vocab.hash)
-        adata = ad.read_h5ad(h5ad)
-        if adata.n_obs != len(tokens):
-            raise UserError(f"{tokens_dir} has {len(tokens)} cells but {h5ad} has {adata.n_obs}; re-run tokenize.")
-        rows = np.flatnonzero(adata.obs["split"].astype(str).to_numpy() == "train")
-        if len(rows) == 0:
-            raise UserError(f"{h5ad} has no cells with obs['split'] == 'train'; lower qc.test_fraction.")
+        table = CellTable.read(h5ad, tokens_dir, vocab_hash=vocab.hash)
+        rows = table.rows("train")
         parts.append(
             dict(
-                gene_ids=tokens.gene_ids,
-                values=tokens.values,
-                counts=adata.X,
-                gene_vocab_ids=vocab.lookup(adata.var_names),
+                gene_ids=table.gene_ids,
+                values=table.values,
+                counts=table.counts,
+                gene_vocab_ids=vocab.lookup(table.var_names),
                 rows=rows,
             )
         )
-        lengths.add(int(tokens.attrs["L"]))
-        methods.add(tokens.attrs.get("method", "se"))
+        lengths.add(int(table.token_attrs["L"]))
+        methods.add(table.token_attrs.get("method", "se"))
         log.info("%s: %d training cells", h5ad, len(rows))
     if len(lengths) != 1 or len(methods) != 1:
         raise UserError(

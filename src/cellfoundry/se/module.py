@@ -56,11 +56,14 @@ class SEPretrainModule(pl.LightningModule):
     `gene_cols` [G] are the vocabulary ids of expr's columns; `gene_table` [V, token_dim].
     """
 
-    def __init__(self, cfg: SEConfig, train_cfg: PretrainConfig, gene_table: Tensor, gene_cols: Tensor):
+    def __init__(self, model: dict, pretrain: dict, gene_table: Tensor, gene_cols: Tensor):
+        """`model`: SEConfig fields; `pretrain`: PretrainConfig fields. Both are the module's
+        hyperparameters (and so its resume identity); the gene table and columns are inputs."""
         super().__init__()
-        self.cfg, self.train_cfg = cfg, train_cfg
-        self.model = StateEmbedding(cfg)
-        self.heads = TrainingHeads(cfg)
+        self.save_hyperparameters(ignore=["gene_table", "gene_cols"])
+        self.cfg, self.train_cfg = SEConfig(**model), PretrainConfig(**pretrain)
+        self.model = StateEmbedding(self.cfg)
+        self.heads = TrainingHeads(self.cfg)
         # Inputs, not weights: kept out of Lightning checkpoints (the vocabulary file has them).
         self.register_buffer("gene_table", gene_table.float(), persistent=False)
         self.register_buffer("gene_cols", gene_cols.long(), persistent=False)

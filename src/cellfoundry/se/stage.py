@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import anndata as ad
@@ -104,7 +105,7 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
     import torch
 
     from cellfoundry.models.se_checkpoint import save_se
-    from cellfoundry.se.data import check_tokens_match_model, load_pretraining_cells, train_loader
+    from cellfoundry.se.data import PretrainDataModule, check_tokens_match_model, load_pretraining_cells
     from cellfoundry.se.module import PretrainConfig, SEPretrainModule
     from cellfoundry.trainer import build_trainer, fit, read_metrics
     from cellfoundry.vocab import GeneVocab
@@ -116,7 +117,7 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
     cfg = se_config_from(settings, gene_vocab.dim, length, len(tokens))
     train_cfg = PretrainConfig(**settings["pretrain"])
     log.info("pretraining %s on %d cells for %d steps", cfg, len(cells), train_cfg.max_steps)
-    module = SEPretrainModule(cfg, train_cfg, gene_vocab.table, torch.from_numpy(cells.gene_cols))
+    module = SEPretrainModule(asdict(cfg), asdict(train_cfg), gene_vocab.table, torch.from_numpy(cells.gene_cols))
     trainer_cfg = settings["trainer"]
     trainer = build_trainer(
         work_dir,
@@ -127,22 +128,17 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
         checkpoint_every_n_steps=trainer_cfg["checkpoint_every_n_steps"],
         log_every_n_steps=max(1, min(10, train_cfg.max_steps // 20)),
     )
-    # a checkpoint is resumed only by a run of the same model, objective, data and seed
-    fingerprint = {
-        "se": {k: v for k, v in settings.items() if k != "trainer"},
-        "seed": seed,
-        "datasets": [str(t) for t in tokens],
-        "cells": len(cells),
-        "sentence_length": length,
-        "vocab": gene_vocab.hash,
-    }
-    fit(
-        trainer,
-        module,
-        train_loader(cells, train_cfg.batch_size, seed, train_cfg.num_workers),
-        out_dir=work_dir,
-        settings=fingerprint,
+    # resumed only by a run of the same model, objective, data and seed (the hyperparameters of both)
+    data = PretrainDataModule(
+        cells,
+        train_cfg.batch_size,
+        seed,
+        train_cfg.num_workers,
+        datasets=[str(t) for t in tokens],
+        vocab_hash=gene_vocab.hash,
+        sentence_length=length,
     )
+    fit(trainer, module, datamodule=data, out_dir=work_dir)
     if not trainer.is_global_zero:
         return
     save_se(

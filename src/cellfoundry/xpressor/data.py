@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cellfoundry.cells import CellTable
 from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, autocast
 
@@ -48,68 +50,26 @@ class CellData:
         return int(self.gene_ids.shape[0])
 
 
-def decode_targets(adata, vocab_index: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray, list[str]]:
+def decode_targets(table: CellTable, vocab_index: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray, list[str]]:
     """Raw counts [N, G] of the dataset's genes present in the vocabulary, their vocabulary
-    indices [G] and symbols. X of `adata` must hold raw counts (the QC contract)."""
-    keep = [i for i, g in enumerate(adata.var_names) if g in vocab_index]
+    indices [G] and symbols."""
+    keep = [i for i, g in enumerate(table.var_names) if g in vocab_index]
     if not keep:
         raise UserError(
             "none of the dataset's genes is in the gene vocabulary; check datasets.<name>.gene_symbols "
             "(gene symbols must match the vocabulary's symbols)."
         )
-    symbols = [str(adata.var_names[i]) for i in keep]
-    x = adata.X[:, keep]
-    counts = sp.csr_matrix(x, dtype=np.float32)
+    symbols = [table.var_names[i] for i in keep]
     ids = np.array([vocab_index[s] for s in symbols], dtype=np.int64)
-    return counts, ids, symbols
-
-
-def encode_labels(obs, columns: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-    """Integer codes (-1 = missing) and sorted class names of each label column."""
-    codes, classes = {}, {}
-    for col in columns:
-        if col not in obs.columns:
-            raise UserError(
-                f"xpressor.labels names obs column {col!r}, which qc/filtered.h5ad does not have; "
-                f"use one of: {', '.join(map(str, obs.columns))}."
-            )
-        values = obs[col].astype("object")
-        present = values.notna().to_numpy()
-        names = sorted({str(v) for v in values[present]})
-        lookup = {n: i for i, n in enumerate(names)}
-        codes[col] = np.array([lookup[str(v)] if ok else -1 for v, ok in zip(values, present)], dtype=np.int64)
-        classes[col] = names
-    return codes, classes
+    return table.counts[:, keep], ids, symbols
 
 
 def load_cell_data(h5ad_path: str, tokens_path: str, vocab, label_columns: list[str]) -> CellData:
     """Read qc/filtered.h5ad and the tokens written for it (checked against the vocabulary)."""
-    import anndata as ad
-
-    from cellfoundry.tokenize import read_tokens
-
-    adata = ad.read_h5ad(h5ad_path)
-    tokens = read_tokens(tokens_path, vocab_hash=vocab.hash)
-    gene_ids, values = _token_arrays(tokens)
-    if gene_ids.shape[0] != adata.n_obs:
-        raise UserError(
-            f"{tokens_path} holds {gene_ids.shape[0]} cells but {h5ad_path} has {adata.n_obs}; "
-            "re-run tokenization (snakemake --forcerun tokenize)."
-        )
-    counts, ids, symbols = decode_targets(adata, vocab.index)
-    if "split" not in adata.obs.columns:
-        raise UserError(f"{h5ad_path} has no obs['split']; re-run QC.")
-    labels, classes = encode_labels(adata.obs, label_columns)
-    return CellData(gene_ids, values, counts, ids, symbols, adata.obs["split"].astype(str).to_numpy(), labels, classes)
-
-
-def _token_arrays(tokens: Any) -> tuple[np.ndarray, np.ndarray]:
-    """gene_ids and values from read_tokens' result (a mapping or an object with attributes)."""
-    if isinstance(tokens, dict):
-        return tokens["gene_ids"], tokens["values"]
-    if isinstance(tokens, tuple) and not hasattr(tokens, "gene_ids"):
-        return tokens[0], tokens[1]
-    return tokens.gene_ids, tokens.values
+    table = CellTable.read(h5ad_path, tokens_path, vocab_hash=vocab.hash)
+    counts, ids, symbols = decode_targets(table, vocab.index)
+    labels, classes = table.labels(label_columns, config_key="xpressor.labels")
+    return CellData(table.gene_ids, table.values, counts, ids, symbols, table.split, labels, classes)
 
 
 def resolve_label_columns(labels: list[str], dataset: dict) -> list[str]:
@@ -181,17 +141,33 @@ def collate(items: list[dict]) -> dict[str, Any]:
     return out
 
 
-def cell_loader(
-    data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, shuffle: bool, seed: int
-) -> DataLoader:
-    """The shuffled training loader resumes exactly (cellfoundry.resumable.resumable_loader); the
-    validation loader is plain (Lightning shards it under DDP)."""
-    from cellfoundry.resumable import resumable_loader
+def cell_loader(data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int) -> DataLoader:
+    """Cells `idx` in order (validation, held-out measurement; Lightning shards it under DDP)."""
+    return DataLoader(CellBatches(data, idx, cache), batch_size=batch_size, shuffle=False, collate_fn=collate)
 
-    cells = CellBatches(data, idx, cache)
-    if shuffle:
-        return resumable_loader(cells, batch_size, seed, collate_fn=collate)
-    return DataLoader(cells, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+class XpressorDataModule(pl.LightningDataModule):
+    """The cells of one training: a seeded `val_fraction` of the train split validates (early
+    stopping), the rest trains in a shuffled order that cellfoundry.trainer.fit resumes exactly;
+    the test split is never seen. Its hyperparameters identify the data of a resumable run."""
+
+    def __init__(self, data: CellData, cache: BaseCache | None, batch_size: int, val_fraction: float, seed: int):
+        from cellfoundry.resumable import resumable_loader
+
+        super().__init__()
+        self.save_hyperparameters(ignore=["data", "cache"])
+        self.hparams["n_cells"] = data.n_cells
+        self.data, self.cache = data, cache
+        self.fit_idx, self.val_idx, _ = split_indices(data.split, val_fraction, seed)
+        self.train_loader = resumable_loader(
+            CellBatches(data, self.fit_idx, cache), batch_size, seed, collate_fn=collate
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return cell_loader(self.data, self.val_idx, self.cache, self.hparams.batch_size)
 
 
 # -- base model outputs ---------------------------------------------------------------------------

@@ -43,22 +43,18 @@ class XpressorModule(pl.LightningModule):
     no_grad (or with gradients only through the unfrozen last layer).
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        gene_table: Tensor,
-        decode_genes: np.ndarray,
-        xcfg: XpressorConfig,
-        settings: TrainSettings,
-    ):
+    def __init__(self, base: nn.Module, gene_table: Tensor, decode_genes: np.ndarray, model: dict, train: dict):
+        """`model`: XpressorConfig fields; `train`: TrainSettings fields. Both are the module's
+        hyperparameters (and so its resume identity); base, gene table and decoded genes are inputs."""
         super().__init__()
+        self.save_hyperparameters(ignore=["base", "gene_table", "decode_genes"])
         self.base = base
-        self.xpressor = Xpressor(xcfg)
-        self.settings = settings
+        self.xpressor = Xpressor(XpressorConfig.from_dict(model))
+        self.settings = TrainSettings(**train)
         # The gene table can be large (SE-600M: 19,790 x 5,120); it is input data, not a weight.
         self.register_buffer("gene_table", gene_table.float(), persistent=False)
         self.register_buffer("decode_genes", torch.as_tensor(decode_genes, dtype=torch.long), persistent=False)
-        freeze_base(self.base, settings.unfreeze_last_layer)
+        freeze_base(self.base, self.settings.unfreeze_last_layer)
         self.strict_loading = False  # resume checkpoints hold only the trainable weights
 
     # The base never trains in Lightning's sense: keep its dropout off.

@@ -12,7 +12,7 @@ import copy
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from cellfoundry.utils import (
 from cellfoundry.xpressor.data import (
     BaseCache,
     CellData,
+    XpressorDataModule,
     base_batches,
     cache_bytes,
     cell_loader,
@@ -129,36 +130,26 @@ def train_one(
     """Train one method ("xpressor", "cls" or "mean") and return the module with its best
     (lowest validation loss) weights. Resumes from work_dir when an interrupted run of the same
     configuration left a checkpoint there; a different configuration starts afresh
-    (cellfoundry.trainer.fit keys the resume on these settings). Seeded per method, so that
+    (cellfoundry.trainer.fit keys the resume on the module's and the data's hyperparameters). Seeded per method, so that
     each method starts from the same random state whatever ran before it."""
     from cellfoundry.trainer import build_trainer, fit
 
-    work_dir = Path(work_dir)
-    run_settings = {
-        "method": method,
-        "model": xcfg.to_dict(),
-        "train": settings.__dict__,
-        "seed": seed,
-        "n_cells": data.n_cells,
-        "trainer": trainer_kwargs,
-    }
     seed_everything(seed)  # each method starts from the same random state
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
-    module = XpressorModule(base, gene_table, data.decode_genes, xcfg, settings)
-    fit_idx, val_idx, _ = split_indices(data.split, settings.val_fraction, seed)
-    train_loader = cell_loader(data, fit_idx, cache, settings.batch_size, True, seed)
-    val_loader = cell_loader(data, val_idx, cache, settings.batch_size, False, seed)
+    module = XpressorModule(base, gene_table, data.decode_genes, xcfg.to_dict(), asdict(settings))
+    cells = XpressorDataModule(data, cache, settings.batch_size, settings.val_fraction, seed)
+    work_dir = Path(work_dir)
     best = ModelCheckpoint(dirpath=work_dir / "best", filename="best", monitor="val_loss", mode="min", save_top_k=1)
     trainer = build_trainer(
         work_dir,
         max_epochs=settings.max_epochs,
         gradient_clip_val=settings.gradient_clip,
         callbacks=[EarlyStopping("val_loss", patience=settings.patience, mode="min"), best],
-        log_every_n_steps=max(1, min(10, len(train_loader))),
+        log_every_n_steps=max(1, min(10, len(cells.train_loader))),
         **trainer_kwargs,
     )
-    fit(trainer, module, train_loader, val_loader, out_dir=work_dir, settings=run_settings)
+    fit(trainer, module, datamodule=cells, out_dir=work_dir)
     if best.best_model_path:
         state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state, strict=False)
@@ -175,7 +166,7 @@ def predict_log1p(
     """Decoded and observed log1p-normalised expression [n, G] of cells `idx`."""
     module = module.to(device).eval()
     preds, obs = [], []
-    for batch in cell_loader(data, idx, cache, batch_size, False, 0):
+    for batch in cell_loader(data, idx, cache, batch_size):
         batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         with autocast(device):
             latents = module.forward_latents(batch)
