@@ -14,7 +14,7 @@ run_stage(
     dict(
         h5ad=str(snakemake.input.h5ad),
         checkpoint=str(snakemake.output.ckpt),
-        work_dir=str(snakemake.params.train_dir),
+        work_dir=str(snakemake.params.work_dir),
         settings=dict(snakemake.params.settings),
         conditions=list(snakemake.params.conditions),
         seed=snakemake.params.seed,

@@ -19,14 +19,8 @@ run_stage(
         checkpoint=str(snakemake.output.ckpt),
         metrics=str(snakemake.output.metrics),
         work_dir=str(snakemake.params.work_dir),
-        # encode.batch_size is no rule param: it must not trigger re-runs
-        settings={
-            **snakemake.params.xpressor,
-            "encode": {
-                **snakemake.params.xpressor["encode"],
-                "batch_size": snakemake.config["xpressor"]["encode"]["batch_size"],
-            },
-        },
+        # xpressor.encode is no rule param: it must not trigger re-runs
+        settings={**snakemake.params.xpressor, "encode": snakemake.config["xpressor"]["encode"]},
         label_columns=resolve_label_columns(snakemake.params.labels, snakemake.params.dataset),
         seed=snakemake.params.seed,
         device=snakemake.params.device,

@@ -22,7 +22,7 @@ rule diffusion_train:
         # training depends on everything but the sampling settings
         settings={k: v for k, v in config["diffusion"].items() if k not in ("sample", "enabled")},
         conditions=lambda wc: dataset_cfg(wc.dataset)["conditions"],
-        train_dir=lambda wc: f"results/{wc.dataset}/diffusion/train",
+        work_dir=lambda wc: f"results/{wc.dataset}/diffusion/train",
         seed=config["seed"],
         device=config["device"],
     log:

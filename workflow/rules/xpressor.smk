@@ -18,12 +18,9 @@ rule xpressor_train:
             figure="held-out reconstruction (table)",
         ),
     params:
-        # encode.batch_size cannot change results: the script reads it from the config so
-        # that changing it schedules no re-run
-        xpressor={
-            **config["xpressor"],
-            "encode": {k: v for k, v in config["xpressor"]["encode"].items() if k != "batch_size"},
-        },
+        # xpressor.encode.* cannot change the training: the script reads it from the config,
+        # so that changing it schedules no re-run
+        xpressor={k: v for k, v in config["xpressor"].items() if k != "encode"},
         labels=config["xpressor"]["labels"],
         dataset=lambda wc: dataset_cfg(wc.dataset),
         seed=config["seed"],

@@ -84,10 +84,10 @@ def condition_specs(dataset_conditions: Sequence[Mapping[str, Any]]) -> list[Con
 
 
 def read_training_data(
-    filtered_h5ad: str | os.PathLike,
+    h5ad: str | os.PathLike,
     token_space: str,
     conditions: Sequence[Mapping[str, Any]],
-    latents_npy: str | os.PathLike | None = None,
+    latents: str | os.PathLike | None = None,
 ) -> dict:
     """Everything training needs from the stage inputs.
 
@@ -95,20 +95,20 @@ def read_training_data(
     arrays (condition arrays of the train cells), obs (obs of all cells), var_names, library
     (train library sizes [n]) and train_obs (condition columns of the train cells).
     """
-    cells = CellTable.read(filtered_h5ad)
+    cells = CellTable.read(h5ad)
     train = cells.split == "train"
     counts = cells.counts
     library = np.asarray(counts.sum(1)).ravel()
     if token_space == "latent":
-        if latents_npy is None:
+        if latents is None:
             raise ValueError("latent token space needs xpressor/latents.npy")
-        latents = np.load(latents_npy, mmap_mode="r")
-        if latents.shape[0] != cells.n_cells:
+        stored = np.load(latents, mmap_mode="r")
+        if stored.shape[0] != cells.n_cells:
             raise UserError(
-                f"{latents_npy} has {latents.shape[0]} cells but {filtered_h5ad} has {cells.n_cells}; "
+                f"{latents} has {stored.shape[0]} cells but {h5ad} has {cells.n_cells}; "
                 "re-run the xpressor rules (snakemake --forcerun xpressor_train)."
             )
-        x = np.asarray(latents[train], dtype=np.float32)
+        x = np.asarray(stored[train], dtype=np.float32)
     elif token_space == "gene":
         x = log1p_normalise(counts[train])  # float32 CSR in, float32 out
     else:

@@ -170,12 +170,12 @@ def gather_shards(
     write_embedding_h5ad(out_path, obs, chunks(), dims.pop(), key=key, uns=uns)
 
 
-def embed_provenance(ckpt, vocab_path, cells_h5ad, tokens_dir=None, config: dict | None = None) -> dict:
+def embed_provenance(se_checkpoint, vocab, h5ad, tokens=None, config: dict | None = None) -> dict:
     """uns of an embedding .h5ad: the provenance record of the embed stage."""
     from cellfoundry.provenance import KEY, provenance
 
     record = provenance(
-        "embed", config, checkpoints={"se": ckpt}, vocab=vocab_path, inputs={"cells": cells_h5ad, "tokens": tokens_dir}
+        "embed", config, checkpoints={"se": se_checkpoint}, vocab=vocab, inputs={"cells": h5ad, "tokens": tokens}
     )
     return {KEY: record}
 
