@@ -85,6 +85,22 @@ def test_shapes_encode_decode_labels():
     assert not torch.allclose(model.encode(tokens2, mask)[1:], model.encode(tokens2 * 2, mask)[1:])
 
 
+@pytest.mark.parametrize("kw", [{}, {"log1p_head": True, "dispersion": "gene"}, {"n_decoder_blocks": 0}])
+def test_decoding_in_gene_chunks_equals_decoding_at_once(monkeypatch, kw):
+    """Many genes are decoded in chunks (bounded memory); only the softmax spans all genes."""
+    import cellfoundry.models.xpressor as xpressor_module
+
+    torch.manual_seed(0)
+    model = Xpressor(xcfg(**kw)).eval()
+    latents, genes = torch.randn(3, 4, 16), torch.randn(50, E)
+    whole = model.decode(latents, genes)
+    monkeypatch.setattr(xpressor_module, "DECODE_CHUNK_ELEMENTS", 3 * 16 * 7)  # chunks of 7 genes
+    chunked = model.decode(latents, genes)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+    assert torch.allclose(chunked.scale.sum(-1), torch.ones(3))
+
+
 def test_multi_layer_keys_and_pooled_baselines_read_the_same_layers():
     base = tiny_base()
     gene_ids, values, _, _ = tiny_cells(n=3)

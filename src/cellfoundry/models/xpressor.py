@@ -69,6 +69,9 @@ DISPERSIONS = ("gene", "gene-cell")
 ATTENTIONS = ("standard", "criss-cross")
 POOLINGS = (None, "cls", "mean")
 CHECKPOINT_FORMAT = "cellfoundry-xpressor/1"
+#: Elements of one [cells, genes, D] decoder activation per gene chunk (2**25 float32 = 128 MB;
+#: the MLP's hidden layer is mlp_ratio times that).
+DECODE_CHUNK_ELEMENTS = 2**25
 
 
 @dataclass
@@ -310,21 +313,34 @@ class Xpressor(nn.Module):
         return self.gene_proj(F.normalize(gene_vectors, dim=-1))
 
     def decode(self, latents: Tensor, gene_vectors: Tensor) -> DecoderOutput:
-        """Latents [B, M, D] + gene vectors [G, E] -> DecoderOutput with [B, G] fields."""
-        q = q0 = self.gene_queries(gene_vectors.to(latents.dtype))  # [G, D], broadcast in block 1
-        if not self.decoder_blocks:
-            q = q.unsqueeze(0).expand(latents.shape[0], -1, -1)
-        for block in self.decoder_blocks:
-            q = block(q, latents)
-        raw = self.head(self.head_norm(q)).float()  # [B, G, 3]; losses in fp32
+        """Latents [B, M, D] + gene vectors [G, E] -> DecoderOutput with [B, G] fields.
+
+        Genes never attend to each other, so the decoder runs over chunks of at most
+        DECODE_CHUNK_ELEMENTS // (B * D) genes (one chunk on the demo): its activations
+        [B, G, D * mlp_ratio] would otherwise take gigabytes for 20,000 genes. Only the softmax
+        over genes needs them all, and it runs on the [B, G] logits."""
+        q0 = self.gene_queries(gene_vectors.to(latents.dtype))  # [G, D], broadcast in block 1
+        chunk = max(1, DECODE_CHUNK_ELEMENTS // max(1, latents.shape[0] * self.cfg.d_model))
+        raw, log1p = [], []
+        for lo in range(0, q0.shape[0], chunk):
+            q = q0[lo : lo + chunk]
+            if not self.decoder_blocks:
+                q = q.unsqueeze(0).expand(latents.shape[0], -1, -1)
+            for block in self.decoder_blocks:
+                q = block(q, latents)
+            h = self.head_norm(q)
+            raw.append(self.head(h).float())  # [B, g, 3]; losses in fp32
+            if self.cfg.log1p_head:  # trained by the MSE term alone; the NB mean stays the count mean
+                log1p.append(self.log1p_out(h).float()[..., 0])
+        raw = torch.cat(raw, dim=1) if len(raw) > 1 else raw[0]
         scale = torch.softmax(raw[..., 0], dim=-1)
         if self.cfg.dispersion == "gene":
             theta_logit = self.theta_head(q0).float()[:, 0]
             theta = (F.softplus(theta_logit) + 1e-4).expand_as(scale)
         else:
             theta = F.softplus(raw[..., 1]) + 1e-4
-        if self.cfg.log1p_head:  # trained by the MSE term alone; the NB mean stays the count mean
-            log1p = self.log1p_out(self.head_norm(q)).float()[..., 0]
+        if self.cfg.log1p_head:
+            log1p = torch.cat(log1p, dim=1) if len(log1p) > 1 else log1p[0]
         else:
             log1p = torch.log1p(mean_fraction(scale, raw[..., 2], self.cfg.loss) * self.cfg.target_sum)
         return DecoderOutput(scale, theta, raw[..., 2], log1p)
