@@ -85,6 +85,26 @@ def test_shapes_encode_decode_labels():
     assert not torch.allclose(model.encode(tokens2, mask)[1:], model.encode(tokens2 * 2, mask)[1:])
 
 
+@pytest.mark.parametrize("layers", [[-1], [0, -1]])
+def test_pooled_queries_start_from_the_pooled_baselines_map(layers):
+    """With pooled_queries the encoder starts as the pooled baselines' model: its blocks' residual
+    branches are zero, so the latents are final_norm(learned queries + a linear map of the layer
+    means and CLS); the cross-attention then learns what it adds. It needs the CLS."""
+    torch.manual_seed(0)
+    model = Xpressor(xcfg(pooled_queries=True, base_layers=layers))
+    k = len(layers)
+    tokens, cls = torch.randn(3, k, 10, D_BASE), torch.randn(3, D_BASE)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[1, 6:] = True
+    keep = (~mask).float()[:, None, :, None]
+    means = ((tokens * keep).sum(2) / keep.sum(2)).flatten(1)
+    summary = model.query_proj(torch.cat([means, cls], dim=1)).view(3, -1, 16)
+    expected = model.final_norm(model.latents + summary)
+    torch.testing.assert_close(model.encode(tokens, mask, cls), expected)
+    with pytest.raises(ValueError, match="CLS"):
+        model.encode(tokens, mask)
+
+
 @pytest.mark.parametrize("kw", [{}, {"log1p_head": True, "dispersion": "gene"}, {"n_decoder_blocks": 0}])
 def test_decoding_in_gene_chunks_equals_decoding_at_once(monkeypatch, kw):
     """Many genes are decoded in chunks (bounded memory); only the softmax spans all genes."""

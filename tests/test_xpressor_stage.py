@@ -48,6 +48,7 @@ def stage_cfg(train: dict | None = None, encode: dict | None = None, **kw) -> di
         label_weight=1.0,
         gene_adapter=False,
         adapter_hidden=16,
+        pooled_queries=True,
         unfreeze_last_layer=False,
         train=dict(
             lr=3e-3,

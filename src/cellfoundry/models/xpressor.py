@@ -103,6 +103,7 @@ class XpressorConfig:
     label_weight: float  # weight of each label's cross-entropy
     gene_adapter: bool  # Linear-ReLU-Linear adapter on the frozen gene vectors
     adapter_hidden: int
+    pooled_queries: bool  # latent queries start from the mean token of each layer read
     pooling: str | None = None  # baseline: None = Xpressor; "cls"/"mean" = one pooled vector (no config key)
     target_sum: float = 1e4  # library size of the log1p normalisation (no config key)
 
@@ -168,8 +169,19 @@ CHECKPOINT_DEFAULTS = dict(
     label_dim=16,
     label_weight=1.0,
     gene_adapter=False,
+    pooled_queries=False,
     adapter_hidden=128,
 )
+
+
+def _layer_means(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the non-padding tokens of each layer, concatenated: [B, T, d] -> [B, d] or
+    [B, K, T, d] -> [B, K*d] (the mean-pooled baseline's input)."""
+    keep = torch.ones(tokens.shape[0], tokens.shape[-2], device=tokens.device) if mask is None else (~mask).float()
+    keep = keep.to(tokens.dtype).unsqueeze(-1)
+    if tokens.dim() == 4:
+        keep = keep.unsqueeze(1)
+    return ((tokens * keep).sum(-2) / keep.sum(-2).clamp(min=1.0)).flatten(1)
 
 
 class MLP(nn.Sequential):
@@ -259,7 +271,14 @@ class Xpressor(nn.Module):
             if k > 1:
                 self.layer_embed = nn.Parameter(torch.randn(k, d) * 0.02)
             self.latents = nn.Parameter(torch.randn(cfg.n_tokens, d) * 0.02)
+            if cfg.pooled_queries:  # the pooled baselines' map of their inputs, so Xpressor holds both
+                self.query_proj = nn.Linear((k + 1) * cfg.d_base, cfg.n_tokens * d)
             self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_blocks))
+            if cfg.pooled_queries:
+                for block in self.blocks:
+                    for last in (block.cross.out, block.self_attn.out, block.mlp[-1]):
+                        nn.init.zeros_(last.weight)
+                        nn.init.zeros_(last.bias)
         else:
             # Baseline: one pooled vector spread into the same number of latent tokens; [B, d] for
             # CLS (last layer), [B, K*d] for the mean over each layer read.
@@ -285,10 +304,12 @@ class Xpressor(nn.Module):
         self.classifiers = nn.ModuleDict({name: nn.Linear(cfg.label_dim, len(c)) for name, c in cfg.labels.items()})
 
     # -- encoder ---------------------------------------------------------------------------------
-    def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None, cls: Tensor | None = None) -> Tensor:
         """Base gene tokens [B, K, T, d] of the K layers read ([B, T, d] when K = 1; mask [B, T],
         True = padding) -> latents [B, M, D]. The layers' tokens are projected each, marked by
-        their layer embedding and concatenated into K*T keys.
+        their layer embedding and concatenated into K*T keys. With `pooled_queries` the latent
+        queries start from a linear map of the mean token of each layer and the last layer's CLS
+        [B, d] (`cls`, required then), the pooled baselines' inputs.
 
         For a pooled baseline `tokens` is the pooled vector [B, d] or [B, K*d] (mask ignored)."""
         if self.cfg.pooling is not None:
@@ -296,13 +317,18 @@ class Xpressor(nn.Module):
             return self.final_norm(self.pooled_proj(tokens).view(b, self.cfg.n_tokens, self.cfg.d_model))
         if tokens.dim() == 4 and self.cfg.n_base_layers == 1:
             tokens = tokens[:, 0]
+        latents = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        if self.cfg.pooled_queries:
+            if cls is None:
+                raise ValueError("an Xpressor with pooled_queries needs the base's CLS output")
+            summary = torch.cat([_layer_means(tokens, key_padding_mask), cls.to(tokens.dtype)], dim=-1)
+            latents = latents + self.query_proj(summary).view_as(latents)
         if self.cfg.n_base_layers == 1:
             x = self.token_proj(tokens)
         else:
             x = torch.cat([proj(tokens[:, i]) + self.layer_embed[i] for i, proj in enumerate(self.token_proj)], dim=1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.repeat(1, self.cfg.n_base_layers)
-        latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
         for block in self.blocks:
             latents, x = block(latents, x, key_padding_mask)
         return self.final_norm(latents)

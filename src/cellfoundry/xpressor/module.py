@@ -81,7 +81,7 @@ class XpressorModule(pl.LightningModule):
             return self.xpressor.encode(cls)
         if pooling == "mean":  # the mean of each layer read, concatenated
             return self.xpressor.encode(masked_mean(tokens, mask))
-        return self.xpressor.encode(tokens, mask)
+        return self.xpressor.encode(tokens, mask, cls)
 
     def losses(self, batch: dict) -> dict[str, Tensor]:
         latents = self.forward_latents(batch)
@@ -96,6 +96,7 @@ class XpressorModule(pl.LightningModule):
             genes, counts = genes[pick], counts[:, pick]
         out = self.xpressor.decode(latents, self.gene_table[genes])
         terms = self.xpressor.reconstruction_loss(out, counts, library)
+        terms["reconstruction"] = terms["loss"]  # what every method is compared on
         for name, logits in self.xpressor.classify(latents).items():
             target = batch["labels"][name]
             terms[f"ce_{name}"] = nn.functional.cross_entropy(logits.float(), target, ignore_index=-1)

@@ -91,6 +91,7 @@ def stage_settings(cfg: dict) -> StageSettings:
         "label_weight",
         "gene_adapter",
         "adapter_hidden",
+        "pooled_queries",
     )
     recipe = cfg["train"]
     train = TrainSettings(
@@ -140,12 +141,15 @@ def train_one(
     module = XpressorModule(base, gene_table, data.decode_genes, xcfg.to_dict(), asdict(settings))
     cells = XpressorDataModule(data, cache, settings.batch_size, settings.val_fraction, seed)
     work_dir = Path(work_dir)
-    best = ModelCheckpoint(dirpath=work_dir / "best", filename="best", monitor="val_loss", mode="min", save_top_k=1)
+    # every method stops and keeps its weights on the validation reconstruction loss: Xpressor's
+    # label cross-entropy overfits early and would stop it before its reconstruction does
+    monitor = "val_reconstruction"
+    best = ModelCheckpoint(dirpath=work_dir / "best", filename="best", monitor=monitor, mode="min", save_top_k=1)
     trainer = build_trainer(
         work_dir,
         max_epochs=settings.max_epochs,
         gradient_clip_val=settings.gradient_clip,
-        callbacks=[EarlyStopping("val_loss", patience=settings.patience, mode="min"), best],
+        callbacks=[EarlyStopping(monitor, patience=settings.patience, mode="min"), best],
         log_every_n_steps=max(1, min(10, len(cells.train_loader))),
         **trainer_kwargs,
     )
@@ -316,8 +320,8 @@ def encode_cells(
             base, gene_table, data, batch_size, device, xpressor.cfg.base_layers
         ):
             with autocast(device):
-                tokens, mask, _ = split_outputs(stack, outputs, padding)
-                latents = xpressor.encode(tokens, mask)
+                tokens, mask, cls = split_outputs(stack, outputs, padding)
+                latents = xpressor.encode(tokens, mask, cls)
                 emb = xpressor.embedding(latents)
                 cell = base.embed_from_outputs(outputs) if hasattr(base, "embed_from_outputs") else outputs[:, 0]
             out[lo:hi] = latents.float().cpu().numpy()
