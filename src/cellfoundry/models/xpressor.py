@@ -174,8 +174,8 @@ CHECKPOINT_DEFAULTS = dict(
 )
 
 
-def _layer_means(tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over the non-padding tokens of each layer, concatenated: [B, T, d] -> [B, d] or
+def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the non-padding tokens (mask True = padding): [B, T, d] -> [B, d], or per layer
     [B, K, T, d] -> [B, K*d] (the mean-pooled baseline's input)."""
     keep = torch.ones(tokens.shape[0], tokens.shape[-2], device=tokens.device) if mask is None else (~mask).float()
     keep = keep.to(tokens.dtype).unsqueeze(-1)
@@ -321,7 +321,7 @@ class Xpressor(nn.Module):
         if self.cfg.pooled_queries:
             if cls is None:
                 raise ValueError("an Xpressor with pooled_queries needs the base's CLS output")
-            summary = torch.cat([_layer_means(tokens, key_padding_mask), cls.to(tokens.dtype)], dim=-1)
+            summary = torch.cat([masked_mean(tokens, key_padding_mask), cls.to(tokens.dtype)], dim=-1)
             latents = latents + self.query_proj(summary).view_as(latents)
         if self.cfg.n_base_layers == 1:
             x = self.token_proj(tokens)
@@ -437,14 +437,6 @@ def decode_expression(
     if library_size is None:
         return out.log1p
     return expected_counts(out, library_size, model.cfg.loss)
-
-
-# -- parameter accounting -------------------------------------------------------------------------
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return trainable, total
 
 
 # -- checkpoint ----------------------------------------------------------------------------------

@@ -225,15 +225,6 @@ def split_outputs(stack: Tensor, outputs: Tensor, padding: Tensor) -> tuple[Tens
     return stack[:, :, 1:-1], padding[:, 1:-1], outputs[:, 0]
 
 
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the non-padding tokens: [B, T, d] -> [B, d], or per layer [B, K, T, d] -> [B, K*d]."""
-    keep = (~mask).to(tokens.dtype).unsqueeze(-1)
-    if tokens.dim() == 4:
-        keep = keep.unsqueeze(1)
-    mean = (tokens * keep).sum(-2) / keep.sum(-2).clamp(min=1.0)
-    return mean.flatten(1)
-
-
 @torch.inference_mode()
 def base_batches(
     base: nn.Module, gene_table: Tensor, data: CellData, batch_size: int, device: str, layers: list[int] = (-1,)

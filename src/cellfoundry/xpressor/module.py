@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cellfoundry.models.xpressor import Xpressor, XpressorConfig
+from cellfoundry.models.xpressor import Xpressor, XpressorConfig, masked_mean
 from cellfoundry.utils import UserError
-from cellfoundry.xpressor.data import base_layer_outputs, masked_mean, split_outputs
+from cellfoundry.xpressor.data import base_layer_outputs, split_outputs
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from cellfoundry.evaluate.knn import knn_split_accuracy
 from cellfoundry.evaluate.reconstruction import reconstruction_metrics
-from cellfoundry.models.xpressor import Xpressor, XpressorConfig, count_parameters, log1p_normalize, save_xpressor
+from cellfoundry.models.xpressor import Xpressor, XpressorConfig, log1p_normalize, save_xpressor
 from cellfoundry.progress import Progress
 from cellfoundry.utils import (
     UserError,
@@ -244,7 +244,7 @@ def train_and_measure(
             continue  # DDP: the other ranks only train; rank 0 measures and writes
         pred, obs = predict_log1p(module, data, test_idx, cache, stage.inference_batch_size, device)
         scores = reconstruction_metrics(pred, obs)
-        trainable, _ = count_parameters(module.xpressor)
+        trainable = sum(p.numel() for p in module.xpressor.parameters() if p.requires_grad)
         base_trainable = sum(v.numel() for v in unfrozen_base_state(module.base).values())
         base_total = sum(p.numel() for p in module.base.parameters())
         summary["methods"][method] = {
