@@ -116,6 +116,15 @@ def workdir(work: Path, config: dict, code: str | None) -> Path:
     return work
 
 
+def repo_file(path: str, code: str | None) -> str:
+    """A file of the working tree, or of commit `code` (the config that goes with its code)."""
+    if code:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{code}:{path}"], check=True, capture_output=True, text=True
+        ).stdout
+    return (REPO / path).read_text()
+
+
 def run_all(work: Path, cores: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [str(REPO / ".venv" / "bin" / "snakemake"), "--cores", str(cores), "--keep-going", "--rerun-incomplete"]
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.demo_run:
             sys.exit("--run-demo needs --demo-run DIR (where to run it)")
         run_all(
-            workdir(args.demo_run, yaml.safe_load((REPO / "config" / "config.yaml").read_text()), args.code), args.cores
+            workdir(args.demo_run, yaml.safe_load(repo_file("config/config.yaml", args.code)), args.code), args.cores
         )
     if not args.no_run:
         data = work / "scale.h5ad"
@@ -175,12 +184,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"synthesizing {args.cells:,} cells x {args.genes:,} genes -> {data}", flush=True)
             work.mkdir(parents=True, exist_ok=True)
             synthesize(data, args.cells, args.genes, args.cell_types, args.batch_cells, args.chunk, seed=0)
-        config = yaml.safe_load((REPO / "config" / "benchmarks" / "scale.yaml").read_text())
+        config = yaml.safe_load(repo_file("config/benchmarks/scale.yaml", args.code))
         config["datasets"]["scale"]["path"] = str(data)
         run_all(workdir(work, config, args.code), args.cores)
     runs = {"demo": args.demo_run} if args.demo_run else {}
     for run in [*args.also, work]:  # scale runs, by their number of cells
-        runs[f"N={n_cells(run):,}"] = run
+        if (run / "scale.h5ad").exists():
+            runs[f"N={n_cells(run):,}"] = run
     table = pd.concat({name: costs(run) for name, run in runs.items()}, axis=1)
     scale = [name for name in runs if name != "demo"]
     if args.extrapolate and len(scale) >= 2:
