@@ -442,7 +442,8 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(synthetic, tmp
 
 def test_resume_identity_is_the_hyperparameters(synthetic):
     """The resume fingerprint comes from the module's and the data module's hyperparameters: a
-    larger step budget still resumes (RESUMABLE_CHANGES); another learning rate or seed does not."""
+    larger step budget still resumes (RESUMABLE_CHANGES); another learning rate, seed or training
+    data of the same shape does not."""
     from cellfoundry.diffusion.data import DiffusionDataModule, read_training_data
     from cellfoundry.diffusion.module import DiffusionModule
     from cellfoundry.trainer import resume_identity, settings_fingerprint
@@ -450,10 +451,10 @@ def test_resume_identity_is_the_hyperparameters(synthetic):
     data = read_training_data(synthetic / "filtered.h5ad", "gene", CONDITIONS)
     settings = {**SETTINGS, "token_space": "gene"}
 
-    def fingerprint(settings: dict, seed: int = 0) -> str:
-        module = DiffusionModule(settings, data["codec"].to_dict(), list(data["x0"].shape[1:]))
-        identity = resume_identity(module, DiffusionDataModule(data, settings["train"]["batch_size"], seed))
-        assert identity["data"] == {"batch_size": 32, "seed": seed, "x0_shape": list(data["x0"].shape)}
+    def fingerprint(settings: dict, seed: int = 0, cells: dict = data) -> str:
+        module = DiffusionModule(settings, cells["codec"].to_dict(), list(cells["x0"].shape[1:]))
+        identity = resume_identity(module, DiffusionDataModule(cells, settings["train"]["batch_size"], seed))
+        assert identity["data"]["x0_shape"] == list(cells["x0"].shape) and identity["data"]["seed"] == seed
         return settings_fingerprint(identity)
 
     base = fingerprint(settings)
@@ -461,3 +462,5 @@ def test_resume_identity_is_the_hyperparameters(synthetic):
     assert fingerprint({**settings, "trainer": {**settings["trainer"], "checkpoint_every_n_steps": 9}}) == base
     assert fingerprint(with_train(settings, lr=2e-3)) != base
     assert fingerprint(settings, seed=1) != base
+    # other training data of the same shape (e.g. the latents of a retrained Xpressor)
+    assert fingerprint(settings, cells={**data, "x0": data["x0"][::-1].copy()}) != base

@@ -16,7 +16,7 @@ from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.se_checkpoint import save_se
 from cellfoundry.models.xpressor import decode_expression, load_xpressor
 from cellfoundry.tokenize import tokenize_h5ad
-from cellfoundry.utils import UserError
+from cellfoundry.utils import UserError, file_sha256
 from cellfoundry.vocab import build_random_vocab
 from cellfoundry.xpressor import resolve_label_columns, run_xpressor_encode, run_xpressor_train
 
@@ -93,7 +93,7 @@ def inputs(tmp_path_factory):
     vocab_path = root / "gene_embeddings.pt"
     vocab.save(vocab_path)
     tokens = root / "tokens"
-    tokenize_h5ad(h5ad, tokens, vocab, L, seed=0)
+    tokenize_h5ad(h5ad, tokens, vocab, L, seed=0, source_hash=file_sha256(h5ad))  # as rule tokenize
     torch.manual_seed(0)
     se_cfg = SEConfig(token_dim=E, d_model=32, nhead=4, d_hid=64, nlayers=2, output_dim=32, pad_length=L)
     se_path = root / "pretrained.ckpt"
@@ -131,6 +131,10 @@ def test_train_and_encode_stage(inputs, tmp_path):
     assert {"pearson_mean", "spearman_mean", "mse"} <= set(metrics.metric)
     assert (metrics.n_cells == N_CELLS // 5).all()
     assert not (tmp_path / "train" / "xpressor" / "checkpoints").exists()  # resume state removed when done
+    # an interrupted run resumes only on the same base and cells (resume identity = hyperparameters)
+    identity = json.loads((tmp_path / "train" / "xpressor" / "settings_fingerprint.json").read_text())["settings"]
+    assert identity["module"]["base_sha256"] == file_sha256(inputs["se"])
+    assert identity["data"]["source"] == file_sha256(inputs["h5ad"])
 
     ckpt = load_xpressor(tmp_path / "model.ckpt", base_checkpoint=inputs["se"])
     assert ckpt.meta["genes"] == [f"G{i}" for i in range(N_GENES)]

@@ -65,6 +65,12 @@ class CellTable:
     def n_cells(self) -> int:
         return len(self.split)
 
+    @property
+    def source(self) -> str | None:
+        """SHA-256 of the h5ad the tokens were built from (None when read without tokens): with
+        the tokens' vocabulary it identifies the cells a training run read."""
+        return self.token_attrs.get("source_hash")
+
     def rows(self, split: str) -> np.ndarray:
         """Row indices of the cells in `split` ("train" or "test")."""
         return np.flatnonzero(self.split == split)

@@ -9,6 +9,7 @@ Also the condition arrays of the training cells and their shuffled, exactly resu
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -141,7 +142,10 @@ class DiffusionDataModule(pl.LightningDataModule):
     def __init__(self, data: dict, batch_size: int, seed: int):
         super().__init__()
         self.save_hyperparameters(ignore=["data"])
-        self.hparams["x0_shape"] = list(data["x0"].shape)
+        x0 = np.ascontiguousarray(data["x0"])
+        # the training data's content, not only its shape: new latents of the same shape (Xpressor
+        # retrained) must not resume a run on the old ones
+        self.hparams.update(x0_shape=list(x0.shape), x0_sha256=hashlib.sha256(memoryview(x0).cast("B")).hexdigest())
         dataset = CellDataset(data["x0"], data["arrays"])
         self.train_loader = resumable_loader(dataset, min(batch_size, len(dataset)), seed, drop_last=True)
 

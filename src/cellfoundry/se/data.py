@@ -83,7 +83,8 @@ class PretrainDataModule(pl.LightningDataModule):
     """The training cells of every pretraining dataset, shuffled and seeded, in full batches
     (the last partial batch is dropped so every step has B cells) that cellfoundry.trainer.fit
     resumes exactly. Its hyperparameters identify the data of a resumable run: the datasets'
-    token folders, the vocabulary, the cells and the sentence length."""
+    sources (SHA-256 of the h5ad each dataset's tokens were built from), the vocabulary, the
+    cells and the sentence length."""
 
     def __init__(
         self,
@@ -91,7 +92,7 @@ class PretrainDataModule(pl.LightningDataModule):
         batch_size: int,
         seed: int,
         num_workers: int,
-        datasets: list[str],
+        sources: list[str],
         vocab_hash: str,
         sentence_length: int,
     ):
@@ -113,9 +114,10 @@ class PretrainDataModule(pl.LightningDataModule):
         return self.train_loader
 
 
-def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, int, str]:
-    """Train-split cells of every dataset. Returns (cells, sentence length L, token method)."""
-    parts, lengths, methods = [], set(), set()
+def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, int, str, list[str]]:
+    """Train-split cells of every dataset. Returns (cells, sentence length L, token method, the
+    datasets' sources: SHA-256 of the h5ad each one's tokens were built from)."""
+    parts, lengths, methods, sources = [], set(), set(), []
     for tokens_dir, h5ad in zip(tokens_dirs, h5ads):
         table = CellTable.read(h5ad, tokens_dir, vocab_hash=vocab.hash)
         rows = table.rows("train")
@@ -128,6 +130,7 @@ def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, in
                 rows=rows,
             )
         )
+        sources.append(str(table.source))
         lengths.add(int(table.token_attrs["L"]))
         methods.add(table.token_attrs.get("method", "se"))
         log.info("%s: %d training cells", h5ad, len(rows))
@@ -136,7 +139,7 @@ def load_pretraining_cells(tokens_dirs, h5ads, vocab) -> tuple[PretrainCells, in
             f"datasets were tokenized with different settings (L {sorted(lengths)}, method {sorted(methods)}); "
             "re-run tokenize."
         )
-    return PretrainCells(parts), lengths.pop(), methods.pop()
+    return PretrainCells(parts), lengths.pop(), methods.pop(), sources
 
 
 def subsample_sentence(

@@ -112,7 +112,7 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
 
     start_stage(seed)
     gene_vocab = GeneVocab.load(vocab)
-    cells, length, method = load_pretraining_cells(tokens, h5ad, gene_vocab)
+    cells, length, method, sources = load_pretraining_cells(tokens, h5ad, gene_vocab)
     check_tokens_match_model(method, settings["encoding"], tokens[0])
     cfg = se_config_from(settings, gene_vocab.dim, length, len(tokens))
     train_cfg = PretrainConfig(**settings["pretrain"])
@@ -134,7 +134,7 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
         train_cfg.batch_size,
         seed,
         train_cfg.num_workers,
-        datasets=[str(t) for t in tokens],
+        sources=sources,
         vocab_hash=gene_vocab.hash,
         sentence_length=length,
     )

@@ -44,6 +44,7 @@ class CellData:
     split: np.ndarray
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     label_classes: dict[str, list[str]] = field(default_factory=dict)
+    source: str | None = None  # SHA-256 of the h5ad the tokens were built from
 
     @property
     def n_cells(self) -> int:
@@ -69,7 +70,7 @@ def load_cell_data(h5ad_path: str, tokens_path: str, vocab, label_columns: list[
     table = CellTable.read(h5ad_path, tokens_path, vocab_hash=vocab.hash)
     counts, ids, symbols = decode_targets(table, vocab.index)
     labels, classes = table.labels(label_columns, config_key="xpressor.labels")
-    return CellData(table.gene_ids, table.values, counts, ids, symbols, table.split, labels, classes)
+    return CellData(table.gene_ids, table.values, counts, ids, symbols, table.split, labels, classes, table.source)
 
 
 def resolve_label_columns(labels: list[str], dataset: dict) -> list[str]:
@@ -156,7 +157,7 @@ class XpressorDataModule(pl.LightningDataModule):
 
         super().__init__()
         self.save_hyperparameters(ignore=["data", "cache"])
-        self.hparams["n_cells"] = data.n_cells
+        self.hparams.update(n_cells=data.n_cells, source=data.source)
         self.data, self.cache = data, cache
         self.fit_idx, self.val_idx, _ = split_indices(data.split, val_fraction, seed)
         self.train_loader = resumable_loader(

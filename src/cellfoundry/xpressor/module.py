@@ -43,9 +43,18 @@ class XpressorModule(pl.LightningModule):
     no_grad (or with gradients only through the unfrozen last layer).
     """
 
-    def __init__(self, base: nn.Module, gene_table: Tensor, decode_genes: np.ndarray, model: dict, train: dict):
-        """`model`: XpressorConfig fields; `train`: TrainSettings fields. Both are the module's
-        hyperparameters (and so its resume identity); base, gene table and decoded genes are inputs."""
+    def __init__(
+        self,
+        base: nn.Module,
+        gene_table: Tensor,
+        decode_genes: np.ndarray,
+        model: dict,
+        train: dict,
+        base_sha256: str | None = None,
+    ):
+        """`model`: XpressorConfig fields; `train`: TrainSettings fields; `base_sha256`: the base
+        checkpoint's hash. They are the module's hyperparameters (and so its resume identity);
+        base, gene table and decoded genes are inputs."""
         super().__init__()
         self.save_hyperparameters(ignore=["base", "gene_table", "decode_genes"])
         self.base = base

@@ -127,6 +127,7 @@ def train_one(
     cache: BaseCache | None,
     seed: int,
     trainer_kwargs: dict,
+    base_sha256: str | None = None,
 ) -> XpressorModule:
     """Train one method ("xpressor", "cls" or "mean") and return the module with its best
     (lowest validation loss) weights. Resumes from work_dir when an interrupted run of the same
@@ -138,7 +139,7 @@ def train_one(
     seed_everything(seed)  # each method starts from the same random state
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
-    module = XpressorModule(base, gene_table, data.decode_genes, xcfg.to_dict(), asdict(settings))
+    module = XpressorModule(base, gene_table, data.decode_genes, xcfg.to_dict(), asdict(settings), base_sha256)
     cells = XpressorDataModule(data, cache, settings.batch_size, settings.val_fraction, seed)
     work_dir = Path(work_dir)
     # every method stops and keeps its weights on the validation reconstruction loss: Xpressor's
@@ -238,7 +239,17 @@ def train_and_measure(
             values["labels"] = {}  # baselines reconstruct only; no label tokens
         cfg_m = XpressorConfig.from_dict(values)
         module = train_one(
-            method, base, gene_table, data, cfg_m, stage.train, Path(work_dir) / method, cache, seed, trainer_kwargs
+            method,
+            base,
+            gene_table,
+            data,
+            cfg_m,
+            stage.train,
+            Path(work_dir) / method,
+            cache,
+            seed,
+            trainer_kwargs,
+            base_sha256,
         )
         if not is_global_zero():
             continue  # DDP: the other ranks only train; rank 0 measures and writes
