@@ -62,7 +62,9 @@ def decode_targets(table: CellTable, vocab_index: dict[str, int]) -> tuple[sp.cs
         )
     symbols = [table.var_names[i] for i in keep]
     ids = np.array([vocab_index[s] for s in symbols], dtype=np.int64)
-    return table.counts[:, keep], ids, symbols
+    # every gene in the vocabulary (the usual case): no column copy of the whole count matrix
+    counts = table.counts if len(keep) == table.counts.shape[1] else table.counts[:, keep]
+    return counts, ids, symbols
 
 
 def load_cell_data(h5ad_path: str, tokens_path: str, vocab, label_columns: list[str]) -> CellData:
