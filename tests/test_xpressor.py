@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from cellfoundry.evaluate.knn import knn_split_accuracy
-from cellfoundry.evaluate.reconstruction import reconstruction_metrics
+from cellfoundry.evaluate.reconstruction import ReconstructionScores, reconstruction_metrics
 from cellfoundry.models.attention import Attention, count_attention_scores
 from cellfoundry.models.se import SEConfig, StateEmbedding
 from cellfoundry.models.xpressor import (
@@ -380,6 +380,13 @@ def test_reconstruction_metrics_and_knn():
     assert perfect["pearson_mean"] == pytest.approx(1.0) and perfect["mse"] == 0.0
     noisy = reconstruction_metrics(obs + rng.normal(0, 1, obs.shape), obs)
     assert noisy["pearson_mean"] < 0.9 and noisy["spearman_mean"] < 0.9
+    # scored batch by batch (the stage's held-out cells), the same figures
+    pred = obs + rng.normal(0, 1, obs.shape)
+    scores = ReconstructionScores()
+    for lo in range(0, 10, 3):
+        scores.add(pred[lo : lo + 3], obs[lo : lo + 3])
+    assert scores.summary() == pytest.approx(reconstruction_metrics(pred, obs), rel=1e-12)
+    assert scores.summary()["mse"] == pytest.approx(np.mean((pred - obs) ** 2))
     emb = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(5, 0.1, (20, 2))])
     labels = np.repeat([0, 1], 20)
     idx = np.arange(40)

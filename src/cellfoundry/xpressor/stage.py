@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import Tensor, nn
 
 from cellfoundry.evaluate.knn import knn_split_accuracy
-from cellfoundry.evaluate.reconstruction import reconstruction_metrics
+from cellfoundry.evaluate.reconstruction import ReconstructionScores
 from cellfoundry.models.xpressor import Xpressor, XpressorConfig, log1p_normalize, save_xpressor
 from cellfoundry.progress import Progress
 from cellfoundry.utils import (
@@ -165,25 +165,22 @@ def train_one(
 
 
 @torch.inference_mode()
-def predict_log1p(
+def held_out_scores(
     module: XpressorModule, data: CellData, idx: np.ndarray, cache: BaseCache | None, batch_size: int, device: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded and observed log1p-normalised expression [n, G] of cells `idx`."""
+) -> dict[str, float]:
+    """Reconstruction metrics of cells `idx` (decoded vs observed log1p-normalised expression),
+    batch by batch: memory holds one batch's [cells, genes], not all held-out cells'."""
     module = module.to(device).eval()
-    preds, obs = [], []
+    scores = ReconstructionScores()
     for batch in cell_loader(data, idx, cache, batch_size):
         batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         with autocast(device):
             latents = module.forward_latents(batch)
             out = module.xpressor.decode(latents, module.gene_table[module.decode_genes])
-        preds.append(out.log1p.float().cpu().numpy())
-        obs.append(
-            log1p_normalize(batch["counts"].float(), batch["library"].float(), module.xpressor.cfg.target_sum)
-            .cpu()
-            .numpy()
-        )
+        observed = log1p_normalize(batch["counts"].float(), batch["library"].float(), module.xpressor.cfg.target_sum)
+        scores.add(out.log1p.float().cpu().numpy(), observed.cpu().numpy())
     module.cpu()
-    return np.concatenate(preds), np.concatenate(obs)
+    return scores.summary()
 
 
 def train_and_measure(
@@ -253,8 +250,7 @@ def train_and_measure(
         )
         if not is_global_zero():
             continue  # DDP: the other ranks only train; rank 0 measures and writes
-        pred, obs = predict_log1p(module, data, test_idx, cache, stage.inference_batch_size, device)
-        scores = reconstruction_metrics(pred, obs)
+        scores = held_out_scores(module, data, test_idx, cache, stage.inference_batch_size, device)
         trainable = sum(p.numel() for p in module.xpressor.parameters() if p.requires_grad)
         base_trainable = sum(v.numel() for v in unfrozen_base_state(module.base).values())
         base_total = sum(p.numel() for p in module.base.parameters())
