@@ -82,7 +82,7 @@ def tiny_module(max_steps: int, seed: int = 0) -> tuple[SEPretrainModule, Pretra
 
 def tiny_data(cells: PretrainCells, batch_size: int) -> PretrainDataModule:
     """The tiny cells as the stage's data module (seed 0, no loader workers)."""
-    return PretrainDataModule(cells, batch_size, 0, 0, sources=["tiny"], vocab_hash="tiny", sentence_length=LENGTH)
+    return PretrainDataModule(cells, batch_size, 0, 0, sources=["tiny"], vocab_hash="tiny")
 
 
 def weights_checksum(module: torch.nn.Module) -> str:

@@ -17,6 +17,12 @@ import scipy.sparse as sp
 from cellfoundry.utils import UserError
 
 
+def counts_matrix(adata) -> sp.csr_matrix:
+    """Raw counts [N, G] of `adata` (X, per the data contract) as float32 CSR."""
+    x = adata.X
+    return x.tocsr().astype(np.float32) if sp.issparse(x) else sp.csr_matrix(x, dtype=np.float32)
+
+
 @dataclass
 class CellTable:
     """obs, raw counts [N, G] float32 CSR, gene names [G], split [N] ("train" / "test") and, when
@@ -46,9 +52,7 @@ class CellTable:
         split = adata.obs["split"].astype(str).to_numpy()
         if (split == "train").sum() < 2:
             raise UserError(f"{h5ad} has fewer than 2 cells in the train split; lower qc.test_fraction or add cells.")
-        x = adata.X
-        counts = x.tocsr().astype(np.float32) if sp.issparse(x) else sp.csr_matrix(x, dtype=np.float32)
-        table = cls(str(h5ad), adata.obs, counts, list(map(str, adata.var_names)), split)
+        table = cls(str(h5ad), adata.obs, counts_matrix(adata), list(map(str, adata.var_names)), split)
         if tokens is not None:
             from cellfoundry.tokenize import read_tokens
 

@@ -15,10 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anndata as ad
 import lightning.pytorch as pl
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,12 +24,6 @@ from cellfoundry.cells import CellTable
 from cellfoundry.models.conditions import ConditionCodec, ConditionSpec
 from cellfoundry.resumable import resumable_loader
 from cellfoundry.utils import UserError, log1p_normalise
-
-
-def counts_matrix(adata: ad.AnnData) -> sp.csr_matrix:
-    """Raw counts [N, G] as float32 CSR (X, per the data contract)."""
-    x = adata.X
-    return sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
 
 
 @dataclass
@@ -146,7 +138,7 @@ class DiffusionDataModule(pl.LightningDataModule):
         # the training data's content, not only its shape: new latents of the same shape (Xpressor
         # retrained) must not resume a run on the old ones
         self.hparams.update(x0_shape=list(x0.shape), x0_sha256=hashlib.sha256(memoryview(x0).cast("B")).hexdigest())
-        dataset = CellDataset(data["x0"], data["arrays"])
+        dataset = CellDataset(x0, data["arrays"])
         self.train_loader = resumable_loader(dataset, min(batch_size, len(dataset)), seed, drop_last=True)
 
     def train_dataloader(self) -> DataLoader:

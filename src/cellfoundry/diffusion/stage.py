@@ -14,7 +14,8 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
-from cellfoundry.diffusion.data import DiffusionDataModule, counts_matrix, read_training_data
+from cellfoundry.cells import counts_matrix
+from cellfoundry.diffusion.data import DiffusionDataModule, read_training_data
 from cellfoundry.diffusion.module import DiffusionModule, load_diffusion, save_diffusion
 from cellfoundry.diffusion.sample import (
     decode_gene_space,

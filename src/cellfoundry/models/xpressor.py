@@ -358,7 +358,7 @@ class Xpressor(nn.Module):
             raw.append(self.head(h).float())  # [B, g, 3]; losses in fp32
             if self.cfg.log1p_head:  # trained by the MSE term alone; the NB mean stays the count mean
                 log1p.append(self.log1p_out(h).float()[..., 0])
-        raw = torch.cat(raw, dim=1) if len(raw) > 1 else raw[0]
+        raw = torch.cat(raw, dim=1)
         scale = torch.softmax(raw[..., 0], dim=-1)
         if self.cfg.dispersion == "gene":
             theta_logit = self.theta_head(q0).float()[:, 0]
@@ -366,7 +366,7 @@ class Xpressor(nn.Module):
         else:
             theta = F.softplus(raw[..., 1]) + 1e-4
         if self.cfg.log1p_head:
-            log1p = torch.cat(log1p, dim=1) if len(log1p) > 1 else log1p[0]
+            log1p = torch.cat(log1p, dim=1)
         else:
             log1p = torch.log1p(mean_fraction(scale, raw[..., 2], self.cfg.loss) * self.cfg.target_sum)
         return DecoderOutput(scale, theta, raw[..., 2], log1p)

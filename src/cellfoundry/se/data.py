@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cellfoundry.cells import CellTable
+from cellfoundry.resumable import resumable_loader
 from cellfoundry.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ class PretrainDataModule(pl.LightningDataModule):
     """The training cells of every pretraining dataset, shuffled and seeded, in full batches
     (the last partial batch is dropped so every step has B cells) that cellfoundry.trainer.fit
     resumes exactly. Its hyperparameters identify the data of a resumable run: the datasets'
-    sources (SHA-256 of the h5ad each dataset's tokens were built from), the vocabulary, the
-    cells and the sentence length."""
+    sources (SHA-256 of the h5ad each dataset's tokens were built from), the vocabulary and the
+    cells (the sentence length is the module's pad_length)."""
 
     def __init__(
         self,
@@ -94,10 +95,7 @@ class PretrainDataModule(pl.LightningDataModule):
         num_workers: int,
         sources: list[str],
         vocab_hash: str,
-        sentence_length: int,
     ):
-        from cellfoundry.resumable import resumable_loader
-
         super().__init__()
         self.save_hyperparameters(ignore=["cells", "num_workers"])
         self.hparams["n_cells"] = len(cells)

@@ -136,7 +136,6 @@ def train_se(tokens, h5ad, vocab, checkpoint, losses, work_dir, settings: dict, 
         train_cfg.num_workers,
         sources=sources,
         vocab_hash=gene_vocab.hash,
-        sentence_length=length,
     )
     fit(trainer, module, datamodule=data, out_dir=work_dir)
     if not trainer.is_global_zero:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cellfoundry.cells import CellTable
 from cellfoundry.progress import Progress
+from cellfoundry.resumable import resumable_loader
 from cellfoundry.utils import UserError, autocast
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,6 @@ class XpressorDataModule(pl.LightningDataModule):
     the test split is never seen. Its hyperparameters identify the data of a resumable run."""
 
     def __init__(self, data: CellData, cache: BaseCache | None, batch_size: int, val_fraction: float, seed: int):
-        from cellfoundry.resumable import resumable_loader
-
         super().__init__()
         self.save_hyperparameters(ignore=["data", "cache"])
         self.hparams.update(n_cells=data.n_cells, source=data.source)

@@ -121,7 +121,7 @@ def train_one(
     base: nn.Module,
     gene_table: Tensor,
     data: CellData,
-    xcfg: XpressorConfig,
+    model: dict,
     settings: TrainSettings,
     work_dir: Path,
     cache: BaseCache | None,
@@ -139,7 +139,7 @@ def train_one(
     seed_everything(seed)  # each method starts from the same random state
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
-    module = XpressorModule(base, gene_table, data.decode_genes, xcfg.to_dict(), asdict(settings), base_sha256)
+    module = XpressorModule(base, gene_table, data.decode_genes, model, asdict(settings), base_sha256)
     cells = XpressorDataModule(data, cache, settings.batch_size, settings.val_fraction, seed)
     work_dir = Path(work_dir)
     # every method stops and keeps its weights on the validation reconstruction loss: Xpressor's
@@ -234,13 +234,12 @@ def train_and_measure(
         values = {**xcfg.to_dict(), "pooling": None if method == "xpressor" else method}
         if method != "xpressor":
             values["labels"] = {}  # baselines reconstruct only; no label tokens
-        cfg_m = XpressorConfig.from_dict(values)
         module = train_one(
             method,
             base,
             gene_table,
             data,
-            cfg_m,
+            values,
             stage.train,
             Path(work_dir) / method,
             cache,
