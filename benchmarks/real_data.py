@@ -141,7 +141,10 @@ def verdicts(rows: pd.DataFrame) -> dict:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    def text(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) and not v.is_integer() else str(int(v) if isinstance(v, float) else v)
+
+    cells = [[text(v) for v in row] for row in table.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from cellfoundry.utils import UserError
+
 SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 
 # JSON Schema (2020-12) keywords the schema may use; anything else is a typo or a description cut
@@ -197,6 +199,9 @@ def test_stage_settings_carry_no_defaults_of_their_own():
     broken = {**demo["xpressor"], "train": {k: v for k, v in demo["xpressor"]["train"].items() if k != "patience"}}
     with pytest.raises(KeyError, match="patience"):
         stage_settings(broken)
+    too_late = {**demo["xpressor"], "train": {**demo["xpressor"]["train"], "patience": 3, "lr_patience": 2}}
+    with pytest.raises(UserError, match=r"lr_patience \(2\) must be at most xpressor.train.patience - 2 \(1\)"):
+        stage_settings(too_late)
     # se.pretrain (less the datasets list, which is no setting of the module) fills PretrainConfig
     pretrain = yaml.safe_load(SCHEMA.read_text())["properties"]["se"]["properties"]["pretrain"]["properties"]
     assert {f.name for f in dataclasses.fields(PretrainConfig)} == set(pretrain) - {"datasets"}

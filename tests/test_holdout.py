@@ -94,7 +94,7 @@ def test_no_stage_reads_held_out_cells_for_training(tmp_path):
     assert counts.shape[0] == 75 and counts[:, symbols.index("MARK")].sum() == 0  # 100 others, 25 of them test
     split = ad.read_h5ad(path).obs["split"].astype(str).to_numpy()
     held = np.flatnonzero(ad.read_h5ad(path).obs["holdout"].to_numpy())
-    fit, val, test = split_indices(split, 0.1, 0)
+    fit, val, test = split_indices(split, 0.1, 0, None)
     assert not set(held) & (set(fit) | set(val)) and set(held) <= set(test)
     conditions = [
         {"name": "state", "kind": "multi_component", "columns": ["cell_type", "condition"], "none_value": "ctrl"}

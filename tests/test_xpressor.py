@@ -194,8 +194,10 @@ def _module(cfg=None, unfreeze=False, labels=None):
         batch_size=32,
         max_epochs=20,
         patience=5,
+        lr_patience=None,
         gradient_clip=1.0,
         val_fraction=0.1,
+        eval_max_cells=None,
         unfreeze_last_layer=unfreeze,
         genes_per_step=None,
     )
@@ -396,10 +398,15 @@ def test_reconstruction_metrics_and_knn():
 
 def test_split_indices_keep_test_apart():
     split = np.array(["train"] * 20 + ["test"] * 5)
-    fit, val, test = split_indices(split, 0.2, seed=0)
+    fit, val, test = split_indices(split, 0.2, seed=0, eval_max_cells=None)
     assert set(test) == set(range(20, 25))
     assert len(val) == 4 and not set(fit) & set(val) and set(fit) | set(val) == set(range(20))
-    assert np.array_equal(split_indices(split, 0.2, seed=0)[1], val)
+    assert np.array_equal(split_indices(split, 0.2, seed=0, eval_max_cells=None)[1], val)
+    # the cap: 3 validation cells (the 4th trains), 3 of the 5 test cells, the same at every call
+    capped = split_indices(split, 0.2, seed=0, eval_max_cells=3)
+    assert len(capped[1]) == 3 and set(capped[1]) < set(val) and len(capped[0]) == 17
+    assert len(capped[2]) == 3 and set(capped[2]) < set(test)
+    assert all(np.array_equal(a, b) for a, b in zip(capped, split_indices(split, 0.2, 0, 3)))
 
 
 @pytest.mark.parametrize("log1p_head", [True, False])

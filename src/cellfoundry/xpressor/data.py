@@ -94,9 +94,13 @@ def resolve_label_columns(labels: list[str], dataset: dict) -> list[str]:
     return list(dict.fromkeys(columns))
 
 
-def split_indices(split: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(
+    split: np.ndarray, val_fraction: float, seed: int, eval_max_cells: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fit, validation, test) cell indices: validation is a seeded fraction of the train split
-    used for early stopping; the test split is never seen in training."""
+    used for early stopping; the test split is never seen in training. Validation and test cells
+    are each capped at `eval_max_cells` (a seeded subset of the test split): every one of them is
+    decoded over all genes, which at 10^5 cells costs more than the training itself."""
     train = np.flatnonzero(split == "train")
     test = np.flatnonzero(split == "test")
     if len(train) < 2:
@@ -104,7 +108,11 @@ def split_indices(split: np.ndarray, val_fraction: float, seed: int) -> tuple[np
     rng = np.random.default_rng(seed)
     perm = rng.permutation(train)
     n_val = max(1, int(round(val_fraction * len(train))))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val]), test
+    if eval_max_cells is not None:
+        n_val = min(n_val, eval_max_cells)
+        if len(test) > eval_max_cells:
+            test = rng.choice(test, eval_max_cells, replace=False)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val]), np.sort(test)
 
 
 class CellBatches(Dataset):
@@ -155,12 +163,20 @@ class XpressorDataModule(pl.LightningDataModule):
     stopping), the rest trains in a shuffled order that cellfoundry.trainer.fit resumes exactly;
     the test split is never seen. Its hyperparameters identify the data of a resumable run."""
 
-    def __init__(self, data: CellData, cache: BaseCache | None, batch_size: int, val_fraction: float, seed: int):
+    def __init__(
+        self,
+        data: CellData,
+        cache: BaseCache | None,
+        batch_size: int,
+        val_fraction: float,
+        eval_max_cells: int | None,
+        seed: int,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["data", "cache"])
         self.hparams.update(n_cells=data.n_cells, source=data.source)
         self.data, self.cache = data, cache
-        self.fit_idx, self.val_idx, _ = split_indices(data.split, val_fraction, seed)
+        self.fit_idx, self.val_idx, _ = split_indices(data.split, val_fraction, seed, eval_max_cells)
         self.train_loader = resumable_loader(
             CellBatches(data, self.fit_idx, cache), batch_size, seed, collate_fn=collate
         )

@@ -28,8 +28,10 @@ class TrainSettings:
     batch_size: int
     max_epochs: int
     patience: int
+    lr_patience: int | None  # halve the lr after this many epochs without progress (None: constant)
     gradient_clip: float | None
     val_fraction: float
+    eval_max_cells: int | None  # validation cells, and held-out cells scored, at most
     unfreeze_last_layer: bool
     genes_per_step: int | None  # decode a random subset of genes per training step
 
@@ -127,7 +129,18 @@ class XpressorModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        if self.settings.lr_patience is None:
+            return optimizer
+        # At a constant lr the validation loss jitters by as much as the methods differ, and
+        # early stopping then picks a noisy epoch; halving on a plateau lets each method settle.
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.5, patience=self.settings.lr_patience
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": plateau, "monitor": "val_reconstruction", "interval": "epoch"},
+        }
 
     def trainable_state(self) -> dict[str, Tensor]:
         """The weights that train: Xpressor + (optionally) the base's unfrozen parameters."""

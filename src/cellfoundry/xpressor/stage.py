@@ -100,11 +100,20 @@ def stage_settings(cfg: dict) -> StageSettings:
         batch_size=recipe["batch_size"],
         max_epochs=recipe["max_epochs"],
         patience=recipe["patience"],
+        lr_patience=recipe["lr_patience"],
         gradient_clip=recipe["gradient_clip"],
         val_fraction=recipe["val_fraction"],
+        eval_max_cells=recipe["eval_max_cells"],
         unfreeze_last_layer=cfg["unfreeze_last_layer"],
         genes_per_step=recipe["genes_per_step"],
     )
+    if train.lr_patience is not None and train.lr_patience > train.patience - 2:
+        # the rate halves after lr_patience + 1 epochs without progress; training stops after patience
+        raise UserError(
+            f"xpressor.train.lr_patience ({train.lr_patience}) must be at most xpressor.train.patience - 2 "
+            f"({train.patience - 2}), or early stopping ends training before the learning rate is ever "
+            "lowered; lower lr_patience, raise patience, or set lr_patience: null for a constant rate."
+        )
     return StageSettings(
         model={MODEL_FIELDS.get(k, k): cfg[k] for k in model_keys},
         train=train,
@@ -140,7 +149,7 @@ def train_one(
     if settings.unfreeze_last_layer:
         base = copy.deepcopy(base)  # each method fine-tunes its own copy of the last layer
     module = XpressorModule(base, gene_table, data.decode_genes, model, asdict(settings), base_sha256)
-    cells = XpressorDataModule(data, cache, settings.batch_size, settings.val_fraction, seed)
+    cells = XpressorDataModule(data, cache, settings.batch_size, settings.val_fraction, settings.eval_max_cells, seed)
     work_dir = Path(work_dir)
     # every method stops and keeps its weights on the validation reconstruction loss: Xpressor's
     # label cross-entropy overfits early and would stop it before its reconstruction does
@@ -172,6 +181,7 @@ def held_out_scores(
     batch by batch: memory holds one batch's [cells, genes], not all held-out cells'."""
     module = module.to(device).eval()
     scores = ReconstructionScores()
+    progress = Progress(len(idx), verb="scored (held out)")
     for batch in cell_loader(data, idx, cache, batch_size):
         batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         with autocast(device):
@@ -179,6 +189,7 @@ def held_out_scores(
             out = module.xpressor.decode(latents, module.gene_table[module.decode_genes])
         observed = log1p_normalize(batch["counts"].float(), batch["library"].float(), module.xpressor.cfg.target_sum)
         scores.add(out.log1p.float().cpu().numpy(), observed.cpu().numpy())
+        progress.update(len(observed))
     module.cpu()
     return scores.summary()
 
@@ -225,7 +236,7 @@ def train_and_measure(
     )
 
     methods = METHODS if stage.baselines else METHODS[:1]
-    _, _, test_idx = split_indices(data.split, stage.train.val_fraction, seed)
+    _, _, test_idx = split_indices(data.split, stage.train.val_fraction, seed, stage.train.eval_max_cells)
     if len(test_idx) == 0:
         raise UserError("the test split is empty; set qc.test_fraction > 0 to measure held-out reconstruction.")
     rows, summary = [], {"methods": {}}
