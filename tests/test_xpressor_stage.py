@@ -56,9 +56,11 @@ def stage_cfg(train: dict | None = None, encode: dict | None = None, **kw) -> di
             batch_size=16,
             max_epochs=3,
             genes_per_step=20,
-            patience=2,
+            patience=3,
+            lr_patience=1,  # the plateau scheduler's state is part of what a resume restores
             gradient_clip=1.0,
             val_fraction=0.2,
+            eval_max_cells=None,
             baselines=True,
             cache_base_outputs=True,
             cache_max_gb=1.0,
