@@ -20,13 +20,12 @@ import argparse
 import copy
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from workflow_runs import REPO, run_workflow, set_key
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "kang2018_ifnb_counts.h5ad"
 TYPES = ["B", "CD14+Mono", "CD4T", "CD8T", "Dendritic", "FCGR3A+Mono", "NK"]
 ROWS = [
@@ -39,16 +38,6 @@ ROWS = [
 
 def dataset_name(cell_type: str) -> str:
     return "kang_" + re.sub(r"[^A-Za-z0-9_.-]", "", cell_type)
-
-
-def set_key(config: dict, assignment: str) -> None:
-    """--set a.b.c=value (value parsed as YAML)."""
-    key, _, value = assignment.partition("=")
-    *parents, last = key.split(".")
-    node = config
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
 
 
 def main() -> int:
@@ -79,31 +68,12 @@ def main() -> int:
         ds["path"] = str(args.data.resolve())
         ds["split"] = {"holdout": [{"cell_type": cell_type, "condition": "stimulated"}]}
         template["datasets"][dataset_name(cell_type)] = ds
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    config_path = args.workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(template, sort_keys=False))
     targets = [f"results/{dataset_name(t)}/eval/prediction.json" for t in args.types]
-    cmd = [
-        str(Path(sys.executable).parent / "snakemake"),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--configfile",
-        str(config_path),
-        "--cores",
-        str(args.cores),
-        "--keep-going",
-        "--rerun-incomplete",
-        # one torch thread per job: two threads on the shared 2-core VM ran ~4x slower per step
-        "--set-threads",
-        "diffusion_train=1",
-        "diffusion_sample=1",
-        "--",
-        *targets,
-    ]
-    print("running:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=args.workdir)
+    # one torch thread per job: two threads on the shared 2-core VM ran ~4x slower per step
+    options = ["--keep-going", "--set-threads", "diffusion_train=1", "diffusion_sample=1"]
+    returncode = run_workflow(args.workdir, template, targets, args.cores, options)
     print(table(args.workdir, args.types))
-    return proc.returncode
+    return returncode
 
 
 def table(workdir: Path, types: list[str]) -> str:

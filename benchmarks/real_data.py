@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from workflow_runs import REPO, run_workflow, set_key
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "demo": REPO / "config/config.yaml",
     "pbmc3k": REPO / "config/benchmarks/pbmc3k.yaml",
@@ -42,16 +41,6 @@ GENERATION = {
     "ceiling": "decoded_real (ceiling)",
     "real train": "real_train (floor)",
 }
-
-
-def set_key(config: dict, assignment: str) -> None:
-    """--set a.b.c=value (value parsed as YAML)."""
-    key, _, value = assignment.partition("=")
-    *parents, last = key.split(".")
-    node = config
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
 
 
 def run_config(name: str, seed: int, overrides: list[str]) -> dict | None:
@@ -78,26 +67,6 @@ def targets(config: dict) -> list[str]:
         for ds in config["datasets"]
         for leaf in ("xpressor/reconstruction.tsv", "eval/generation.json")
     ]
-
-
-def run(workdir: Path, config: dict, cores: int) -> int:
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [
-        str(Path(sys.executable).parent / "snakemake"),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--configfile",
-        str(config_path),
-        "--cores",
-        str(cores),
-        "--rerun-incomplete",
-        "--",
-        *targets(config),
-    ]
-    print(f"running in {workdir}:", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=workdir).returncode
 
 
 def scores(run_dir: Path, dataset: str) -> dict | None:
@@ -193,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = run_config(name, seed, args.set)
                 if config is None:
                     break
-                if run(workdir / name / f"seed{seed}", config, args.cores) != 0:
+                if run_workflow(workdir / name / f"seed{seed}", config, targets(config), args.cores) != 0:
                     failed.append(f"{name} seed {seed}")
     print(report(workdir, args.datasets, args.seeds))
     if failed:

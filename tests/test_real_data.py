@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ import yaml
 from cellfoundry.config import config_errors
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # as when the script runs: its directory is on the path
 spec = importlib.util.spec_from_file_location("real_data", REPO / "benchmarks" / "real_data.py")
 real_data = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(real_data)
