@@ -72,8 +72,10 @@ def _kill_group(proc: subprocess.Popen, grace: float = 30) -> None:
             return
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    """Run the real snakemake CLI in `workdir`; on failure show its output and the rule logs."""
+def run_snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 2700) -> subprocess.CompletedProcess:
+    """Run the real snakemake CLI in `workdir`; on failure show its output and the rule logs.
+    The default timeout leaves room for the whole demo chain on a loaded machine (over 30 min
+    at load 4)."""
     workdir = Path(workdir)
     if workdir in TIMED_OUT:
         pytest.skip(f"an earlier snakemake run in {workdir} was killed: {TIMED_OUT[workdir]}")

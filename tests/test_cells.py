@@ -38,6 +38,12 @@ def test_reads_counts_split_and_labels(tmp_path):
     np.testing.assert_array_equal(codes["ct"], [1, 0, -1, 1, 0])  # -1: missing label
     with pytest.raises(UserError, match="xpressor.labels names obs column 'donor'.*use one of: split, ct"):
         table.labels(["donor"], config_key="xpressor.labels")
+    # without the count matrix (encoding reads tokens only): the same obs, split and labels
+    lean = CellTable.read(tmp_path / "f.h5ad", counts=False)
+    assert lean.counts is None and lean.var_names == table.var_names
+    np.testing.assert_array_equal(lean.split, table.split)
+    pd.testing.assert_frame_equal(lean.obs, table.obs)
+    assert lean.labels(["ct"])[1] == classes
 
 
 @pytest.mark.parametrize(

@@ -298,6 +298,7 @@ def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, spac
     check = summary["guidance_check"]
     assert set(check["expression"]["accuracy"]) == runs
     assert ("latent" in check) == latent and ("decoded_real_test_accuracy" in check["expression"]) == latent
+    assert check["n_cells"] == {"generated": len(test), "real_train": real.n_obs - len(test), "real_test": len(test)}
     if latent:
         assert set(check["latent"]["accuracy"]) == runs
     assert json.loads(paths[1].read_text()) == summary
@@ -312,6 +313,45 @@ def test_stage_trains_and_samples_in_both_token_spaces(synthetic, tmp_path, spac
         **kwargs,
     )
     assert np.array_equal(ad.read_h5ad(again).layers["mean"], samples.layers["mean"])
+
+
+def test_guidance_check_reads_a_capped_subsample_of_cells(synthetic, tmp_path, monkeypatch):
+    """At scale the guidance check classifies a seeded subsample (GUIDANCE_CHECK_MAX_CELLS) of
+    the real train / test cells and of the requests, not all of them."""
+    import cellfoundry.diffusion.stage as stage
+    import cellfoundry.evaluate.generation as generation
+
+    monkeypatch.setattr(generation, "GUIDANCE_CHECK_MAX_CELLS", 10)
+    monkeypatch.setattr(stage, "GUIDANCE_CHECK_MAX_CELLS", 10)
+    settings = {**with_train(SETTINGS, max_steps=2), "token_space": "latent"}
+    latent_inputs = dict(latents=synthetic / "latents.npy", xpressor_checkpoint=synthetic / "xpressor.ckpt")
+    model = tmp_path / "model.ckpt"
+    stage.run_diffusion_train(
+        synthetic / "filtered.h5ad",
+        model,
+        tmp_path / "train",
+        settings,
+        CONDITIONS,
+        seed=0,
+        device="cpu",
+        **latent_inputs,
+    )
+    summary = stage.run_diffusion_sample(
+        model,
+        synthetic / "filtered.h5ad",
+        tmp_path / "samples.h5ad",
+        tmp_path / "summary.json",
+        SAMPLE,
+        seed=0,
+        device="cpu",
+        vocab=synthetic / "vocab.pt",
+        **latent_inputs,
+    )
+    check = summary["guidance_check"]
+    assert summary["n_samples"] == 16 and ad.read_h5ad(tmp_path / "samples.h5ad").n_obs == 16
+    assert check["n_cells"] == {"generated": 10, "real_train": 10, "real_test": 10}
+    assert all(0.0 <= a <= 1.0 for a in check["expression"]["accuracy"].values())
+    assert 0.0 <= check["expression"]["decoded_real_test_accuracy"] <= 1.0
 
 
 def test_sampling_requests_and_unknown_labels(synthetic, tmp_path):
@@ -464,3 +504,38 @@ def test_resume_identity_is_the_hyperparameters(synthetic):
     assert fingerprint(settings, seed=1) != base
     # other training data of the same shape (e.g. the latents of a retrained Xpressor)
     assert fingerprint(settings, cells={**data, "x0": data["x0"][::-1].copy()}) != base
+
+
+def test_samples_are_written_batch_by_batch_as_one_would_write_them_whole(tmp_path, monkeypatch):
+    """samples.h5ad is streamed (rows appended per decoded batch, so [cells x genes] is never
+    held at once); read back it equals the whole decode: X = sampled counts, layers["mean"]."""
+    import cellfoundry.diffusion.sample as sample_module
+    from cellfoundry.xpressor.decode import sampled_counts
+
+    monkeypatch.setattr(sample_module, "BATCH_CELLS", 16)  # 50 cells: 4 batches, the last partial
+    rng = np.random.default_rng(0)
+    tokens = np.log1p(rng.gamma(0.3, 4.0, (50, 30))).astype(np.float32)
+    library = rng.uniform(500, 3000, 50).astype(np.float32)
+    spec = ConditionSpec(name="cell_type", kind="categorical", columns=["cell_type"])
+    codec = ConditionCodec.fit([spec], pd.DataFrame({"cell_type": ["a", "b"] * 25}))
+    request_obs = pd.DataFrame({"cell_type": ["a", "b"] * 25})
+    obs = sample_module.samples_obs(request_obs, codec, library)
+    var_names = [f"g{i}" for i in range(30)]
+    seen = []
+    path = tmp_path / "samples.h5ad"
+    sample_module.write_samples(
+        path,
+        sample_module.gene_space_decoder(tokens, library, seed=3),
+        obs,
+        var_names,
+        {"note": "x"},
+        on_batch=lambda b: seen.append((b.lo, b.hi)),
+    )
+    assert seen == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    back = ad.read_h5ad(path)
+    whole = list(sample_module.gene_space_decoder(tokens, library, seed=3))
+    assert sp.issparse(back.X) and back.X.dtype == np.float32
+    assert (back.X != sampled_counts(whole)).nnz == 0 and back.X.nnz > 0
+    np.testing.assert_array_equal(back.layers["mean"], np.concatenate([b.mean for b in whole]))
+    assert list(back.var_names) == var_names and back.uns["note"] == "x"
+    pd.testing.assert_frame_equal(back.obs, obs)

@@ -25,12 +25,13 @@ def counts_matrix(adata) -> sp.csr_matrix:
 
 @dataclass
 class CellTable:
-    """obs, raw counts [N, G] float32 CSR, gene names [G], split [N] ("train" / "test") and, when
-    read with tokens, gene_ids / values [N, L] (memmaps) and the tokens' attrs."""
+    """obs, raw counts [N, G] float32 CSR (None when read without them), gene names [G], split [N]
+    ("train" / "test") and, when read with tokens, gene_ids / values [N, L] (memmaps) and the
+    tokens' attrs."""
 
     path: str
     obs: pd.DataFrame
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     var_names: list[str]
     split: np.ndarray
     gene_ids: np.ndarray | None = None
@@ -39,27 +40,35 @@ class CellTable:
 
     @classmethod
     def read(
-        cls, h5ad: str | os.PathLike, tokens: str | os.PathLike | None = None, vocab_hash: str | None = None
+        cls,
+        h5ad: str | os.PathLike,
+        tokens: str | os.PathLike | None = None,
+        vocab_hash: str | None = None,
+        counts: bool = True,
     ) -> CellTable:
-        """Read `h5ad` (QC's filtered.h5ad) and, with `tokens`, its tokens folder (built with the
-        vocabulary `vocab_hash`). Raises UserError when the split is missing, fewer than 2 cells
-        are in the train split or the tokens hold other cells."""
+        """Read `h5ad` (QC's filtered.h5ad; without its count matrix when `counts` is False) and,
+        with `tokens`, its tokens folder (built with the vocabulary `vocab_hash`). Raises UserError
+        when the split is missing, fewer than 2 cells are in the train split or the tokens hold
+        other cells."""
         import anndata as ad
 
-        adata = ad.read_h5ad(h5ad)
+        adata = ad.read_h5ad(h5ad, backed=None if counts else "r")
         if "split" not in adata.obs.columns:
             raise UserError(f"{h5ad} has no obs['split']; re-run the qc rule (snakemake --forcerun qc).")
         split = adata.obs["split"].astype(str).to_numpy()
         if (split == "train").sum() < 2:
             raise UserError(f"{h5ad} has fewer than 2 cells in the train split; lower qc.test_fraction or add cells.")
-        table = cls(str(h5ad), adata.obs, counts_matrix(adata), list(map(str, adata.var_names)), split)
+        matrix = counts_matrix(adata) if counts else None
+        table = cls(str(h5ad), adata.obs.copy(), matrix, list(map(str, adata.var_names)), split)
+        if adata.isbacked:
+            adata.file.close()
         if tokens is not None:
             from cellfoundry.tokenize import read_tokens
 
             read = read_tokens(tokens, vocab_hash=vocab_hash)
-            if len(read.gene_ids) != adata.n_obs:
+            if len(read.gene_ids) != table.n_cells:
                 raise UserError(
-                    f"{tokens} holds {len(read.gene_ids)} cells but {h5ad} has {adata.n_obs}; "
+                    f"{tokens} holds {len(read.gene_ids)} cells but {h5ad} has {table.n_cells}; "
                     "re-run tokenization (snakemake --forcerun tokenize)."
                 )
             table.gene_ids, table.values, table.token_attrs = read.gene_ids, read.values, dict(read.attrs)

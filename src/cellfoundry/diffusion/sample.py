@@ -9,7 +9,8 @@ from it (NB/ZINB for an Xpressor count decoder, Poisson in the gene token space)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anndata as ad
@@ -23,7 +24,7 @@ from cellfoundry.diffusion.process import guided_denoise_fn, sample
 from cellfoundry.models.conditions import ConditionCodec, collate_conditions
 from cellfoundry.progress import Progress
 from cellfoundry.utils import UserError, autocast
-from cellfoundry.xpressor.decode import Decoded
+from cellfoundry.xpressor.decode import BATCH_CELLS, DecodedBatch
 
 log = logging.getLogger(__name__)
 
@@ -143,20 +144,24 @@ def generate_tokens(
     return out
 
 
-def decode_gene_space(log1p_expr: np.ndarray, library: np.ndarray, rng: np.random.Generator) -> Decoded:
-    """log1p(CP10k) [n, G] -> mean counts (fractions x library) and Poisson counts."""
-    expr = np.expm1(np.clip(log1p_expr, 0.0, np.log1p(TARGET_SUM)))
-    frac = expr / np.maximum(expr.sum(1, keepdims=True), 1e-8)
-    mean = (frac * library[:, None]).astype(np.float32)
-    return Decoded(mean, rng.poisson(mean).astype(np.float32))
+def gene_space_decoder(
+    log1p_expr: np.ndarray, library: np.ndarray, seed: int, with_counts: bool = True
+) -> Iterator[DecodedBatch]:
+    """The Decoder of gene tokens, log1p(CP10k) [n, G]: mean counts = expression fractions x
+    library, Poisson counts around them."""
+    rng = np.random.default_rng(seed)
+    for lo in range(0, len(log1p_expr), BATCH_CELLS):
+        hi = min(len(log1p_expr), lo + BATCH_CELLS)
+        expr = np.expm1(np.clip(log1p_expr[lo:hi], 0.0, np.log1p(TARGET_SUM)))
+        frac = expr / np.maximum(expr.sum(1, keepdims=True), 1e-8)
+        mean = (frac * library[lo:hi, None]).astype(np.float32)
+        yield DecodedBatch(lo, hi, mean, rng.poisson(mean).astype(np.float32) if with_counts else None)
 
 
-def samples_anndata(
-    decoded: Decoded, request_obs: pd.DataFrame, codec: ConditionCodec, var_names: Sequence[str], library: np.ndarray
-) -> ad.AnnData:
-    """samples.h5ad: X = sampled counts (CSR float32), layers["mean"], obs = condition columns,
-    obs["condition"] (readable label; obs["condition_label"] when a condition column is itself
-    named "condition", e.g. Kang 2018's stimulus) and obs["library_size"]."""
+def samples_obs(request_obs: pd.DataFrame, codec: ConditionCodec, library: np.ndarray) -> pd.DataFrame:
+    """obs of samples.h5ad: the condition columns, obs["condition"] (readable label;
+    obs["condition_label"] when a condition column is itself named "condition", e.g. Kang 2018's
+    stimulus) and obs["library_size"]."""
     obs = pd.DataFrame(index=[f"sample_{i}" for i in range(len(request_obs))])
     for col in codec.columns:
         values = request_obs[col].tolist()
@@ -166,6 +171,51 @@ def samples_anndata(
         )
     obs["condition_label" if "condition" in codec.columns else "condition"] = pd.Categorical(codec.labels(request_obs))
     obs["library_size"] = library.astype(np.float32)
-    out = ad.AnnData(X=sp.csr_matrix(decoded.counts), obs=obs, var=pd.DataFrame(index=list(var_names)))
-    out.layers["mean"] = decoded.mean
-    return out
+    return obs
+
+
+def write_samples(
+    path: str | os.PathLike,
+    batches: Iterable[DecodedBatch],
+    obs: pd.DataFrame,
+    var_names: Sequence[str],
+    uns: Mapping[str, Any],
+    on_batch: Callable[[DecodedBatch], None] | None = None,
+) -> None:
+    """samples.h5ad at `path` (a new file), written batch by batch so that no [cells x genes]
+    array is held at once: X = sampled counts (CSR float32, rows appended), layers["mean"] =
+    mean counts (dense float32, rows written in place), `obs`, `uns`. `on_batch` sees each
+    batch as it is written."""
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    n, n_genes = len(obs), len(var_names)
+    f = X = None
+    try:
+        for batch in batches:
+            counts = sp.csr_matrix(batch.counts, dtype=np.float32)
+            if f is None:
+                first = ad.AnnData(counts, obs=obs.iloc[: batch.hi], var=pd.DataFrame(index=list(var_names)))
+                first.write_h5ad(path)
+                f = h5py.File(path, "a")
+                X = sparse_dataset(f["X"])
+                rows_per_chunk = max(1, min(n, 2**18 // max(1, n_genes)))  # ~1 MB chunks
+                mean = f.require_group("layers").create_dataset(
+                    "mean", shape=(n, n_genes), dtype=np.float32, chunks=(rows_per_chunk, n_genes)
+                )
+                mean.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            else:
+                X.append(counts)
+            mean[batch.lo : batch.hi] = batch.mean
+            if on_batch is not None:
+                on_batch(batch)
+        if f is None:
+            raise ValueError("no cells to write")
+        del f["obs"]
+        write_elem(f, "obs", obs)
+        if "uns" in f:
+            del f["uns"]
+        write_elem(f, "uns", dict(uns))
+    finally:
+        if f is not None:
+            f.close()

@@ -13,25 +13,32 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
-from cellfoundry.cells import counts_matrix
 from cellfoundry.diffusion.data import DiffusionDataModule, read_training_data
 from cellfoundry.diffusion.module import DiffusionModule, load_diffusion, save_diffusion
 from cellfoundry.diffusion.sample import (
-    decode_gene_space,
     default_request_obs,
     draw_library_sizes,
+    gene_space_decoder,
     generate_tokens,
     requests_to_obs,
-    samples_anndata,
+    samples_obs,
+    write_samples,
 )
-from cellfoundry.evaluate.generation import guidance_check, guidance_check_condition
+from cellfoundry.evaluate.generation import (
+    GUIDANCE_CHECK_MAX_CELLS,
+    GuidanceClassifier,
+    guidance_check,
+    guidance_check_condition,
+    subsample,
+)
 from cellfoundry.utils import (
     UserError,
     atomic_output,
     start_stage,
 )
-from cellfoundry.xpressor.decode import Decoded, xpressor_decoder
+from cellfoundry.xpressor.decode import predict_means, xpressor_decoder
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +125,16 @@ def run_diffusion_sample(
     device = start_stage(seed, device, threads)
     ckpt = load_diffusion(checkpoint)
     codec, model_settings = ckpt.codec, ckpt.settings
-    adata = ad.read_h5ad(h5ad)
+    cells = ad.read_h5ad(h5ad, backed="r")  # obs, and the counts of the guidance check's rows
     var_names = ckpt.payload["var_names"]
-    if list(map(str, adata.var_names)) != list(var_names):
+    if list(map(str, cells.var_names)) != list(var_names):
         raise UserError(f"{checkpoint} was trained on other genes than {h5ad}; re-run diffusion_train.")
-    holdout = "holdout" in adata.obs and adata.obs["holdout"].astype(bool).any()
+    holdout = "holdout" in cells.obs and cells.obs["holdout"].astype(bool).any()
     if settings["requests"]:
         request_obs = requests_to_obs(settings["requests"], codec)
         strict = True
     else:
-        request_obs = default_request_obs(adata.obs, codec)
+        request_obs = default_request_obs(cells.obs, codec)
         # a test-only label (never seen in training) is sampled unconditionally; a held-out
         # combination's parts are all seen in training (QC checks), so an unknown one is an error
         strict = holdout
@@ -137,15 +144,13 @@ def run_diffusion_sample(
             raise ValueError("latent token space needs the Xpressor checkpoint and the vocabulary")
         decoder = xpressor_decoder(xpressor_checkpoint, vocab, var_names)
     else:
+        decoder = gene_space_decoder
 
-        def decoder(tokens, library, seed):
-            return decode_gene_space(tokens, library, np.random.default_rng(seed))
-
-    def generate(scale: float) -> tuple[Decoded, np.ndarray, np.ndarray]:
-        """(decoded cells, library sizes, generated tokens) at guidance `scale`."""
+    def generate(scale: float, requests: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(generated tokens, library sizes) of the cells `requests` at guidance `scale`."""
         tokens = generate_tokens(
             ckpt,
-            request_obs,
+            requests,
             guidance_scale=scale,
             sampler=settings["sampler"],
             steps=settings["steps"],
@@ -156,8 +161,7 @@ def run_diffusion_sample(
             strict=strict,
             clip_x0=settings["clip_x0"],
         )
-        library = draw_library_sizes(request_obs, ckpt.payload, np.random.default_rng(seed))
-        return decoder(tokens, library, seed), library, tokens
+        return tokens, draw_library_sizes(requests, ckpt.payload, np.random.default_rng(seed))
 
     scale = float(settings["guidance_scale"])
     log.info(
@@ -168,19 +172,30 @@ def run_diffusion_sample(
         settings["eta"],
         scale,
     )
-    decoded, library, tokens = generate(scale)
-    out = samples_anndata(decoded, request_obs, codec, var_names, library)
-    out.uns[PROVENANCE_KEY] = provenance(
+    tokens, library = generate(scale, request_obs)
+    spec = guidance_check_condition(codec) if settings["guidance_check"] else None
+    # the check's classifier labels the guided cells' decoded means as they are written
+    classifier = GuidanceClassifier.fit(cells, spec, seed) if spec is not None else None
+    guided_labels = []
+    record = provenance(
         "diffusion_sample",
         config if config is not None else {"sample": settings},
         checkpoints={"diffusion": checkpoint, "xpressor": xpressor_checkpoint if latent_space else None},
         vocab=vocab if latent_space else None,
         inputs={"cells": h5ad},
     )
+    log.info("decoding %d cells over %d genes into %s", len(tokens), len(var_names), samples)
     with atomic_output(samples) as tmp:
-        out.write_h5ad(tmp)
+        write_samples(
+            tmp,
+            decoder(tokens, library, seed),
+            samples_obs(request_obs, codec, library),
+            var_names,
+            {PROVENANCE_KEY: record},
+            on_batch=(lambda batch: guided_labels.append(classifier.predict(batch.mean))) if classifier else None,
+        )
     result: dict[str, Any] = {
-        "n_samples": int(out.n_obs),
+        "n_samples": len(request_obs),
         "token_space": model_settings["token_space"],
         "sampler": settings["sampler"],
         "steps": int(settings["steps"]),
@@ -189,17 +204,18 @@ def run_diffusion_sample(
         "conditions": codec.names,
         "requests": "config" if settings["requests"] else "held-out combinations" if holdout else "test split labels",
     }
-    spec = guidance_check_condition(codec)
-    if settings["guidance_check"] and spec is not None:
-        runs = {f"guided (scale {scale:g})": (decoded, tokens)}
+    if classifier is not None:
+        # the other scales on a seeded subsample of the requests (the check is a fraction)
+        rows = subsample(np.arange(len(request_obs)), GUIDANCE_CHECK_MAX_CELLS, np.random.default_rng(seed))
+        checked = request_obs.iloc[rows].reset_index(drop=True)
+        runs = {f"guided (scale {scale:g})": (np.concatenate(guided_labels)[rows], tokens[rows])}
         for s, name in ((1.0, "conditional (scale 1)"), (0.0, "unconditional (scale 0)")):
             if s != scale:
-                d, _, t = generate(s)
-                runs[name] = (d, t)
+                log.info("guidance check: sampling %d cells at scale %g", len(checked), s)
+                t, lib = generate(s, checked)
+                runs[name] = (predict_means(decoder(t, lib, seed, with_counts=False), classifier.predict), t)
         real_latents = np.load(latents, mmap_mode="r") if latents is not None and latent_space else None
-        result["guidance_check"] = guidance_check(
-            adata.obs, counts_matrix(adata), spec, request_obs, runs, seed, real_latents, decoder
-        )
+        result["guidance_check"] = guidance_check(classifier, checked, runs, seed, real_latents, decoder)
     with atomic_output(summary) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result

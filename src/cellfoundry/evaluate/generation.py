@@ -28,6 +28,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from cellfoundry.evaluate.knn import knn_split_accuracy
 from cellfoundry.utils import log1p_normalise, unlabelled
+from cellfoundry.xpressor.decode import Decoder, predict_means
 
 if TYPE_CHECKING:
     from cellfoundry.models.conditions import ConditionCodec, ConditionSpec
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 #: The group of cells with a missing condition value (never scored as a condition).
 UNLABELLED = "<unlabelled>"
 
+GUIDANCE_CHECK_MAX_CELLS = 5_000  # real train / test cells the guidance check reads (each)
 MMD_SIGMAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
@@ -379,6 +381,11 @@ def fit_label_classifier(real_counts, labels: np.ndarray, seed: int, n_pcs: int 
     return lambda counts: clf.predict(features(counts))
 
 
+def subsample(rows: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    """`rows`, or a seeded sorted subset of `max_cells` of them."""
+    return rows if len(rows) <= max_cells else np.sort(rng.choice(rows, max_cells, replace=False))
+
+
 def guidance_check_condition(codec: ConditionCodec) -> ConditionSpec | None:
     """The first categorical condition (the label the guidance check classifies)."""
     return next((s for s in codec.specs if s.kind == "categorical"), None)
@@ -394,57 +401,92 @@ def requested_label_accuracy(predicted: np.ndarray, requested: pd.Series) -> flo
     return float(np.mean(predicted[mask] == requested.astype(str).to_numpy()[mask]))
 
 
+@dataclass
+class GuidanceClassifier:
+    """The guidance check's expression classifier: logistic regression on PCA of log1p(CP10k),
+    fitted on real train cells; with the real test cells it is scored on. Both are seeded
+    subsamples of at most GUIDANCE_CHECK_MAX_CELLS labelled cells."""
+
+    condition: str  # the condition's name
+    column: str  # its obs column
+    labels: np.ndarray  # [N] str, every QC'd cell
+    train: np.ndarray  # rows
+    test: np.ndarray
+    test_counts: sp.csr_matrix
+    predict: Callable[[Any], np.ndarray]  # counts [n, G] -> labels [n]
+
+    @classmethod
+    def fit(cls, cells, spec: ConditionSpec, seed: int) -> GuidanceClassifier:
+        """Fit on `cells` (the QC'd AnnData with obs["split"] and raw counts in X; may be backed:
+        only the rows used are read), labelled by the first column of `spec`."""
+        column = spec.columns[0]
+        obs = cells.obs
+        split = obs["split"].astype(str).to_numpy()
+        known = ~unlabelled(obs[column].to_numpy(dtype=object))  # the codec's "missing" (NaN, empty)
+        rng = np.random.default_rng(seed)
+        train, test = (
+            subsample(np.flatnonzero((split == part) & known), GUIDANCE_CHECK_MAX_CELLS, rng)
+            for part in ("train", "test")
+        )
+        labels = obs[column].astype(str).to_numpy()
+        predict = fit_label_classifier(sp.csr_matrix(cells.X[train], dtype=np.float32), labels[train], seed)
+        test_counts = sp.csr_matrix(cells.X[test] if len(test) else (0, cells.n_vars), dtype=np.float32)
+        return cls(spec.name, column, labels, train, test, test_counts, predict)
+
+
 def guidance_check(
-    obs: pd.DataFrame,
-    counts: sp.csr_matrix,
-    spec: ConditionSpec,
+    classifier: GuidanceClassifier,
     request_obs: pd.DataFrame,
-    runs: Mapping[str, tuple[Any, np.ndarray]],
+    runs: Mapping[str, tuple[np.ndarray, np.ndarray]],
     seed: int,
     real_latents: np.ndarray | None = None,
-    decoder: Callable | None = None,
+    decoder: Decoder | None = None,
 ) -> dict:
-    """Does guidance matter? Classifiers trained on real training cells (`obs` with its "split",
-    raw `counts` [N, G] float32 CSR) label the generated cells; reported is the fraction assigned
-    the label they were generated for, per run (name -> (decoded cells with `.mean` [n, G],
-    tokens): guided scale, scale 1 = plain conditional, scale 0 = unconditional with the same
-    requested labels).
+    """Does guidance matter? The real-cell classifiers label the generated cells; reported is
+    the fraction assigned the label they were generated for, per run (name -> (expression
+    classifier's labels of the decoded mean counts, tokens) of the cells `request_obs`: guided
+    scale, scale 1 = plain conditional, scale 0 = unconditional with the same requested labels).
 
-    expression: logistic regression on PCA of log1p(CP10k) of the decoded mean counts; with
-    `decoded_real_test_accuracy` (real test cells' latents through the same `decoder`) as the
-    ceiling the decoder allows. latent (latent space only): logistic regression on the flattened
-    latent tokens, which measures the diffusion model without the decoder in between.
+    expression: `classifier`; with `decoded_real_test_accuracy` (real test cells' latents
+    through the same `decoder`) as the ceiling the decoder allows. latent (latent space only):
+    logistic regression on the flattened latent tokens, which measures the diffusion model
+    without the decoder in between.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    column = spec.columns[0]
-    split = obs["split"].astype(str).to_numpy()
-    labels = obs[column].astype(str).to_numpy()
-    known = ~unlabelled(obs[column].to_numpy(dtype=object))  # the codec's "missing" (NaN, empty)
-    train = (split == "train") & known
-    test = (split == "test") & known
+    column, labels, train, test = classifier.column, classifier.labels, classifier.train, classifier.test
     requested = request_obs[column]
-    predict = fit_label_classifier(counts[train], labels[train], seed)
     expression = {
         "classifier": (
             "logistic regression on 50 PCs of standardised log1p(CP10k) of real train cells; "
             "samples: decoded mean counts"
         ),
-        "real_test_accuracy": float(np.mean(predict(counts[test]) == labels[test])) if test.any() else None,
-        "accuracy": {name: requested_label_accuracy(predict(d.mean), requested) for name, (d, _) in runs.items()},
+        "real_test_accuracy": (
+            float(np.mean(classifier.predict(classifier.test_counts) == labels[test])) if len(test) else None
+        ),
+        "accuracy": {name: requested_label_accuracy(predicted, requested) for name, (predicted, _) in runs.items()},
     }
-    result: dict[str, Any] = {"condition": spec.name, "column": column, "expression": expression}
-    if real_latents is not None and test.any():
-        lib = np.asarray(counts[test].sum(1)).ravel().astype(np.float32)
-        decoded_real = decoder(np.asarray(real_latents[test], dtype=np.float32), lib, seed)
-        expression["decoded_real_test_accuracy"] = float(np.mean(predict(decoded_real.mean) == labels[test]))
-        flat = np.asarray(real_latents, dtype=np.float32).reshape(len(real_latents), -1)
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(flat[train], labels[train])
+    result: dict[str, Any] = {
+        "condition": classifier.condition,
+        "column": column,
+        "n_cells": {"generated": len(request_obs), "real_train": len(train), "real_test": len(test)},
+        "expression": expression,
+    }
+    if real_latents is not None and len(test):
+        lib = np.asarray(classifier.test_counts.sum(1)).ravel().astype(np.float32)
+        decoded_real = decoder(np.asarray(real_latents[test], dtype=np.float32), lib, seed, with_counts=False)
+        predicted = predict_means(decoded_real, classifier.predict)
+        expression["decoded_real_test_accuracy"] = float(np.mean(predicted == labels[test]))
+
+        def flat(rows: np.ndarray) -> np.ndarray:
+            return np.asarray(real_latents[rows], dtype=np.float32).reshape(len(rows), -1)
+
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(flat(train), labels[train])
         result["latent"] = {
             "classifier": "logistic regression on the standardised, flattened latent tokens of real train cells",
-            "real_test_accuracy": float(np.mean(clf.predict(flat[test]) == labels[test])),
+            "real_test_accuracy": float(np.mean(clf.predict(flat(test)) == labels[test])),
             "accuracy": {
                 name: requested_label_accuracy(clf.predict(t.reshape(len(t), -1)), requested)
                 for name, (_, t) in runs.items()

@@ -23,13 +23,20 @@ def require(path: str | os.PathLike, producer: str) -> Path:
     return path
 
 
-def read_h5ad(path: str | os.PathLike, producer: str):
-    """Read an AnnData written by `producer`; UserError when missing or unreadable."""
+def read_h5ad(path: str | os.PathLike, producer: str, layers: bool = True):
+    """Read an AnnData written by `producer` (without its layers: `layers` False, e.g. the dense
+    mean counts of samples.h5ad); UserError when missing or unreadable."""
     import anndata as ad
 
     path = require(path, producer)
     try:
-        return ad.read_h5ad(path)
+        if layers:
+            return ad.read_h5ad(path)
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(path, "r") as f:
+            return ad.AnnData(**{key: read_elem(f[key]) for key in ("X", "obs", "var", "uns") if key in f})
     except Exception as exc:  # any failure: turned into an actionable message
         raise UserError(
             f"cannot read {path} as .h5ad ({exc}); re-run rule {producer} (snakemake --forcerun {producer})."

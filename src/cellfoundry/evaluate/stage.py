@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from cellfoundry.evaluate import generation as gen
 from cellfoundry.evaluate import prediction as pred
@@ -225,7 +226,7 @@ def run_evaluate_generation(
     real = read_h5ad(h5ad, "qc")
     # Library sizes over all QC'd genes, as the diffusion stage draws them for its samples.
     library = np.asarray(real.X.sum(axis=1)).ravel().astype(np.float32)
-    generated = read_h5ad(samples, "diffusion_sample")
+    generated = read_h5ad(samples, "diffusion_sample", layers=False)
     generated_genes = set(generated.var_names)
     shared = [g for g in real.var_names if g in generated_genes]
     if len(shared) < 0.5 * real.n_vars:
@@ -246,8 +247,8 @@ def run_evaluate_generation(
             f"{samples} obs lacks condition column(s) {absent}; re-run diffusion sampling "
             "(snakemake --forcerun diffusion_sample)."
         )
-    X = generated.X.toarray() if hasattr(generated.X, "toarray") else generated.X
-    if generated.n_obs == 0 or not np.isfinite(X).all():
+    values = generated.X.data if sp.issparse(generated.X) else generated.X
+    if generated.n_obs == 0 or not np.isfinite(values).all():
         raise UserError(f"{samples} holds no cells or non-finite values; re-run diffusion sampling.")
     label_col = cell_type if cell_type in generated.obs else None
     # Label-based scores that cannot be computed are listed with the reason (json "skipped", tsv rows).
@@ -265,7 +266,7 @@ def run_evaluate_generation(
     train, test = real[split == "train"], real[split == "test"]
     ceiling = None
     if latents is not None:
-        from cellfoundry.xpressor.decode import xpressor_decoder
+        from cellfoundry.xpressor.decode import sampled_counts, xpressor_decoder
 
         # The ceiling: the real test cells' own Xpressor latents, decoded to sampled counts with
         # each cell's library size, exactly as the diffusion samples are decoded.
@@ -275,7 +276,7 @@ def run_evaluate_generation(
                 f"{latents} holds {cell_latents.shape[0]} cells but {h5ad} has {real.n_obs}; re-run xpressor_encode."
             )
         decode = xpressor_decoder(xpressor_checkpoint, vocab, list(real.var_names))
-        ceiling = decode(np.asarray(cell_latents[split == "test"]), library[split == "test"], seed).counts
+        ceiling = sampled_counts(decode(cell_latents[split == "test"], library[split == "test"], seed))
     else:
         skipped[gen.CEILING] = "gene token space: no Xpressor latents to decode (diffusion.token_space: gene)"
     log.info(
@@ -372,7 +373,7 @@ def run_evaluate_prediction(
     no-change, linear-shift and split-half references."""
     start_stage(seed)
     real = read_h5ad(h5ad, "qc")
-    generated = read_h5ad(samples, "diffusion_sample")
+    generated = read_h5ad(samples, "diffusion_sample", layers=False)
     if "holdout" not in real.obs:
         raise UserError(f"{h5ad} marks no held-out cells (obs['holdout']); re-run qc (snakemake --forcerun qc).")
     if list(generated.var_names) != list(real.var_names):

@@ -33,13 +33,14 @@ class CellData:
     """Everything the stage reads for one dataset, row i = cell i of qc/filtered.h5ad.
 
     gene_ids [N, L] int32 and values [N, L] float32 (tokens, may be memmaps); counts [N, G] CSR
-    raw counts of the decoded genes; decode_genes [G] vocabulary indices; split [N] str;
+    raw counts of the decoded genes (None when read for encoding only); decode_genes [G]
+    vocabulary indices; split [N] str;
     labels {column: codes [N] int64, -1 = missing}; label_classes {column: class names}.
     """
 
     gene_ids: np.ndarray
     values: np.ndarray
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     decode_genes: np.ndarray
     gene_symbols: list[str]
     split: np.ndarray
@@ -68,10 +69,14 @@ def decode_targets(table: CellTable, vocab_index: dict[str, int]) -> tuple[sp.cs
     return counts, ids, symbols
 
 
-def load_cell_data(h5ad_path: str, tokens_path: str, vocab, label_columns: list[str]) -> CellData:
-    """Read qc/filtered.h5ad and the tokens written for it (checked against the vocabulary)."""
-    table = CellTable.read(h5ad_path, tokens_path, vocab_hash=vocab.hash)
-    counts, ids, symbols = decode_targets(table, vocab.index)
+def load_cell_data(h5ad_path: str, tokens_path: str, vocab, label_columns: list[str], counts: bool = True) -> CellData:
+    """Read qc/filtered.h5ad and the tokens written for it (checked against the vocabulary);
+    without `counts`, no count matrix (encoding reads tokens only: flat memory in N)."""
+    table = CellTable.read(h5ad_path, tokens_path, vocab_hash=vocab.hash, counts=counts)
+    if counts:
+        counts, ids, symbols = decode_targets(table, vocab.index)
+    else:
+        counts, ids, symbols = None, np.empty(0, dtype=np.int64), []
     labels, classes = table.labels(label_columns, config_key="xpressor.labels")
     return CellData(table.gene_ids, table.values, counts, ids, symbols, table.split, labels, classes, table.source)
 

@@ -449,7 +449,7 @@ def run_xpressor_encode(
         base.load_state_dict(ckpt.base_state_dict, strict=False)
         log.info("applied %d fine-tuned base tensors from %s", len(ckpt.base_state_dict), xpressor_checkpoint)
     labels = list(ckpt.meta.get("label_classes", {}))
-    data = load_cell_data(h5ad, tokens, gene_vocab, labels)
+    data = load_cell_data(h5ad, tokens, gene_vocab, labels, counts=False)
     batch_size = settings["encode"]["batch_size"]
     cells, se_cls = encode_cells(base, ckpt.model, gene_vocab.table, data, latents, batch_size, device)
 
