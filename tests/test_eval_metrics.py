@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from cellfoundry.evaluate import embedding as emb
 from cellfoundry.evaluate import generation as gen
@@ -253,10 +254,24 @@ def test_independent_genes_keeps_marginals_breaks_correlation():
     counts = np.hstack([base, base])  # perfectly correlated genes
     groups = np.array(["a"] * 500)
     out = gen.independent_genes_sample(counts, groups, groups, seed=0)
-    assert out.shape == counts.shape
+    assert sp.issparse(out) and out.shape == counts.shape
+    out = out.toarray()
     assert set(np.unique(out)) <= set(np.unique(counts))
     assert abs(out[:, 0].mean() - counts[:, 0].mean()) < 0.5
     assert abs(np.corrcoef(out[:, 0], out[:, 1])[0, 1]) < 0.15
+
+
+def test_independent_genes_draws_from_a_capped_pool_of_the_group():
+    """At scale each group's pool is a subsample of max_pool cells, still of that group: a cell
+    of group a gets only a's values; without the cap the draws are those of the whole pool."""
+    counts = sp.csr_matrix(np.vstack([np.full((300, 3), 1.0), np.full((300, 3), 7.0)]).astype(np.float32))
+    groups = np.array(["a"] * 300 + ["b"] * 300)
+    wanted = np.array(["b", "a"] * 50)
+    capped = gen.independent_genes_sample(counts, groups, wanted, seed=1, max_pool=10).toarray()
+    np.testing.assert_array_equal(capped[wanted == "a"], 1.0)
+    np.testing.assert_array_equal(capped[wanted == "b"], 7.0)
+    whole = gen.independent_genes_sample(counts, groups, wanted, seed=1, max_pool=1000)
+    np.testing.assert_array_equal(whole.toarray(), capped)  # constant groups: the cap changes nothing here
 
 
 def _toy_counts(n, means, seed):

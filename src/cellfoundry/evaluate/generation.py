@@ -183,29 +183,33 @@ def fit_cfgen_space(train_counts, test_counts, n_hvg: int = 2000, n_pcs: int = 3
 
 
 def independent_genes_sample(
-    train_counts, train_groups: Sequence, wanted_groups: Sequence, seed: int = 0
-) -> np.ndarray:
+    train_counts, train_groups: Sequence, wanted_groups: Sequence, seed: int = 0, max_pool: int = 5000
+) -> sp.csr_matrix:
     """The weak reference generator: for each wanted cell (its group in `wanted_groups` [m]),
     each gene's count is drawn independently from that gene's values in the real training
-    cells of the same group (`train_counts` [n, G], `train_groups` [n]). Returns [m, G] float32.
-    Groups absent from the training cells, and `UNLABELLED` (sampled unconditionally), fall back
-    to all training cells."""
+    cells of the same group (`train_counts` [n, G], `train_groups` [n]). Returns [m, G] float32
+    CSR. Groups absent from the training cells, and `UNLABELLED` (sampled unconditionally), fall
+    back to all training cells. A group's pool is a seeded subsample of at most `max_pool` cells,
+    held dense while its cells are drawn (memory: max_pool x G, not n x G)."""
     rng = np.random.default_rng(seed)
-    counts = _dense(train_counts).astype(np.float32)
+    train_counts = train_counts.tocsr() if sp.issparse(train_counts) else np.asarray(train_counts)
+    n_genes = train_counts.shape[1]
     train_groups = np.asarray([str(g) for g in train_groups])
     wanted = np.asarray([str(g) for g in wanted_groups])
-    out = np.empty((len(wanted), counts.shape[1]), dtype=np.float32)
-    gene_index = np.arange(counts.shape[1])
+    gene_index = np.arange(n_genes)
+    blocks, order = [], []
     for group in np.unique(wanted):
         rows = np.flatnonzero(wanted == group)
-        pool = counts[train_groups == group] if group != UNLABELLED else counts
-        if len(pool) == 0:
-            pool = counts
+        members = np.flatnonzero(train_groups == group) if group != UNLABELLED else np.arange(len(train_groups))
+        if len(members) == 0:
+            members = np.arange(len(train_groups))
+        pool = _dense(train_counts[subsample(members, max_pool, rng)]).astype(np.float32)
         for chunk in np.array_split(rows, max(1, len(rows) // 512)):
             # An independent source cell per gene breaks every gene-gene dependency.
-            pick = rng.integers(0, len(pool), size=(len(chunk), counts.shape[1]))
-            out[chunk] = pool[pick, gene_index]
-    return out
+            pick = rng.integers(0, len(pool), size=(len(chunk), n_genes))
+            blocks.append(sp.csr_matrix(pool[pick, gene_index]))
+            order.append(chunk)
+    return sp.vstack(blocks, format="csr")[np.argsort(np.concatenate(order))]
 
 
 def label_accuracy(train_x: np.ndarray, train_labels: Sequence, x: np.ndarray, labels: Sequence, k: int = 15) -> float:
