@@ -539,3 +539,23 @@ def test_samples_are_written_batch_by_batch_as_one_would_write_them_whole(tmp_pa
     np.testing.assert_array_equal(back.layers["mean"], np.concatenate([b.mean for b in whole]))
     assert list(back.var_names) == var_names and back.uns["note"] == "x"
     pd.testing.assert_frame_equal(back.obs, obs)
+
+
+def test_gene_space_decoding_returns_an_observed_cell_unchanged_and_keeps_the_mean():
+    """A generated cell imitates an observed one: decoding the log1p(CP10k) of real counts with
+    their library gives those counts back (no second counting noise); counts of fractional means
+    stay within one of them and keep them on average."""
+    from cellfoundry.diffusion.sample import gene_space_decoder
+    from cellfoundry.utils import log1p_normalise
+
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.3, size=(40, 25)).astype(np.float32)
+    counts[:, 0] += 1  # no empty cell
+    (batch,) = gene_space_decoder(log1p_normalise(counts).astype(np.float32), counts.sum(1), seed=1)
+    np.testing.assert_array_equal(batch.counts, counts)
+
+    tokens = np.tile(rng.uniform(0, 3, size=(1, 25)).astype(np.float32), (4000, 1))
+    batches = list(gene_space_decoder(tokens, np.full(4000, 37.0, dtype=np.float32), seed=2))
+    decoded, mean = (np.concatenate([getattr(b, k) for b in batches]) for k in ("counts", "mean"))
+    assert np.all(np.abs(decoded - mean) < 1) and np.all(decoded == np.round(decoded))
+    np.testing.assert_allclose(decoded.mean(0), mean[0], atol=0.05)
