@@ -15,6 +15,7 @@ from cellfoundry.diffusion.process import (
     NoiseSchedule,
     diffusion_loss,
     guided_denoise_fn,
+    invert,
     sample,
     sampling_timesteps,
 )
@@ -109,6 +110,33 @@ def test_sampler_recovers_a_point_mass_with_the_exact_denoiser():
             exact_eps, (4, 3), schedule, method=method, steps=25, eta=eta, generator=torch.Generator().manual_seed(0)
         )
         assert torch.allclose(out, x0.expand(4, 3), atol=1e-3), method
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_inversion_round_trips_with_the_exact_denoiser(prediction):
+    """Data N(m, s^2 I) has an exact ε(x_t, t); DDIM from the inverted x_T must land back on x0,
+    up to the inversion's first-order error (it shrinks with the steps), and the inverted x_T
+    must look like noise (mean ~0, sd ~1), not like the data."""
+    schedule = NoiseSchedule("linear", 1000)
+    ab = schedule.alphas_cumprod.float()
+    m, s = torch.tensor([2.0, -1.0, 0.5, 3.0]), 0.5
+    x0 = m + s * torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+
+    def exact(x, t):
+        a = ab[t].view(-1, 1)
+        eps = (x - a.sqrt() * m) * (1 - a).sqrt() / (a * s**2 + 1 - a)
+        if prediction == "eps":
+            return eps
+        return a.sqrt() * eps - (1 - a).sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    errors = {}
+    for steps in (50, 200):
+        x_T = invert(exact, x0, schedule, steps=steps, prediction=prediction)
+        assert x_T.mean().abs() < 0.2 and 0.8 < x_T.std() < 1.2
+        back = sample(exact, x0.shape, schedule, steps=steps, eta=0.0, prediction=prediction, x_T=x_T)
+        errors[steps] = (back - x0).abs().mean()
+    assert errors[50] < 0.1 * s and errors[200] < errors[50] / 3
+    assert (sample(exact, x0.shape, schedule, steps=50, prediction=prediction) - x0).abs().mean() > 0.3
 
 
 def test_guidance_combines_conditional_and_unconditional_outputs():
@@ -217,7 +245,16 @@ def with_train(settings: dict, **train) -> dict:
 
 
 SAMPLE = dict(
-    sampler="ddim", steps=5, eta=0.0, guidance_scale=2.0, batch_size=16, clip_x0=True, guidance_check=True, requests=[]
+    sampler="ddim",
+    steps=5,
+    eta=0.0,
+    guidance_scale=2.0,
+    batch_size=16,
+    clip_x0=True,
+    heldout_from="control",
+    heldout_guidance_scale=4.0,
+    guidance_check=True,
+    requests=[],
 )
 CONDITIONS = [{"name": "cell_type", "kind": "categorical", "columns": ["ct"]}]
 

@@ -104,6 +104,60 @@ def test_no_stage_reads_held_out_cells_for_training(tmp_path):
     assert ("A", "stim") not in pairs and {("A", "ctrl"), ("B", "stim")} <= pairs
 
 
+@pytest.mark.parametrize("start", ["control", "noise"])
+def test_held_out_cells_are_edited_from_control_cells_of_their_type(tmp_path, start):
+    """heldout_from: control edits one non-held-out A+ctrl cell per held-out A+stim cell (each kept
+    once while they last, with its library size times the stimulus's library ratio elsewhere); noise
+    draws them. A combination without control
+    cells is refused with the fix."""
+    from test_diffusion import SAMPLE, SETTINGS
+
+    from cellfoundry.diffusion.sample import control_sources
+    from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
+
+    path = tmp_path / "filtered.h5ad"
+    adata = cells()
+    adata.X = sp.diags(np.where(adata.obs["condition"] == "stim", 2.0, 1.0)) @ adata.X  # stimulus doubles libraries
+    quality_control(adata, QC, cell_type="cell_type", holdout=HOLDOUT).filtered.write_h5ad(path)
+    conditions = [
+        {"name": "state", "kind": "multi_component", "columns": ["cell_type", "condition"], "none_value": "ctrl"}
+    ]
+    settings = {**SETTINGS, "token_space": "gene"}
+    run_diffusion_train(path, tmp_path / "model.ckpt", tmp_path / "train", settings, conditions, seed=0, device="cpu")
+    summary = run_diffusion_sample(
+        tmp_path / "model.ckpt",
+        path,
+        tmp_path / "samples.h5ad",
+        tmp_path / "summary.json",
+        {**SAMPLE, "guidance_check": False, "heldout_from": start},
+        seed=0,
+        device="cpu",
+    )
+    real = ad.read_h5ad(path)
+    samples = ad.read_h5ad(tmp_path / "samples.h5ad")
+    assert samples.n_obs == real.obs["holdout"].sum() == 20
+    assert set(zip(samples.obs["cell_type"], samples.obs["condition"])) == {("A", "stim")}
+    if start == "noise":
+        assert "source_cell" not in samples.obs and summary["start"] == "noise"
+        return
+    assert summary["start"] == "real control cells (DDIM inversion)"
+    sources = real[samples.obs["source_cell"].to_numpy()]
+    assert (sources.obs["cell_type"] == "A").all() and (sources.obs["condition"] == "ctrl").all()
+    assert not sources.obs["holdout"].any() and sources.obs_names.is_unique  # 20 control cells for 20
+    # the source's library times the stimulus's mean library ratio in B and C, computed here anew
+    log_library = np.log(np.asarray(real.X.sum(1)).ravel())
+    types = [~real.obs["holdout"].to_numpy() & (real.obs["cell_type"] == t).to_numpy() for t in ("B", "C")]
+    stim = (real.obs["condition"] == "stim").to_numpy()
+    ratio = np.exp(np.mean([log_library[t & stim].mean() - log_library[t & ~stim].mean() for t in types]))
+    assert 1.9 < ratio < 2.1
+    np.testing.assert_allclose(samples.obs["library_size"], np.asarray(sources.X.sum(1)).ravel() * ratio, rtol=1e-5)
+    no_control = real.obs.copy()
+    no_control.loc[no_control["cell_type"] == "A", "condition"] = "stim"
+    requests = pd.DataFrame({"cell_type": ["A"], "condition": ["stim"]})
+    with pytest.raises(UserError, match="has no control cells to edit; set diffusion.sample.heldout_from: noise"):
+        control_sources(no_control, requests, {"cell_type": "ctrl", "condition": "ctrl"}, np.random.default_rng(0))
+
+
 @pytest.mark.workflow
 def test_kang_holdout_never_reaches_training_files(tmp_path):
     """Real snakemake on a Kang 2018 subset with CD4T stimulated held out (gene space, tiny): the

@@ -9,6 +9,7 @@ from scipy.stats import mannwhitneyu
 
 from cellfoundry.evaluate import prediction as pred
 from cellfoundry.plots import plot_prediction
+from cellfoundry.split import control_labels
 from cellfoundry.utils import UserError
 
 COMBO = {"cell_type": "A", "condition": "stim"}
@@ -74,8 +75,8 @@ def test_a_perfect_prediction_and_the_baselines_rank_as_expected():
 def test_a_combination_without_a_control_label_is_refused():
     counts, obs, held = dataset()
     with pytest.raises(UserError, match="has no control to predict from"):
-        pred.control_labels(obs, COMBO, {})
-    assert pred.control_labels(obs, COMBO, NONE) == {"cell_type": "A", "condition": "ctrl"}
+        control_labels(obs, COMBO, {})
+    assert control_labels(obs, COMBO, NONE) == {"cell_type": "A", "condition": "ctrl"}
 
 
 def test_the_plot_has_a_row_per_combination(tmp_path):

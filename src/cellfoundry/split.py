@@ -3,6 +3,8 @@ combinations (every cell of one goes to test)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -43,6 +45,24 @@ def combination_mask(obs: pd.DataFrame, combo: dict) -> np.ndarray:
     for col, value in combo.items():
         mask &= obs[col].astype(str).to_numpy() == str(value)
     return mask
+
+
+def control_labels(obs: pd.DataFrame, combo: Mapping, none_values: Mapping[str, str]) -> dict:
+    """The labels of the combination's control cells: its stimulus columns (those whose condition
+    has a none_value that occurs among the column's labels) at that none_value, the others as in
+    the combination. UserError when the combination has no stimulus column."""
+    control = {}
+    for col, value in combo.items():
+        none = none_values.get(col)
+        stimulus = none is not None and str(value) != none and (obs[col].astype(str) == none).any()
+        control[col] = none if stimulus else str(value)
+    if control == {c: str(v) for c, v in combo.items()}:
+        raise UserError(
+            f"held-out combination {{{combination_label(combo)}}} has no control to predict from: none of its columns "
+            "belongs to a multi_component condition whose none_value (e.g. control) labels cells of that column. "
+            "Set none_value on the condition holding the stimulus column."
+        )
+    return control
 
 
 def holdout_split(

@@ -145,6 +145,39 @@ def sample(
     return x
 
 
+@torch.no_grad()
+def invert(
+    denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 50,
+    prediction: str = "eps",
+    x0_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """DDIM inversion: the x_T from which deterministic DDIM (η = 0, the same `steps`) returns
+    approximately x0. It runs the DDIM update upwards through the sampler's time indices, with ε̂
+    taken at the previous (less noisy) point, the usual approximation (Song et al. 2021; Mokady
+    et al. 2023). Denoising the result under other conditions edits x0 into them."""
+    x = x0.float()
+    ab_all = schedule.alphas_cumprod.to(x.device)
+    times = sampling_timesteps(schedule.timesteps, steps)[::-1]  # 0 .. T-1
+    for i, t in enumerate(times):
+        s = times[max(i - 1, 0)]  # where ε̂ is taken; at the first step x is x0 itself
+        s_batch = torch.full((x.shape[0],), s, device=x.device, dtype=torch.long)
+        ab_s = ab_all[s].float() if i > 0 else torch.tensor(1.0, device=x.device)
+        eps, _ = schedule.eps_and_x0(denoise_fn(x, s_batch).float(), x, s_batch, prediction)
+        x0_hat = (x - (1 - ab_s).sqrt() * eps) / ab_s.sqrt()
+        if x0_range is not None:
+            clipped = torch.maximum(torch.minimum(x0_hat, x0_range[1]), x0_range[0])
+            if i > 0:  # ε̂ consistent with the clipped x̂_0, as the sampler does
+                eps = (x - ab_s.sqrt() * clipped) / (1 - ab_s).sqrt()
+            x0_hat = clipped
+        ab_t = ab_all[t].float()
+        x = ab_t.sqrt() * x0_hat + (1 - ab_t).sqrt() * eps
+    return x
+
+
 def _repeat_batch(cond_batch: Mapping[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in cond_batch.items():

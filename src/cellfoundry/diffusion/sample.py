@@ -20,9 +20,11 @@ import scipy.sparse as sp
 import torch
 
 from cellfoundry.diffusion.module import DiffusionCheckpoint, make_schedule
-from cellfoundry.diffusion.process import guided_denoise_fn, sample
+from cellfoundry.diffusion.process import guided_denoise_fn, invert, sample
+from cellfoundry.evaluate.prediction import stimulus_shift
 from cellfoundry.models.conditions import ConditionCodec, collate_conditions
 from cellfoundry.progress import Progress
+from cellfoundry.split import combination_label, combination_mask, control_labels
 from cellfoundry.utils import UserError, autocast
 from cellfoundry.xpressor.decode import BATCH_CELLS, DecodedBatch
 
@@ -67,6 +69,47 @@ def default_request_obs(obs: pd.DataFrame, codec: ConditionCodec) -> pd.DataFram
     return out
 
 
+def _held_out_groups(request_obs: pd.DataFrame) -> Iterator[tuple[dict, np.ndarray]]:
+    """(combination, its rows) for each distinct combination of labels among the requests."""
+    keys = request_obs.astype(str).agg("\x1f".join, axis=1).to_numpy()
+    for key in pd.unique(keys):
+        rows = np.flatnonzero(keys == key)
+        yield {c: v for c, v in request_obs.iloc[rows[0]].items() if v is not None and not pd.isna(v)}, rows
+
+
+def control_sources(
+    obs: pd.DataFrame, request_obs: pd.DataFrame, none_values: Mapping[str, str], rng: np.random.Generator
+) -> np.ndarray:
+    """Row in `obs` of the real cell that each requested held-out cell is edited from: a seeded
+    draw among the non-held-out cells with the request's control labels (its stimulus columns at
+    their none_value; the no-change baseline's cells), without replacement while they last."""
+    usable = ~obs["holdout"].astype(bool).to_numpy()
+    sources = np.empty(len(request_obs), dtype=np.int64)
+    for combo, rows in _held_out_groups(request_obs):
+        pool = np.flatnonzero(combination_mask(obs, control_labels(obs, combo, none_values)) & usable)
+        if len(pool) == 0:
+            raise UserError(
+                f"held-out combination {{{combination_label(combo)}}} has no control cells to edit; "
+                "set diffusion.sample.heldout_from: noise."
+            )
+        sources[rows] = rng.choice(pool, size=len(rows), replace=len(rows) > len(pool))
+    return sources
+
+
+def library_factors(obs: pd.DataFrame, request_obs: pd.DataFrame, none_values: Mapping[str, str]) -> np.ndarray:
+    """Per requested held-out cell, the factor by which its stimulus changes a cell's library size
+    where it was seen (exp of stimulus_shift on log total_counts of the non-held-out cells); 1
+    where no group saw it beside controls. IFN-beta, for one, adds 7-10% on Kang 2018."""
+    usable = ~obs["holdout"].astype(bool).to_numpy()
+    log_library = np.log(np.maximum(obs["total_counts"].to_numpy(np.float64), 1.0))[:, None]
+    factors = np.ones(len(request_obs), dtype=np.float32)
+    for combo, rows in _held_out_groups(request_obs):
+        shift = stimulus_shift(log_library, obs, combo, control_labels(obs, combo, none_values), usable)
+        if shift is not None:
+            factors[rows] = np.exp(shift[0])
+    return factors
+
+
 def draw_library_sizes(request_obs: pd.DataFrame, payload: Mapping, rng: np.random.Generator) -> np.ndarray:
     """One library size per requested cell, drawn from training cells with the same labels in the
     requested (non-missing) columns; from all training cells when none match."""
@@ -108,10 +151,14 @@ def generate_tokens(
     device: str = "cpu",
     strict: bool = True,
     clip_x0: bool = True,
+    sources: tuple[np.ndarray, pd.DataFrame] | None = None,
 ) -> np.ndarray:
     """Denoised, de-normalised tokens of the requested cells: [n, M, D] latent or [n, G] log1p.
 
     Per-attribute scales (condition `guidance_scale`) override `guidance_scale`.
+    sources: (tokens, obs) of one real cell per request, de-normalised like the output. Each is
+    edited instead of drawn from noise: inverted by DDIM under its own labels (scale 1), then
+    denoised by DDIM with η = 0 under the requested ones (the sampler and eta are not used).
     """
     arrays = ckpt.codec.encode(request_obs, strict=strict)
     scales = [s.guidance_scale if s.guidance_scale is not None else guidance_scale for s in ckpt.codec.specs]
@@ -120,6 +167,7 @@ def generate_tokens(
     shape = list(ckpt.payload["token_shape"])
     generator = torch.Generator(device=device).manual_seed(seed)
     x0_range = tuple(r.to(device) for r in ckpt.payload["x0_range"]) if clip_x0 else None
+    source_arrays = ckpt.codec.encode(sources[1], strict=True) if sources is not None else None
     n = len(request_obs)
     out = np.empty([n, *shape], dtype=np.float32)
     progress = Progress(n, verb="generated", unit="cells")
@@ -127,16 +175,28 @@ def generate_tokens(
         idx = np.arange(start, min(n, start + batch_size))
         cond = {k: v.to(device) for k, v in collate_conditions(arrays, idx).items()}
         with autocast(device):
+            x_T = None
+            if sources is not None:
+                own = {k: v.to(device) for k, v in collate_conditions(source_arrays, idx).items()}
+                x_T = invert(
+                    guided_denoise_fn(model, own, [1.0] * len(scales)),
+                    torch.from_numpy(ckpt.normalizer.forward(sources[0][idx]).astype(np.float32)).to(device),
+                    schedule,
+                    steps=steps,
+                    prediction=ckpt.settings["prediction"],
+                    x0_range=x0_range,
+                )
             x = sample(
                 guided_denoise_fn(model, cond, scales),
                 [len(idx), *shape],
                 schedule,
-                method=sampler,
+                method="ddim" if sources is not None else sampler,
                 steps=steps,
-                eta=eta,
+                eta=0.0 if sources is not None else eta,
                 prediction=ckpt.settings["prediction"],
                 generator=generator,
                 device=device,
+                x_T=x_T,
                 x0_range=x0_range,
             )
         out[idx] = ckpt.normalizer.inverse(x.float().cpu().numpy())
@@ -165,10 +225,13 @@ def gene_space_decoder(
         yield DecodedBatch(lo, hi, mean, counts)
 
 
-def samples_obs(request_obs: pd.DataFrame, codec: ConditionCodec, library: np.ndarray) -> pd.DataFrame:
+def samples_obs(
+    request_obs: pd.DataFrame, codec: ConditionCodec, library: np.ndarray, source_cells: Sequence[str] | None = None
+) -> pd.DataFrame:
     """obs of samples.h5ad: the condition columns, obs["condition"] (readable label;
     obs["condition_label"] when a condition column is itself named "condition", e.g. Kang 2018's
-    stimulus) and obs["library_size"]."""
+    stimulus), obs["library_size"] and, for edited cells, obs["source_cell"] (the real cell each
+    was edited from)."""
     obs = pd.DataFrame(index=[f"sample_{i}" for i in range(len(request_obs))])
     for col in codec.columns:
         values = request_obs[col].tolist()
@@ -178,6 +241,8 @@ def samples_obs(request_obs: pd.DataFrame, codec: ConditionCodec, library: np.nd
         )
     obs["condition_label" if "condition" in codec.columns else "condition"] = pd.Categorical(codec.labels(request_obs))
     obs["library_size"] = library.astype(np.float32)
+    if source_cells is not None:
+        obs["source_cell"] = np.asarray(source_cells, dtype=str)
     return obs
 
 

@@ -13,15 +13,17 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
-import pandas as pd
+import scipy.sparse as sp
 
 from cellfoundry.diffusion.data import DiffusionDataModule, read_training_data
 from cellfoundry.diffusion.module import DiffusionModule, load_diffusion, save_diffusion
 from cellfoundry.diffusion.sample import (
+    control_sources,
     default_request_obs,
     draw_library_sizes,
     gene_space_decoder,
     generate_tokens,
+    library_factors,
     requests_to_obs,
     samples_obs,
     write_samples,
@@ -36,6 +38,7 @@ from cellfoundry.evaluate.generation import (
 from cellfoundry.utils import (
     UserError,
     atomic_output,
+    log1p_normalise,
     start_stage,
 )
 from cellfoundry.xpressor.decode import predict_means, xpressor_decoder
@@ -146,8 +149,27 @@ def run_diffusion_sample(
     else:
         decoder = gene_space_decoder
 
-    def generate(scale: float, requests: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """(generated tokens, library sizes) of the cells `requests` at guidance `scale`."""
+    # held-out combinations are edited from real control cells, or drawn from noise like any request
+    edit = holdout and not settings["requests"] and settings["heldout_from"] == "control"
+    if edit:
+        none_values = {col: s.none_value for s in codec.specs if s.none_value is not None for col in s.columns}
+        source_rows = control_sources(cells.obs, request_obs, none_values, np.random.default_rng(seed))
+        unique, inverse = np.unique(source_rows, return_inverse=True)
+        source_counts = sp.csr_matrix(cells.X[unique], dtype=np.float32)[inverse]
+        source_tokens = (
+            np.asarray(np.load(latents, mmap_mode="r")[source_rows], dtype=np.float32)
+            if latent_space
+            else log1p_normalise(source_counts)
+        )
+        source_obs = cells.obs.iloc[source_rows][codec.columns].reset_index(drop=True)
+        source_library = np.asarray(source_counts.sum(1), dtype=np.float32).ravel()
+        source_library *= library_factors(cells.obs, request_obs, none_values)
+
+    def generate(scale: float, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(generated tokens, library sizes) of the requested cells `at` (rows of request_obs) at
+        guidance `scale`; an edited cell has its source cell's library size times the stimulus's
+        library factor."""
+        requests = request_obs.iloc[at].reset_index(drop=True)
         tokens = generate_tokens(
             ckpt,
             requests,
@@ -160,19 +182,23 @@ def run_diffusion_sample(
             device=device,
             strict=strict,
             clip_x0=settings["clip_x0"],
+            sources=(source_tokens[at], source_obs.iloc[at]) if edit else None,
         )
+        if edit:
+            return tokens, source_library[at]
         return tokens, draw_library_sizes(requests, ckpt.payload, np.random.default_rng(seed))
 
-    scale = float(settings["guidance_scale"])
+    scale = float(settings["heldout_guidance_scale" if edit else "guidance_scale"])
     log.info(
-        "sampling %d cells (%s, %d steps, eta %.2f, guidance %.2f)",
+        "%s %d cells (%s, %d steps, eta %.2f, guidance %.2f)",
+        "editing real control cells into" if edit else "sampling",
         len(request_obs),
-        settings["sampler"],
+        "DDIM inversion" if edit else settings["sampler"],
         settings["steps"],
-        settings["eta"],
+        0.0 if edit else settings["eta"],
         scale,
     )
-    tokens, library = generate(scale, request_obs)
+    tokens, library = generate(scale, np.arange(len(request_obs)))
     spec = guidance_check_condition(codec) if settings["guidance_check"] else None
     # the check's classifier labels the guided cells' decoded means as they are written
     classifier = GuidanceClassifier.fit(cells, spec, seed) if spec is not None else None
@@ -189,7 +215,7 @@ def run_diffusion_sample(
         write_samples(
             tmp,
             decoder(tokens, library, seed),
-            samples_obs(request_obs, codec, library),
+            samples_obs(request_obs, codec, library, cells.obs_names[source_rows] if edit else None),
             var_names,
             {PROVENANCE_KEY: record},
             on_batch=(lambda batch: guided_labels.append(classifier.predict(batch.mean))) if classifier else None,
@@ -203,6 +229,7 @@ def run_diffusion_sample(
         "guidance_scale": scale,
         "conditions": codec.names,
         "requests": "config" if settings["requests"] else "held-out combinations" if holdout else "test split labels",
+        "start": "real control cells (DDIM inversion)" if edit else "noise",
     }
     if classifier is not None:
         # the other scales on a seeded subsample of the requests (the check is a fraction)
@@ -212,7 +239,7 @@ def run_diffusion_sample(
         for s, name in ((1.0, "conditional (scale 1)"), (0.0, "unconditional (scale 0)")):
             if s != scale:
                 log.info("guidance check: sampling %d cells at scale %g", len(checked), s)
-                t, lib = generate(s, checked)
+                t, lib = generate(s, rows)
                 runs[name] = (predict_means(decoder(t, lib, seed, with_counts=False), classifier.predict), t)
         real_latents = np.load(latents, mmap_mode="r") if latents is not None and latent_space else None
         result["guidance_check"] = guidance_check(classifier, checked, runs, seed, real_latents, decoder)

@@ -30,7 +30,7 @@ import pandas as pd
 from sklearn.metrics import r2_score
 
 from cellfoundry.evaluate import generation as gen
-from cellfoundry.split import combination_label, combination_mask
+from cellfoundry.split import combination_label, combination_mask, control_labels
 from cellfoundry.utils import UserError, log1p_normalise
 
 log = logging.getLogger(__name__)
@@ -40,24 +40,6 @@ NO_CHANGE = "no change (control cells)"
 LINEAR = "linear shift"
 CEILING = "split-half (ceiling)"
 METHODS = (MODEL, NO_CHANGE, LINEAR, CEILING)
-
-
-def control_labels(obs: pd.DataFrame, combo: Mapping, none_values: Mapping[str, str]) -> dict:
-    """The labels of the combination's control cells: its stimulus columns (those whose condition
-    has a none_value that occurs among the column's labels) at that none_value, the others as in
-    the combination. UserError when the combination has no stimulus column."""
-    control = {}
-    for col, value in combo.items():
-        none = none_values.get(col)
-        stimulus = none is not None and str(value) != none and (obs[col].astype(str) == none).any()
-        control[col] = none if stimulus else str(value)
-    if control == {c: str(v) for c, v in combo.items()}:
-        raise UserError(
-            f"held-out combination {{{combination_label(combo)}}} has no control to predict from: none of its columns "
-            "belongs to a multi_component condition whose none_value (e.g. control) labels cells of that column. "
-            "Set none_value on the condition holding the stimulus column."
-        )
-    return control
 
 
 def de_genes(heldout: np.ndarray, control: np.ndarray, n: int) -> np.ndarray:
@@ -88,11 +70,12 @@ def mean_metrics(predicted: np.ndarray, real: np.ndarray, control_mean: np.ndarr
     return out
 
 
-def linear_shift(
-    logx: np.ndarray, obs: pd.DataFrame, combo: Mapping, control: Mapping, usable: np.ndarray
-) -> np.ndarray:
-    """Control cells of the combination plus the mean (stimulated - control) shift of the other
-    groups (the values of the non-stimulus columns), each group with both kinds of cells."""
+def stimulus_shift(
+    values: np.ndarray, obs: pd.DataFrame, combo: Mapping, control: Mapping, usable: np.ndarray
+) -> np.ndarray | None:
+    """The combination's stimulus as seen elsewhere: the mean over the other groups (the values of
+    the non-stimulus columns), each with both kinds of `usable` cells, of mean(values | stimulated)
+    - mean(values | control); None when no other group has both."""
     stimulus = [c for c in combo if str(control[c]) != str(combo[c])]
     group_cols = [c for c in combo if c not in stimulus]
     if group_cols:
@@ -103,16 +86,24 @@ def linear_shift(
     stim = combination_mask(obs, {c: combo[c] for c in stimulus}) & usable
     ctrl = combination_mask(obs, {c: control[c] for c in stimulus}) & usable
     shifts = [
-        logx[stim & (groups == g)].mean(0) - logx[ctrl & (groups == g)].mean(0)
+        values[stim & (groups == g)].mean(0) - values[ctrl & (groups == g)].mean(0)
         for g in np.unique(groups)
         if g != own and (stim & (groups == g)).any() and (ctrl & (groups == g)).any()
     ]
-    if not shifts:
+    return np.mean(shifts, axis=0) if shifts else None
+
+
+def linear_shift(
+    logx: np.ndarray, obs: pd.DataFrame, combo: Mapping, control: Mapping, usable: np.ndarray
+) -> np.ndarray:
+    """Control cells of the combination plus the stimulus's mean shift in the other groups."""
+    shift = stimulus_shift(logx, obs, combo, control, usable)
+    if shift is None:
         raise UserError(
             f"held-out combination {{{combination_label(combo)}}}: no other group has both stimulated and control "
             "cells, so the linear-shift baseline cannot be formed; the stimulus must be seen in another group."
         )
-    return np.clip(logx[combination_mask(obs, control) & usable] + np.mean(shifts, axis=0), 0.0, None)
+    return np.clip(logx[combination_mask(obs, control) & usable] + shift, 0.0, None)
 
 
 def evaluate_combination(
