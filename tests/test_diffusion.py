@@ -596,3 +596,46 @@ def test_gene_space_decoding_returns_an_observed_cell_unchanged_and_keeps_the_me
     decoded, mean = (np.concatenate([getattr(b, k) for b in batches]) for k in ("counts", "mean"))
     assert np.all(np.abs(decoded - mean) < 1) and np.all(decoded == np.round(decoded))
     np.testing.assert_allclose(decoded.mean(0), mean[0], atol=0.05)
+
+
+def test_held_out_cells_are_edited_from_control_latents(synthetic, tmp_path):
+    """Latent token space: each held-out (A, stim) cell is edited from a non-held-out (A, ctrl)
+    cell's Xpressor latents (rows of latents.npy aligned with the h5ad) and decoded by Xpressor."""
+    from cellfoundry.diffusion.stage import run_diffusion_sample, run_diffusion_train
+
+    real = ad.read_h5ad(synthetic / "filtered.h5ad")
+    real.obs["cond"] = np.where(np.arange(real.n_obs) % 2 == 0, "ctrl", "stim")
+    held = ((real.obs["ct"] == "A") & (real.obs["cond"] == "stim")).to_numpy()
+    real.obs["holdout"] = held
+    real.obs["split"] = np.where(held, "test", real.obs["split"])
+    real.obs["total_counts"] = np.asarray(real.X.sum(1)).ravel()
+    path = tmp_path / "filtered.h5ad"
+    real.write_h5ad(path)
+    conditions = [{"name": "state", "kind": "multi_component", "columns": ["ct", "cond"], "none_value": "ctrl"}]
+    latent = dict(latents=synthetic / "latents.npy", xpressor_checkpoint=synthetic / "xpressor.ckpt")
+    run_diffusion_train(
+        path,
+        tmp_path / "model.ckpt",
+        tmp_path / "train",
+        {**SETTINGS, "token_space": "latent"},
+        conditions,
+        seed=0,
+        device="cpu",
+        **latent,
+    )
+    summary = run_diffusion_sample(
+        tmp_path / "model.ckpt",
+        path,
+        tmp_path / "samples.h5ad",
+        tmp_path / "summary.json",
+        {**SAMPLE, "guidance_check": False},
+        seed=0,
+        device="cpu",
+        vocab=synthetic / "vocab.pt",
+        **latent,
+    )
+    samples = ad.read_h5ad(tmp_path / "samples.h5ad")
+    assert summary["start"] == "real control cells (DDIM inversion)" and samples.n_obs == held.sum()
+    sources = real.obs.loc[samples.obs["source_cell"]]
+    assert (sources["ct"] == "A").all() and (sources["cond"] == "ctrl").all() and not sources["holdout"].any()
+    assert np.isfinite(samples.layers["mean"]).all() and samples.X.sum() > 0
