@@ -252,7 +252,7 @@ SAMPLE = dict(
     batch_size=16,
     clip_x0=True,
     heldout_from="control",
-    heldout_guidance_scale=4.0,
+    heldout_guidance_scale=3.0,
     guidance_check=True,
     requests=[],
 )
