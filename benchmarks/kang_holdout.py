@@ -1,10 +1,11 @@
 """Kang 2018 leave-one-cell-type-out benchmark: for each of the 7 cell types, its stimulated cells
 are held out of every training stage and predicted by the diffusion model from the parts
-(cell type, stimulus) it saw elsewhere; rule evaluate_prediction scores it beside the no-change,
+(cell type, stimulus) it saw elsewhere (by default editing real control cells of the type:
+diffusion.sample.heldout_from); rule evaluate_prediction scores it beside the no-change,
 linear-shift and split-half rows. Prints one table (R2 of the top-100 DE genes' means, and more).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/kang_holdout.py \\
-        [--types CD4T B] [--set diffusion.train.max_steps=2000]
+        [--types CD4T B] [--set diffusion.sample.heldout_from=noise]
 
 One workflow run holds the 7 datasets kang_<type> (config/benchmarks/kang_holdout.yaml is their
 template), in --workdir (default results/benchmarks/kang_holdout); finished types are not re-run.

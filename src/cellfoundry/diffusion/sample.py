@@ -99,7 +99,7 @@ def control_sources(
 def library_factors(obs: pd.DataFrame, request_obs: pd.DataFrame, none_values: Mapping[str, str]) -> np.ndarray:
     """Per requested held-out cell, the factor by which its stimulus changes a cell's library size
     where it was seen (exp of stimulus_shift on log total_counts of the non-held-out cells); 1
-    where no group saw it beside controls. IFN-beta, for one, adds 7-10% on Kang 2018."""
+    where no group saw it beside controls. IFN-beta, for one, adds 7-11% on Kang 2018."""
     usable = ~obs["holdout"].astype(bool).to_numpy()
     log_library = np.log(np.maximum(obs["total_counts"].to_numpy(np.float64), 1.0))[:, None]
     factors = np.ones(len(request_obs), dtype=np.float32)
