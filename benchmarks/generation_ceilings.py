@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     groups = gen.groups_of(real.obs, condition_columns(args.run, args.dataset))
     g_train, g_test = groups[train], groups[test]
     x_train = counts[train].toarray()
-    rng = np.random.default_rng(args.seed)
+
+    def rng(row: int) -> np.random.Generator:
+        # one stream per row, so a row's draws do not depend on the rows drawn before it
+        return np.random.default_rng([args.seed, row])
 
     space = gen.fit_cfgen_space(counts[train], counts[test], seed=args.seed)
     pc_train, pc_test = space.project(counts[train]), space.project(counts[test])
@@ -105,15 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     mu_near_train = fraction[near_train].mean(1) * library[train, None]
     mu_near_test = fraction[near_test].mean(1) * library[test, None]
 
-    def group_nb(mu_train: np.ndarray, mu_test: np.ndarray) -> np.ndarray:
-        return GroupNB(mu_train, x_train, g_train).sample(mu_test, g_test, rng)
+    def group_nb(mu_train: np.ndarray, mu_test: np.ndarray, row: int) -> np.ndarray:
+        return GroupNB(mu_train, x_train, g_train).sample(mu_test, g_test, rng(row))
 
     rows = {
         gen.CEILING: sampled_counts(decode(latents[test], library[test], args.seed)),
-        "decoded means, Poisson": rng.poisson(mu_xp_test).astype(np.float32),
-        "decoded means, NB theta(gene, group)": group_nb(mu_xp_train, mu_xp_test),
-        "group mean profile, NB theta(gene, group)": group_nb(mu_group_train, mu_group_test),
-        f"{NEIGHBOURS}-NN real profile, NB theta(gene, group)": group_nb(mu_near_train, mu_near_test),
+        "decoded means, Poisson": rng(1).poisson(mu_xp_test).astype(np.float32),
+        "decoded means, NB theta(gene, group)": group_nb(mu_xp_train, mu_xp_test, 2),
+        "group mean profile, NB theta(gene, group)": group_nb(mu_group_train, mu_group_test, 3),
+        f"{NEIGHBOURS}-NN real profile, NB theta(gene, group)": group_nb(mu_near_train, mu_near_test, 4),
         gen.REFERENCE_WEAK: gen.independent_genes_sample(counts[train], g_train, g_test, seed=args.seed),
         gen.REFERENCE_REAL: counts[train],
     }
