@@ -8,7 +8,7 @@ Rows, each a set of counts for the real test cells (each cell's library size):
   fitted by moments on the training cells: is it the noise model?
 - the cell's condition group's mean profile, NB as above: a decoder that knows only the condition;
 - the mean profile of the cell's 10 nearest real training cells in those PCs, NB as above: a
-  decoder whose per-cell means are right, the most a "mean + independent noise" decoder allows;
+  decoder whose per-cell means are about right;
 - the independent-genes generator and the real training cells (the floor), as in the report.
 
 Beside each: the accuracy with which a 15-NN classifier of the condition groups, fitted on the
@@ -18,7 +18,8 @@ condition column), and their spread in the PCs (mean distance to the centre).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation_ceilings.py --run RUN_DIR --dataset NAME
 
 RUN_DIR is a workflow run (e.g. benchmarks/real_data.py's WORKDIR/kang/seed0) whose config.yaml
-names the dataset's condition columns.
+names the dataset's condition columns. The training cells' counts are held dense: a data set of a
+few thousand cells (PBMC3k, Kang), not a million.
 """
 
 from __future__ import annotations
