@@ -135,7 +135,7 @@ def sample(
         eps, x0 = schedule.eps_and_x0(denoise_fn(x, t_batch).float(), x, t_batch, prediction)
         ab_t = ab_all[t].float()
         if x0_range is not None:
-            x0 = _clip(x0, x0_range)
+            x0 = x0.clamp(*x0_range)
             eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
         ab_s = ab_all[times[i + 1]].float() if i + 1 < len(times) else torch.tensor(1.0, device=device)
         sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).sqrt()
@@ -169,16 +169,12 @@ def invert(
         eps, _ = schedule.eps_and_x0(denoise_fn(x, s_batch).float(), x, s_batch, prediction)
         x0_hat = (x - (1 - ab_s).sqrt() * eps) / ab_s.sqrt()
         if x0_range is not None:
-            x0_hat = _clip(x0_hat, x0_range)
+            x0_hat = x0_hat.clamp(*x0_range)
             if i > 0:  # ε̂ consistent with the clipped x̂_0, as the sampler does
                 eps = (x - ab_s.sqrt() * x0_hat) / (1 - ab_s).sqrt()
         ab_t = ab_all[t].float()
         x = ab_t.sqrt() * x0_hat + (1 - ab_t).sqrt() * eps
     return x
-
-
-def _clip(x0: torch.Tensor, x0_range: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return torch.maximum(torch.minimum(x0, x0_range[1]), x0_range[0])
 
 
 def _repeat_batch(cond_batch: Mapping[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
