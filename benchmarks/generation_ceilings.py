@@ -17,14 +17,15 @@ condition column), and their spread in the PCs (mean distance to the centre).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation_ceilings.py --run RUN_DIR --dataset NAME
 
-RUN_DIR is a workflow run (e.g. benchmarks/real_data.py's WORKDIR/kang/seed0) whose config.yaml
-names the dataset's condition columns. The training cells' counts are held dense: a data set of a
+RUN_DIR is a finished workflow run (e.g. benchmarks/real_data.py's WORKDIR/kang/seed0): the
+condition groups are those its evaluate_generation used. The training cells' counts are held dense: a data set of a
 few thousand cells (PBMC3k, Kang), not a million.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -34,6 +35,7 @@ import yaml
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from cellfoundry.evaluate import generation as gen
+from cellfoundry.models.se_checkpoint import GENE_EMBEDDINGS_NAME
 from cellfoundry.xpressor.decode import sampled_counts, xpressor_decoder
 
 NEIGHBOURS = 10
@@ -60,11 +62,6 @@ class GroupNB:
         return rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
 
 
-def condition_columns(run: Path, dataset: str) -> list[str]:
-    conditions = yaml.safe_load((run / "config.yaml").read_text())["datasets"][dataset].get("conditions") or []
-    return [c for cond in conditions for c in cond.get("columns", []) + cond.get("continuous", [])]
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished workflow run directory")
@@ -77,26 +74,28 @@ def main(argv: list[str] | None = None) -> None:
     library = np.asarray(counts.sum(1)).ravel()
     split = real.obs["split"].astype(str).to_numpy()
     train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
-    groups = gen.groups_of(real.obs, condition_columns(args.run, args.dataset))
+    evaluated = json.loads((res / args.dataset / "eval/generation.json").read_text())
+    groups = gen.groups_of(real.obs, evaluated["condition_columns"])
     g_train, g_test = groups[train], groups[test]
-    x_train = counts[train].toarray()
+    train_counts, test_counts = counts[train], counts[test]
+    x_train = train_counts.toarray()
 
     def rng(row: int) -> np.random.Generator:
         # one stream per row, so a row's draws do not depend on the rows drawn before it
         return np.random.default_rng([args.seed, row])
 
-    space = gen.fit_cfgen_space(counts[train], counts[test], seed=args.seed)
-    pc_train, pc_test = space.project(counts[train]), space.project(counts[test])
+    space = gen.fit_cfgen_space(train_counts, test_counts, seed=args.seed)
+    pc_train, pc_test = space.project(train_counts), space.project(test_counts)
 
     latents = np.load(res / args.dataset / "xpressor/latents.npy", mmap_mode="r")
     folder = yaml.safe_load((args.run / "config.yaml").read_text()).get("se", {}).get("model_folder")
-    vocab = Path(folder) / "protein_embeddings.pt" if folder else res / "shared/vocab/gene_embeddings.pt"
+    vocab = Path(folder) / GENE_EMBEDDINGS_NAME if folder else res / "shared/vocab/gene_embeddings.pt"
     decode = xpressor_decoder(res / args.dataset / "xpressor/model.ckpt", vocab, list(real.var_names))
 
-    def decoded_means(rows: np.ndarray) -> np.ndarray:
-        return np.concatenate([b.mean for b in decode(latents[rows], library[rows], args.seed, with_counts=False)])
-
-    mu_xp_train, mu_xp_test = decoded_means(train), decoded_means(test)
+    mu_xp_train = np.concatenate([b.mean for b in decode(latents[train], library[train], args.seed, with_counts=False)])
+    # the test cells once: their means, and their counts sampled as evaluate_generation's ceiling
+    decoded_test = list(decode(latents[test], library[test], args.seed))
+    mu_xp_test = np.concatenate([b.mean for b in decoded_test])
     fraction = x_train / np.maximum(x_train.sum(1, keepdims=True), 1.0)
     group_profile = {g: fraction[g_train == g].mean(0) for g in set(g_train)}
     overall = fraction.mean(0)
@@ -113,13 +112,13 @@ def main(argv: list[str] | None = None) -> None:
         return GroupNB(mu_train, x_train, g_train).sample(mu_test, g_test, rng(row))
 
     rows = {
-        gen.CEILING: sampled_counts(decode(latents[test], library[test], args.seed)),
+        gen.CEILING: sampled_counts(decoded_test),
         "decoded means, Poisson": rng(1).poisson(mu_xp_test).astype(np.float32),
         "decoded means, NB theta(gene, group)": group_nb(mu_xp_train, mu_xp_test, 2),
         "group mean profile, NB theta(gene, group)": group_nb(mu_group_train, mu_group_test, 3),
         f"{NEIGHBOURS}-NN real profile, NB theta(gene, group)": group_nb(mu_near_train, mu_near_test, 4),
-        gen.REFERENCE_WEAK: gen.independent_genes_sample(counts[train], g_train, g_test, seed=args.seed),
-        gen.REFERENCE_REAL: counts[train],
+        gen.REFERENCE_WEAK: gen.independent_genes_sample(train_counts, g_train, g_test, seed=args.seed),
+        gen.REFERENCE_REAL: train_counts,
     }
     classifier = KNeighborsClassifier(15).fit(pc_train, g_train)
     cell_type = np.vectorize(lambda g: str(g).split(" | ")[0])
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     header = ("kNN-AUC", "r2 mean", "r2 var", "group", "type", "spread")
     print(f"{'decoder of the real test cells':48s} " + " ".join(f"{h:>8s}" for h in header))
-    test_lognorm = space.lognorm(counts[test])
+    test_lognorm = space.lognorm(test_counts)
     for name, generated in rows.items():
         pc = space.project(generated)
         auc = gen.knn_real_vs_generated_auc(pc_test, pc, seed=args.seed)
